@@ -1,0 +1,218 @@
+"""`EnergyConfig`: every knob of an energy-flow model in one flat, validated dataclass.
+
+The config is flat on purpose (one YAML mapping, no nesting) so that a dotted override such as
+``--set lattice_depth=20`` names exactly one field, and so that a YAML file with a typo fails loudly:
+:meth:`EnergyConfig.from_yaml` rejects unknown keys instead of ignoring them.
+
+Budgets are *per sample*: ``max_active_flows`` and ``max_spawn_per_step`` bound the flows of one
+input embedding, so a sample's output never depends on what else shares its batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CARRIER_TYPES = ("gru", "lstm")
+AGGREGATIONS = ("mean", "sum")
+
+
+@dataclass
+class EnergyConfig:
+    """Configuration of the lattice, the flows, the networks and training.
+
+    Lattice geometry: ``lattice_width`` x ``lattice_height`` x ``lattice_depth`` cells; z=0 is the
+    input face, z=depth-1 the output face.
+    """
+
+    # --- lattice -------------------------------------------------------------------------------
+    lattice_width: int = 20
+    lattice_height: int = 20
+    lattice_depth: int = 10
+    # --- embeddings ----------------------------------------------------------------------------
+    input_dim: int = 768
+    output_dim: int = 768
+    # --- flows (budgets are per sample) --------------------------------------------------------
+    initial_flows_per_sample: int = 8
+    max_active_flows: int = 100
+    max_spawn_per_step: int = 10
+    energy_threshold: float = 0.1
+    spawn_threshold: float = 0.8
+    max_lateral_step: float = 2.0
+    # --- carrier (shared recurrent cell) -------------------------------------------------------
+    carrier_type: str = "gru"
+    carrier_hidden_dim: int = 1024
+    carrier_num_layers: int = 3
+    child_rank: int = 32
+    # --- neuron and messages -------------------------------------------------------------------
+    message_dim: int = 20
+    position_frequencies: int = 2
+    neuron_hidden_dim: int = 64
+    neuron_output_dim: int = 16
+    aggregation: str = "mean"
+    # --- injection and readout -----------------------------------------------------------------
+    injection_rank: int = 16
+    face_channels: int = 64
+    readout_hidden_dim: int = 256
+    # --- training ------------------------------------------------------------------------------
+    batch_size: int = 8
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    epochs: int = 10
+    grad_clip: float = 1.0
+    mse_weight: float = 1.0
+    cosine_weight: float = 1.0
+    eval_every: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def position_encoding_dim(self) -> int:
+        """Width of the sinusoidal encoding of (x, y, z): sin and cos per axis per frequency."""
+        return 6 * self.position_frequencies
+
+    @property
+    def neuron_input_dim(self) -> int:
+        """The neuron sees [aggregated message, cell position encoding] (32 by default)."""
+        return self.message_dim + self.position_encoding_dim
+
+    @property
+    def num_cells(self) -> int:
+        return self.lattice_width * self.lattice_height * self.lattice_depth
+
+    @property
+    def face_cells(self) -> int:
+        return self.lattice_width * self.lattice_height
+
+    # ------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first field that is out of its allowed range."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            expected = {"int": int, "float": float, "str": str}[f.type]
+            # bool is an int subclass; a YAML `true` for a size is a mistake, not 1.
+            if isinstance(value, bool) or not isinstance(value, (int, float) if expected is float else expected):
+                raise ValueError(f"{f.name}: expected {f.type}, got {value!r} ({type(value).__name__})")
+            if expected is float:
+                if not math.isfinite(value):
+                    raise ValueError(f"{f.name}: must be finite, got {value!r}")
+                setattr(self, f.name, float(value))
+
+        positive = [
+            "lattice_width", "lattice_height", "input_dim", "output_dim", "initial_flows_per_sample",
+            "max_active_flows", "carrier_hidden_dim", "carrier_num_layers", "child_rank", "message_dim",
+            "position_frequencies", "neuron_hidden_dim", "neuron_output_dim", "injection_rank",
+            "face_channels", "readout_hidden_dim", "batch_size", "epochs", "eval_every",
+        ]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.lattice_depth < 2:
+            raise ValueError(f"lattice_depth: must be >= 2 (an input and an output face), got {self.lattice_depth}")
+        for name in ["max_spawn_per_step", "warmup_steps", "seed"]:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ["energy_threshold", "spawn_threshold"]:
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}: must be in [0, 1], got {getattr(self, name)}")
+        if self.spawn_threshold <= self.energy_threshold:
+            raise ValueError(
+                f"spawn_threshold: must be > energy_threshold ({self.energy_threshold}), got {self.spawn_threshold}"
+            )
+        if self.max_active_flows < self.initial_flows_per_sample:
+            raise ValueError(
+                f"max_active_flows: must be >= initial_flows_per_sample ({self.initial_flows_per_sample}), "
+                f"got {self.max_active_flows}"
+            )
+        if self.initial_flows_per_sample > self.face_cells:
+            raise ValueError(
+                f"initial_flows_per_sample: must be <= lattice_width * lattice_height ({self.face_cells}), "
+                f"got {self.initial_flows_per_sample}"
+            )
+        if self.max_lateral_step < 0:
+            raise ValueError(f"max_lateral_step: must be >= 0, got {self.max_lateral_step}")
+        for name in ["learning_rate", "grad_clip"]:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        for name in ["weight_decay", "mse_weight", "cosine_weight"]:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.mse_weight + self.cosine_weight <= 0:
+            raise ValueError("mse_weight, cosine_weight: at least one loss weight must be > 0")
+        if self.carrier_type not in CARRIER_TYPES:
+            raise ValueError(f"carrier_type: must be one of {CARRIER_TYPES}, got {self.carrier_type!r}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation: must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+
+    # ------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EnergyConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"config: expected a mapping of field names to values, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"config: unknown keys {unknown}; allowed keys are {sorted(known)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "EnergyConfig":
+        """A validated copy with some fields changed (unknown names raise ``ValueError``)."""
+        return EnergyConfig.from_dict({**self.to_dict(), **changes})
+
+    def with_overrides(self, overrides: list[str]) -> "EnergyConfig":
+        """Apply ``key=value`` strings (values parsed as YAML scalars), as ``--set`` does."""
+        changes: dict[str, Any] = {}
+        for item in overrides:
+            if "=" not in item:
+                raise ValueError(f"override {item!r}: expected key=value")
+            key, raw = item.split("=", 1)
+            changes[key.strip()] = yaml.safe_load(raw)
+        return self.replace(**changes)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "EnergyConfig":
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+        try:
+            return cls.from_dict(data if data is not None else {})
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def create_debug_config(**overrides: Any) -> EnergyConfig:
+    """20x20x10 lattice, 100 flows per sample, batch 8: for tests and a quick look."""
+    return EnergyConfig(
+        lattice_width=20, lattice_height=20, lattice_depth=10,
+        initial_flows_per_sample=8, max_active_flows=100, batch_size=8,
+    ).replace(**overrides)
+
+
+def create_experiment_config(**overrides: Any) -> EnergyConfig:
+    """50x50x20 lattice, 500 flows per sample, batch 16."""
+    return EnergyConfig(
+        lattice_width=50, lattice_height=50, lattice_depth=20,
+        initial_flows_per_sample=16, max_active_flows=500, batch_size=16,
+    ).replace(**overrides)
+
+
+def create_optimized_config(**overrides: Any) -> EnergyConfig:
+    """100x100x50 lattice, 1000 flows per sample, batch 32: a GPU workload."""
+    return EnergyConfig(
+        lattice_width=100, lattice_height=100, lattice_depth=50,
+        initial_flows_per_sample=32, max_active_flows=1000, batch_size=32,
+    ).replace(**overrides)

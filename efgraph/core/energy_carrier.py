@@ -1,0 +1,144 @@
+"""`EnergyCarrier`: the shared recurrent cell that carries every flow, and its heads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from efgraph.config import EnergyConfig
+
+# Initial biases, chosen so that an untrained model behaves sensibly (and tests are not flaky):
+# energy keeps ~97% per step, so flows live long enough to reach the output face; a jump covers
+# about half the remaining depth, so a forward takes ~log2(D) steps rather than D-1.
+ENERGY_GATE_INIT_BIAS = 3.5
+DZ_INIT_BIAS = 0.0
+
+
+@dataclass
+class CarrierHeads:
+    """Per-flow outputs of the heads for F flows.
+
+    Attributes:
+        dxy: ``[F, 2]`` lateral move in cells, within ``+-max_lateral_step``.
+        dz_fraction: ``[F]`` in (0, 1): jump length beyond one cell, as a fraction of the depth left.
+        energy_gate: ``[F]`` in (0, 1): fraction of energy kept this step (the rest is dissipated).
+        spawn_score: ``[F]`` logit; a flow may spawn when it is > 0, and ``sigmoid(score) / 2``
+            of its energy goes to the child (so the score also gets a gradient).
+        child_dxy: ``[F, 2]`` the child's lateral offset from its parent.
+    """
+
+    dxy: Tensor
+    dz_fraction: Tensor
+    energy_gate: Tensor
+    spawn_score: Tensor
+    child_dxy: Tensor
+
+
+class EnergyCarrier(nn.Module):
+    """A GRU or LSTM (``carrier_hidden_dim`` x ``carrier_num_layers``) shared by all flows.
+
+    Every step, all flows go through *one* batched recurrent call (a sequence of length 1 of F
+    flows), then through small linear heads on the top layer's output: displacement, energy
+    gate, spawn and value (what the flow deposits on arrival).
+
+    Args:
+        config: carrier_type, carrier_hidden_dim, carrier_num_layers, neuron_output_dim,
+            position_encoding_dim, input_dim, face_channels, child_rank, max_lateral_step,
+            spawn_threshold.
+
+    Shapes:
+        step input: ``[F, neuron_output_dim + 1 + position_encoding_dim]`` (transformation,
+        energy, position encoding); hidden state ``[L, F, H]``.
+    """
+
+    def __init__(self, config: EnergyConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.hidden_dim = config.carrier_hidden_dim
+        self.num_layers = config.carrier_num_layers
+        self.is_lstm = config.carrier_type == "lstm"
+        self.step_input_dim = config.neuron_output_dim + 1 + config.position_encoding_dim
+        rnn_cls = nn.LSTM if self.is_lstm else nn.GRU
+        self.rnn = rnn_cls(self.step_input_dim, self.hidden_dim, self.num_layers)
+        # initial state = tanh(W_x x + W_p pe(cell) + b): the input part is computed once per sample
+        self.init_from_input = nn.Linear(config.input_dim, self.num_layers * self.hidden_dim)
+        self.init_from_position = nn.Linear(
+            config.position_encoding_dim, self.num_layers * self.hidden_dim, bias=False
+        )
+        self.displacement_head = nn.Linear(self.hidden_dim, 3)
+        self.energy_head = nn.Linear(self.hidden_dim, 1)
+        self.spawn_head = nn.Linear(self.hidden_dim, 3)
+        self.value_head = nn.Linear(self.hidden_dim, config.face_channels)
+        # a child's hidden state = parent's + low-rank learned perturbation (a copy would be useless)
+        self.child_down = nn.Linear(self.hidden_dim, config.child_rank)
+        self.child_up = nn.Linear(config.child_rank, self.hidden_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for module in self.children():
+            module.reset_parameters()
+        with torch.no_grad():
+            self.energy_head.bias.fill_(ENERGY_GATE_INIT_BIAS)
+            self.displacement_head.bias[2] = DZ_INIT_BIAS
+
+    # ---- state -----------------------------------------------------------------------------------
+    def initial_state(
+        self, x: Tensor, batch: Tensor, position_encoding: Tensor
+    ) -> tuple[Tensor, Tensor | None]:
+        """Hidden state of freshly injected flows.
+
+        Args:
+            x: ``[B, input_dim]`` input embeddings.
+            batch: ``[F0]`` sample of each flow.
+            position_encoding: ``[F0, P]`` encoding of each flow's start cell.
+
+        Returns:
+            ``h [L, F0, H]`` and, for an LSTM, ``c [L, F0, H]`` (zeros) else ``None``.
+        """
+        per_sample = self.init_from_input(x)  # [B, L*H]
+        h = torch.tanh(per_sample.index_select(0, batch) + self.init_from_position(position_encoding))
+        h = h.view(-1, self.num_layers, self.hidden_dim).transpose(0, 1).contiguous()
+        return h, (torch.zeros_like(h) if self.is_lstm else None)
+
+    def step(self, inputs: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """One recurrent call over all flows: ``inputs [F, in]`` -> ``(top [F, H], h, c)``."""
+        if self.is_lstm:
+            out, (h_new, c_new) = self.rnn(inputs.unsqueeze(0), (h, c))
+        else:
+            out, h_new = self.rnn(inputs.unsqueeze(0), h)
+            c_new = None
+        return out.squeeze(0), h_new, c_new
+
+    # ---- heads -----------------------------------------------------------------------------------
+    def heads(self, top: Tensor) -> CarrierHeads:
+        """Heads on the top layer output ``[F, H]``."""
+        disp = self.displacement_head(top)
+        spawn = self.spawn_head(top)
+        step = self.config.max_lateral_step
+        return CarrierHeads(
+            dxy=torch.tanh(disp[:, :2]) * step,
+            dz_fraction=torch.sigmoid(disp[:, 2]),
+            energy_gate=torch.sigmoid(self.energy_head(top).squeeze(1)),
+            spawn_score=spawn[:, 0],
+            child_dxy=torch.tanh(spawn[:, 1:]) * step,
+        )
+
+    def value(self, top: Tensor) -> Tensor:
+        """``[A, H]`` -> ``[A, face_channels]``: what an arriving flow deposits (times its energy)."""
+        return self.value_head(top)
+
+    # ---- spawning --------------------------------------------------------------------------------
+    def can_spawn(self, energy: Tensor, spawn_score: Tensor) -> Tensor:
+        """``[F]`` bool: energy above ``spawn_threshold`` and a positive spawn score."""
+        return (energy > self.config.spawn_threshold) & (spawn_score > 0)
+
+    def split_fraction(self, spawn_score: Tensor) -> Tensor:
+        """Fraction of a parent's energy that goes to its child, in (0, 0.5)."""
+        return 0.5 * torch.sigmoid(spawn_score)
+
+    def spawn(self, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Children's states from their parents' ``[L, S, H]`` states (same layer-wise shape)."""
+        h_child = h + self.child_up(torch.tanh(self.child_down(h)))
+        return h_child, c  # c comes from index_select: already a fresh tensor

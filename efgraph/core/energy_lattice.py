@@ -1,0 +1,241 @@
+"""`EnergyLattice`: the W x H x D geometry, injection at the input face, collection at the output face.
+
+Coordinates. A flow's position is continuous: ``x in [0, W-1]``, ``y in [0, H-1]`` (cell centres sit
+on integers) and ``z in [0, D-1]``. Its *cell* is the nearest centre in x and y and ``floor(z)`` in z,
+so that "z strictly grows" means the cell index along z grows by at least one every step, and a flow
+has arrived exactly when ``z == D-1``. Lateral moves *reflect* off the faces (a triangle wave), which
+keeps a gradient at the border where clamping would zero it.
+
+Collection. An arriving flow deposits ``energy * value`` on the four output-face cells nearest its
+continuous (x, y) with bilinear weights, so the landing position receives a gradient. Only the
+cells that are hit are materialised (compacted with ``torch.unique``): the cost grows with the
+number of arrivals, never with W * H.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch_geometric.utils import scatter
+
+from efgraph.config import EnergyConfig
+
+
+class PositionEncoding(nn.Module):
+    """Sinusoidal encoding of lattice positions.
+
+    Each axis is normalised to ``u in [0, 1]`` and encoded as ``sin(pi * 2^k * u), cos(pi * 2^k * u)``
+    for ``k < frequencies``.
+
+    Shapes:
+        input: ``[N, 3]`` float positions (x, y, z) in lattice units.
+        output: ``[N, 6 * frequencies]``.
+    """
+
+    def __init__(self, width: int, height: int, depth: int, frequencies: int) -> None:
+        super().__init__()
+        extent = torch.tensor([max(width - 1, 1), max(height - 1, 1), max(depth - 1, 1)], dtype=torch.float32)
+        self.register_buffer("inv_extent", 1.0 / extent, persistent=False)
+        self.register_buffer(
+            "freqs", math.pi * 2.0 ** torch.arange(frequencies, dtype=torch.float32), persistent=False
+        )
+
+    def forward(self, pos: Tensor) -> Tensor:
+        angles = (pos * self.inv_extent).unsqueeze(-1) * self.freqs  # [N, 3, F]
+        return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1)
+
+
+def reflect(u: Tensor, upper: int) -> Tensor:
+    """Fold ``u`` into ``[0, upper]`` by reflecting off both ends (differentiable a.e.)."""
+    if upper == 0:
+        return u * 0.0  # a one-cell-wide lattice: keep the graph, position is always 0
+    period = 2.0 * upper
+    r = torch.remainder(u, period)
+    return upper - (r - upper).abs()
+
+
+@dataclass
+class InjectedFlows:
+    """The flows that start at the input face, one row per flow (F0 = B * K).
+
+    Attributes:
+        batch: ``[F0]`` sample index of each flow.
+        pos: ``[F0, 3]`` start position (integer x, y of the chosen cell, z = 0).
+        energy: ``[F0]`` start energy in (0, 1), a differentiable function of the amplitude.
+    """
+
+    batch: Tensor
+    pos: Tensor
+    energy: Tensor
+
+
+@dataclass
+class FaceDeposit:
+    """What arrived on the output face, compacted to the cells that were hit (M of them).
+
+    Attributes:
+        cell_id: ``[M]`` sample * W * H + y * W + x, sorted.
+        batch: ``[M]`` sample index of each cell.
+        values: ``[M, face_channels]`` sum of energy * bilinear weight * value.
+        energy: ``[M]`` sum of energy * bilinear weight (sums to the arrived energy).
+    """
+
+    cell_id: Tensor
+    batch: Tensor
+    values: Tensor
+    energy: Tensor
+
+
+class EnergyLattice(nn.Module):
+    """The lattice: geometry, position encoding, and the learned input and output faces.
+
+    Injection (``place_initial_energy``) maps an input embedding to an amplitude per input-face
+    cell with a low-rank product ``(x W_q) K^T / sqrt(r)`` (``K``: one learned key per face cell),
+    keeps the top ``initial_flows_per_sample`` cells, and gives each flow the energy
+    ``sigmoid(amplitude + b)``.
+
+    Readout (``read_out``) runs a bias-free two-layer MLP on every hit face cell and sums per
+    sample, plus a bias: a cell with no deposit contributes exactly zero, so the output is
+    continuous in the bilinear weights.
+    """
+
+    def __init__(self, config: EnergyConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.width, self.height, self.depth = config.lattice_width, config.lattice_height, config.lattice_depth
+        self.position_encoding = PositionEncoding(self.width, self.height, self.depth, config.position_frequencies)
+        # injection
+        self.input_query = nn.Linear(config.input_dim, config.injection_rank)
+        self.face_keys = nn.Parameter(torch.empty(config.face_cells, config.injection_rank))
+        self.energy_bias = nn.Parameter(torch.empty(()))
+        # collection and readout
+        self.face_position_value = nn.Linear(config.position_encoding_dim, config.face_channels, bias=False)
+        self.readout_hidden = nn.Linear(config.face_channels, config.readout_hidden_dim, bias=False)
+        self.readout_out = nn.Linear(config.readout_hidden_dim, config.output_dim, bias=False)
+        self.readout_bias = nn.Parameter(torch.empty(config.output_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.input_query.reset_parameters()
+        nn.init.normal_(self.face_keys, std=1.0)
+        nn.init.constant_(self.energy_bias, 1.0)  # start energies near sigmoid(1) = 0.73
+        self.face_position_value.reset_parameters()
+        self.readout_hidden.reset_parameters()
+        self.readout_out.reset_parameters()
+        nn.init.zeros_(self.readout_bias)
+
+    # ---- geometry ------------------------------------------------------------------------------
+    def cell_coordinates(self, pos: Tensor) -> Tensor:
+        """``[N, 3]`` continuous positions -> ``[N, 3]`` int64 cell (nearest x, y; floor z)."""
+        xy = torch.floor(pos[:, :2] + 0.5)
+        z = torch.floor(pos[:, 2:])
+        return torch.cat([xy, z], dim=1).long()
+
+    def cell_id(self, batch: Tensor, cell: Tensor) -> Tensor:
+        """Unique id of (sample, cell) pairs: ``[N]`` int64."""
+        w, h, d = self.width, self.height, self.depth
+        return ((batch * d + cell[:, 2]) * h + cell[:, 1]) * w + cell[:, 0]
+
+    def cell_from_id(self, cell_id: Tensor) -> tuple[Tensor, Tensor]:
+        """Inverse of :meth:`cell_id`: ``(batch [N], cell [N, 3])``."""
+        w, h, d = self.width, self.height, self.depth
+        x = cell_id % w
+        y = (cell_id // w) % h
+        z = (cell_id // (w * h)) % d
+        return cell_id // (w * h * d), torch.stack([x, y, z], dim=1)
+
+    def move(self, pos: Tensor, dxy: Tensor, dz_fraction: Tensor) -> Tensor:
+        """Apply one step of displacement.
+
+        Args:
+            pos: ``[F, 3]`` current positions, ``z < D-1``.
+            dxy: ``[F, 2]`` lateral displacement (reflected at the faces).
+            dz_fraction: ``[F]`` in (0, 1): how far beyond the mandatory one cell to jump, as a
+                fraction of the distance left; ``dz = 1 + max(left - 1, 0) * fraction``.
+
+        Returns:
+            ``[F, 3]`` new positions with ``z_new >= z + 1`` or ``z_new == D - 1``.
+        """
+        x = reflect(pos[:, 0] + dxy[:, 0], self.width - 1)
+        y = reflect(pos[:, 1] + dxy[:, 1], self.height - 1)
+        z = pos[:, 2]
+        left = (self.depth - 1) - z
+        dz = 1.0 + (left - 1.0).clamp(min=0.0) * dz_fraction
+        z_new = torch.clamp(z + dz, max=float(self.depth - 1))
+        return torch.stack([x, y, z_new], dim=1)
+
+    def reflect_xy(self, xy: Tensor) -> Tensor:
+        """Fold ``[N, 2]`` lateral positions back into the face."""
+        return torch.stack([reflect(xy[:, 0], self.width - 1), reflect(xy[:, 1], self.height - 1)], dim=1)
+
+    # ---- input face ------------------------------------------------------------------------------
+    def amplitudes(self, x: Tensor) -> Tensor:
+        """``[B, input_dim]`` -> ``[B, W*H]`` injection amplitude per input-face cell."""
+        query = self.input_query(x)
+        return query @ self.face_keys.t() / math.sqrt(self.config.injection_rank)
+
+    def place_initial_energy(self, x: Tensor) -> InjectedFlows:
+        """Start ``K = initial_flows_per_sample`` flows per sample on its top-K amplitude cells."""
+        k = self.config.initial_flows_per_sample
+        amp = self.amplitudes(x)
+        top_amp, top_cell = amp.topk(k, dim=1)  # [B, K]
+        batch = torch.arange(x.size(0), device=x.device).repeat_interleave(k)
+        cell = top_cell.reshape(-1)
+        pos = torch.stack(
+            [(cell % self.width).float(), (cell // self.width).float(), torch.zeros_like(cell, dtype=torch.float)],
+            dim=1,
+        )
+        energy = torch.sigmoid(top_amp.reshape(-1) + self.energy_bias)
+        return InjectedFlows(batch=batch, pos=pos, energy=energy)
+
+    # ---- output face -----------------------------------------------------------------------------
+    def collect_output_energy(
+        self, batch: Tensor, xy: Tensor, energy: Tensor, values: Tensor, batch_size: int
+    ) -> FaceDeposit:
+        """Deposit arriving flows on the output face with bilinear weights.
+
+        Args:
+            batch: ``[A]`` sample of each arriving flow.
+            xy: ``[A, 2]`` continuous landing position.
+            energy: ``[A]`` energy on arrival.
+            values: ``[A, face_channels]`` the flow's value vector (from the carrier).
+            batch_size: B, for the id space.
+        """
+        w, h = self.width, self.height
+        x0f = torch.floor(xy[:, 0]).clamp(max=w - 1)
+        y0f = torch.floor(xy[:, 1]).clamp(max=h - 1)
+        fx, fy = xy[:, 0] - x0f, xy[:, 1] - y0f  # in [0, 1], carry the gradient of the landing spot
+        x0, y0 = x0f.long(), y0f.long()
+        x1, y1 = (x0 + 1).clamp(max=w - 1), (y0 + 1).clamp(max=h - 1)
+        corner_x = torch.stack([x0, x1, x0, x1], dim=1)  # [A, 4]
+        corner_y = torch.stack([y0, y0, y1, y1], dim=1)
+        weight = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], dim=1)
+        corner_batch = batch.unsqueeze(1).expand(-1, 4)
+        corner_id = (corner_batch * h + corner_y) * w + corner_x  # [A, 4]
+
+        corner_pos = torch.stack(
+            [corner_x.float(), corner_y.float(), torch.full_like(corner_x, self.depth - 1, dtype=torch.float)], dim=-1
+        ).reshape(-1, 3)
+        corner_value = values.unsqueeze(1) + self.face_position_value(self.position_encoding(corner_pos)).view(
+            -1, 4, values.size(1)
+        )
+        deposit_energy = energy.unsqueeze(1) * weight  # [A, 4]
+        deposit = deposit_energy.unsqueeze(-1) * corner_value  # [A, 4, C]
+
+        cell_id, inverse = torch.unique(corner_id.reshape(-1), return_inverse=True)
+        m = cell_id.numel()
+        return FaceDeposit(
+            cell_id=cell_id,
+            batch=cell_id // (w * h),
+            values=scatter(deposit.reshape(-1, values.size(1)), inverse, dim=0, dim_size=m, reduce="sum"),
+            energy=scatter(deposit_energy.reshape(-1), inverse, dim=0, dim_size=m, reduce="sum"),
+        )
+
+    def read_out(self, deposit: FaceDeposit, batch_size: int) -> Tensor:
+        """``FaceDeposit`` -> ``[B, output_dim]``: per-cell MLP, summed per sample, plus a bias."""
+        per_cell = self.readout_out(nn.functional.gelu(self.readout_hidden(deposit.values)))
+        summed = scatter(per_cell, deposit.batch, dim=0, dim_size=batch_size, reduce="sum")
+        return summed + self.readout_bias

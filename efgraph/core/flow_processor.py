@@ -1,0 +1,276 @@
+"""`FlowProcessor`: one forward of the energy-flow model, inject -> step until empty -> collect.
+
+A step, for all F active flows of the batch at once (no Python loop over flows):
+
+1. *Occupied cells*: cell id = (sample, cell) compacted with ``torch.unique`` -> C cells.
+2. *Message passing* flows -> cells (:class:`FlowToCellConv`), the :class:`SimpleNeuron` on the
+   C occupied cells, each flow gathers its cell's transformation.
+3. *Carrier*: one recurrent call over the F flows, then the heads.
+4. *Move*: lateral move reflected at the faces, ``dz >= 1`` and never past the output face.
+5. *Lifecycle*: gate the energy (the dissipated part is counted as lost); a flow under
+   ``energy_threshold`` dies; a flow on the output face arrives; the rest continue, and those
+   above ``spawn_threshold`` with a positive spawn score spawn a child that takes part of their
+   energy, within the per-sample budgets ``max_spawn_per_step`` and ``max_active_flows``.
+
+Because every continuing flow advances at least one cell in z, a forward ends within D-1 steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from efgraph.config import EnergyConfig
+from efgraph.core.budget import keep_top_per_group
+from efgraph.core.energy_carrier import EnergyCarrier
+from efgraph.core.energy_lattice import EnergyLattice
+from efgraph.core.flow_state import FlowState
+from efgraph.core.message_passing import FlowToCellConv
+from efgraph.core.simple_neuron import SimpleNeuron
+from efgraph.core.trace import FlowTrace
+from efgraph.utils.logging import DEBUG_ENERGY, DEBUG_SPAWN, get_logger
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class Arrivals:
+    """Flows that reached the output face in one step (A of them)."""
+
+    batch: Tensor  # [A]
+    xy: Tensor  # [A, 2]
+    energy: Tensor  # [A]
+    value: Tensor  # [A, face_channels]
+    flow_id: Tensor  # [A]
+
+
+@dataclass
+class StepResult:
+    """Everything one step produced."""
+
+    next_state: FlowState  # continuing flows, then their children
+    arrivals: Arrivals
+    occupied_cell_id: Tensor  # [C] sorted ids of the occupied cells
+    num_spawned: int
+    num_died: int
+    energy_dissipated: Tensor  # scalar: removed by the energy gate
+    energy_died: Tensor  # scalar: carried away by flows that died
+    energy_arrived: Tensor  # scalar
+
+
+class FlowProcessor(nn.Module):
+    """Runs the energy-flow model: ``y = processor(x)`` with x ``[B, input_dim]`` -> ``[B, output_dim]``.
+
+    Args:
+        lattice: the :class:`EnergyLattice` (geometry, injection, readout).
+        neuron: the shared :class:`SimpleNeuron`.
+        config: the :class:`EnergyConfig`; the carrier is built from it.
+
+    After each forward, :attr:`last_trace` holds the :class:`FlowTrace` of that forward. Set
+    :attr:`record_paths` to also keep every flow's position at every step (for figures).
+    """
+
+    def __init__(self, lattice: EnergyLattice, neuron: SimpleNeuron, config: EnergyConfig) -> None:
+        super().__init__()
+        if neuron.input_dim != config.neuron_input_dim:
+            raise ValueError(
+                f"neuron: input width {neuron.input_dim} does not match config.neuron_input_dim "
+                f"{config.neuron_input_dim}"
+            )
+        self.config = config
+        self.lattice = lattice
+        self.neuron = neuron
+        self.carrier = EnergyCarrier(config)
+        self.conv = FlowToCellConv(config.carrier_hidden_dim, config.message_dim, config.aggregation)
+        self.record_paths = False
+        self.last_trace: FlowTrace | None = None
+
+    # ---- input checks ----------------------------------------------------------------------------
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise ValueError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 2:
+            raise ValueError(f"x: expected shape [batch, {self.config.input_dim}], got {tuple(x.shape)}")
+        if x.size(0) == 0:
+            raise ValueError("x: empty batch (batch size 0)")
+        if x.size(1) != self.config.input_dim:
+            raise ValueError(f"x: embedding width {x.size(1)} does not match config.input_dim {self.config.input_dim}")
+        if not x.is_floating_point():
+            raise ValueError(f"x: expected a floating point tensor, got {x.dtype}")
+        if not torch.isfinite(x).all():
+            bad = (~torch.isfinite(x)).any(dim=1).nonzero().flatten()[:5].tolist()
+            raise ValueError(f"x: non-finite values (NaN or inf) in rows {bad}")
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        batch_size = x.size(0)
+        state = self.inject(x)
+        trace = FlowTrace(
+            batch_size=batch_size,
+            initial_flows=state.num_flows,
+            energy_injected=state.energy.detach().sum(),
+            paths=[] if self.record_paths else None,
+        )
+        next_id = state.num_flows
+        arrivals: list[Arrivals] = []
+        lost = arrived = torch.zeros((), device=x.device)
+        for _ in range(self.config.lattice_depth - 1):
+            if state.num_flows == 0:
+                break
+            if trace.paths is not None:
+                trace.paths.append(_path_record(state.flow_id, state.batch, state.pos))
+            result = self.step(state, batch_size, next_id)
+            next_id += result.num_spawned
+            arrivals.append(result.arrivals)
+            lost = lost + (result.energy_dissipated + result.energy_died).detach()
+            arrived = arrived + result.energy_arrived.detach()
+            trace.active.append(state.num_flows)
+            trace.occupied.append(result.occupied_cell_id.numel())
+            trace.spawned.append(result.num_spawned)
+            trace.died.append(result.num_died)
+            trace.arrived.append(result.arrivals.batch.numel())
+            trace.energy_rows.append(torch.stack([result.next_state.energy.detach().sum(), arrived, lost]))
+            state = result.next_state
+        # dz >= 1 per step makes this impossible; a failure here is an engine bug, not bad input.
+        assert state.num_flows == 0, f"{state.num_flows} flows still active after D-1 steps"
+
+        landed = _cat_arrivals(arrivals, x.device, self.config.face_channels, x.dtype)
+        if trace.paths is not None:
+            trace.paths.append(_path_record(landed.flow_id, landed.batch, _face_pos(landed.xy, self.config)))
+        self.last_trace = trace
+        deposit = self.lattice.collect_output_energy(landed.batch, landed.xy, landed.energy, landed.value, batch_size)
+        return self.lattice.read_out(deposit, batch_size)
+
+    def inject(self, x: Tensor) -> FlowState:
+        """Start the flows of a batch at the input face."""
+        injected = self.lattice.place_initial_energy(x)
+        h, c = self.carrier.initial_state(x, injected.batch, self.lattice.position_encoding(injected.pos))
+        return FlowState(
+            h=h,
+            c=c,
+            pos=injected.pos,
+            energy=injected.energy,
+            batch=injected.batch,
+            flow_id=torch.arange(injected.batch.numel(), device=x.device),
+        )
+
+    def step(self, state: FlowState, batch_size: int, next_id: int = 0) -> StepResult:
+        """Advance all active flows by one step (see the module docstring).
+
+        Args:
+            state: the F active flows.
+            batch_size: B (for per-sample budgets and id spaces).
+            next_id: first flow id to give a child.
+        """
+        cfg, lattice = self.config, self.lattice
+        # 1. occupied cells
+        cell_id = lattice.cell_id(state.batch, lattice.cell_coordinates(state.pos))
+        occupied, cell_index = torch.unique(cell_id, return_inverse=True)
+        _, occupied_cell = lattice.cell_from_id(occupied)
+        # 2. message passing flows -> cells, neuron on the occupied cells, gather back
+        top = state.h[-1]
+        aggregated = self.conv(top, state.energy, cell_index, occupied.numel())
+        cell_pe = lattice.position_encoding(occupied_cell.to(state.pos.dtype))
+        transformation = self.neuron(torch.cat([aggregated, cell_pe], dim=1)).index_select(0, cell_index)
+        # 3. carrier and heads
+        step_input = torch.cat(
+            [transformation, state.energy.unsqueeze(1), lattice.position_encoding(state.pos)], dim=1
+        )
+        top, h, c = self.carrier.step(step_input, state.h, state.c)
+        heads = self.carrier.heads(top)
+        # 4. move
+        pos = lattice.move(state.pos, heads.dxy, heads.dz_fraction)
+        # 5. lifecycle
+        energy = state.energy * heads.energy_gate
+        died = energy < cfg.energy_threshold
+        arrived = ~died & (pos[:, 2] >= cfg.lattice_depth - 1)
+        alive = ~died & ~arrived
+        assert died.dtype == arrived.dtype == alive.dtype == torch.bool
+
+        spawn = self._choose_spawners(alive, energy, heads.spawn_score, state.batch, batch_size)
+        split = torch.where(spawn, self.carrier.split_fraction(heads.spawn_score), torch.zeros_like(energy))
+        energy_after_split = energy * (1.0 - split)
+
+        arrived_idx = arrived.nonzero().flatten()
+        alive_idx = alive.nonzero().flatten()
+        parent_idx = spawn.nonzero().flatten()
+        moved = FlowState(h=h, c=c, pos=pos, energy=energy_after_split, batch=state.batch, flow_id=state.flow_id)
+        continuing = moved.select(alive_idx)
+        children = self._children(moved, parent_idx, energy * split, heads.child_dxy, next_id)
+
+        arrivals = Arrivals(
+            batch=state.batch.index_select(0, arrived_idx),
+            xy=pos.index_select(0, arrived_idx)[:, :2],
+            energy=energy.index_select(0, arrived_idx),
+            value=self.carrier.value(top.index_select(0, arrived_idx)),
+            flow_id=state.flow_id.index_select(0, arrived_idx),
+        )
+        num_spawned = parent_idx.numel()
+        num_died = state.num_flows - alive_idx.numel() - arrived_idx.numel()
+        if logger.isEnabledFor(DEBUG_SPAWN):
+            logger.log(DEBUG_SPAWN, "step: %d flows, %d spawned, %d died, %d arrived",
+                       state.num_flows, num_spawned, num_died, arrived_idx.numel())
+        if logger.isEnabledFor(DEBUG_ENERGY):
+            logger.log(DEBUG_ENERGY, "step: mean energy %.4f, min %.4f", float(energy.mean()), float(energy.min()))
+        return StepResult(
+            next_state=FlowState.cat([continuing, children]),
+            arrivals=arrivals,
+            occupied_cell_id=occupied,
+            num_spawned=num_spawned,
+            num_died=num_died,
+            energy_dissipated=(state.energy - energy).sum(),
+            energy_died=torch.where(died, energy, torch.zeros_like(energy)).sum(),
+            energy_arrived=torch.where(arrived, energy, torch.zeros_like(energy)).sum(),
+        )
+
+    def _choose_spawners(
+        self, alive: Tensor, energy: Tensor, score: Tensor, batch: Tensor, batch_size: int
+    ) -> Tensor:
+        """``[F]`` bool: which continuing flows spawn, the best-scoring first, within the budgets."""
+        cfg = self.config
+        candidate = alive & self.carrier.can_spawn(energy, score)
+        alive_per_sample = torch.bincount(batch[alive], minlength=batch_size)
+        room = (cfg.max_active_flows - alive_per_sample).clamp(min=0, max=cfg.max_spawn_per_step)
+        # non-candidates rank last and are masked out afterwards
+        ranked_score = torch.where(candidate, score.detach(), torch.full_like(score, float("-inf")))
+        return candidate & keep_top_per_group(batch, ranked_score, room, batch_size)
+
+    def _children(
+        self, parents: FlowState, parent_idx: Tensor, child_energy: Tensor, child_dxy: Tensor, next_id: int
+    ) -> FlowState:
+        """Children of the flows at ``parent_idx``: own hidden state and lateral offset, part of the energy."""
+        p = parents.select(parent_idx)
+        h, c = self.carrier.spawn(p.h, p.c)
+        xy = self.lattice.reflect_xy(p.pos[:, :2] + child_dxy.index_select(0, parent_idx))
+        return FlowState(
+            h=h,
+            c=c,
+            pos=torch.cat([xy, p.pos[:, 2:]], dim=1),
+            energy=child_energy.index_select(0, parent_idx),
+            batch=p.batch,
+            flow_id=next_id + torch.arange(parent_idx.numel(), device=parent_idx.device),
+        )
+
+
+def _path_record(flow_id: Tensor, batch: Tensor, pos: Tensor) -> dict[str, Tensor]:
+    return {"flow_id": flow_id.detach().cpu(), "batch": batch.detach().cpu(), "pos": pos.detach().cpu()}
+
+
+def _face_pos(xy: Tensor, config: EnergyConfig) -> Tensor:
+    return torch.cat([xy, torch.full_like(xy[:, :1], config.lattice_depth - 1)], dim=1)
+
+
+def _cat_arrivals(arrivals: list[Arrivals], device: torch.device, channels: int, dtype: torch.dtype) -> Arrivals:
+    if not arrivals:  # unreachable with >= 1 initial flow, kept so collect always gets tensors
+        empty = torch.zeros(0, device=device, dtype=dtype)
+        return Arrivals(empty.long(), empty.view(0, 1).expand(0, 2), empty, empty.view(0, 1).expand(0, channels), empty.long())
+    return Arrivals(
+        batch=torch.cat([a.batch for a in arrivals]),
+        xy=torch.cat([a.xy for a in arrivals]),
+        energy=torch.cat([a.energy for a in arrivals]),
+        value=torch.cat([a.value for a in arrivals]),
+        flow_id=torch.cat([a.flow_id for a in arrivals]),
+    )

@@ -1,0 +1,92 @@
+"""`FlowTrace`: what happened during one forward, step by step.
+
+Counts are host integers the engine already knows (they come from the shapes that compaction
+produces); energies stay on the device as one stacked tensor and are copied to the host only when
+a caller asks, so keeping the trace on costs no extra synchronisation in the step loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+ENERGY_COLUMNS = ("energy_in_flight", "energy_arrived", "energy_lost")
+
+
+@dataclass
+class FlowTrace:
+    """Per-step record of a forward over a batch.
+
+    Lists hold one entry per executed step. ``energy`` rows are *cumulative* at the end of the
+    step: in flight, arrived at the output face, lost (dissipated by the gate or carried away by
+    dying flows), so ``energy_injected == in_flight + arrived + lost`` at every step.
+    """
+
+    batch_size: int
+    initial_flows: int
+    energy_injected: Tensor  # scalar, detached
+    active: list[int] = field(default_factory=list)  # flows at the start of the step
+    occupied: list[int] = field(default_factory=list)  # occupied cells in the step
+    spawned: list[int] = field(default_factory=list)
+    died: list[int] = field(default_factory=list)
+    arrived: list[int] = field(default_factory=list)
+    energy_rows: list[Tensor] = field(default_factory=list)  # each [3], detached
+    paths: list[dict[str, Tensor]] | None = None  # per step: flow_id, batch, pos (CPU), when recorded
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.active)
+
+    @property
+    def energy(self) -> Tensor:
+        """``[S, 3]`` cumulative (in flight, arrived, lost) after each step."""
+        if not self.energy_rows:
+            return torch.zeros(0, 3)
+        return torch.stack(self.energy_rows)
+
+    @property
+    def total_spawned(self) -> int:
+        return sum(self.spawned)
+
+    @property
+    def total_died(self) -> int:
+        return sum(self.died)
+
+    @property
+    def total_arrived(self) -> int:
+        return sum(self.arrived)
+
+    def summary(self) -> dict[str, float]:
+        """Scalars for logging: totals, peak flows, fraction of injected energy that arrived."""
+        injected = float(self.energy_injected)
+        final = self.energy[-1].tolist() if self.energy_rows else [injected, 0.0, 0.0]
+        return {
+            "steps": float(self.num_steps),
+            "initial_flows": float(self.initial_flows),
+            "peak_active_flows": float(max(self.active, default=0)),
+            "mean_active_flows": float(sum(self.active) / max(self.num_steps, 1)),
+            "mean_occupied_cells": float(sum(self.occupied) / max(self.num_steps, 1)),
+            "spawned": float(self.total_spawned),
+            "died": float(self.total_died),
+            "arrived": float(self.total_arrived),
+            "energy_injected": injected,
+            "energy_arrived_fraction": final[1] / injected if injected > 0 else 0.0,
+            "energy_lost_fraction": final[2] / injected if injected > 0 else 0.0,
+            "mean_initial_energy": injected / max(self.initial_flows, 1),
+        }
+
+    def as_dict(self) -> dict[str, list]:
+        """Per-step lists (one host copy of the energies)."""
+        energy = self.energy.tolist()
+        out: dict[str, list] = {
+            "active": list(self.active),
+            "occupied": list(self.occupied),
+            "spawned": list(self.spawned),
+            "died": list(self.died),
+            "arrived": list(self.arrived),
+        }
+        for i, name in enumerate(ENERGY_COLUMNS):
+            out[name] = [row[i] for row in energy]
+        return out

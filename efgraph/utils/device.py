@@ -1,0 +1,45 @@
+"""Pick a device and report memory use."""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+
+
+def get_device(preference: str | None = None) -> torch.device:
+    """``"auto"``/``None`` -> CUDA when available, else CPU; otherwise the named device.
+
+    Raises ``ValueError`` for an unknown name or a CUDA device that is not present.
+    """
+    if preference in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(preference)
+    except RuntimeError as err:
+        raise ValueError(f"device: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {preference!r} requested but CUDA is not available")
+    return device
+
+
+def process_rss_mb() -> float:
+    """Current resident set size of this process in MiB (Linux: /proc; else peak RSS)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            pages = int(fh.read().split()[1])
+        return pages * resource.getpagesize() / 2**20
+    except OSError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def memory_report(device: torch.device | str | None = None) -> dict[str, float]:
+    """Memory in MiB: CUDA allocated / peak on a CUDA device, process RSS otherwise (and always)."""
+    device = torch.device(device) if device is not None else get_device()
+    report = {"rss_mb": process_rss_mb()}
+    if device.type == "cuda":
+        report["cuda_allocated_mb"] = torch.cuda.memory_allocated(device) / 2**20
+        report["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return report

@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny configs that run in milliseconds on a CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from efgraph import EnergyConfig, EnergyLattice, FlowProcessor, SimpleNeuron, create_debug_config
+
+
+def tiny_config(**overrides) -> EnergyConfig:
+    """A 6x5x6 lattice, small widths; override anything."""
+    base = dict(
+        lattice_width=6, lattice_height=5, lattice_depth=6, input_dim=12, output_dim=10,
+        initial_flows_per_sample=4, max_active_flows=12, max_spawn_per_step=3,
+        carrier_hidden_dim=16, carrier_num_layers=2, child_rank=4, face_channels=8, readout_hidden_dim=16,
+        injection_rank=4, batch_size=3,
+    )
+    base.update(overrides)
+    return create_debug_config(**base)
+
+
+def build_processor(config: EnergyConfig, seed: int = 0) -> FlowProcessor:
+    torch.manual_seed(seed)
+    return FlowProcessor(EnergyLattice(config), SimpleNeuron(config), config)
+
+
+def force_spawning(proc: FlowProcessor) -> None:
+    """Make every eligible flow want to spawn and keep its energy: budgets then always bind."""
+    with torch.no_grad():
+        proc.carrier.spawn_head.bias[0] = 10.0
+        proc.carrier.energy_head.bias.fill_(6.0)
+
+
+@pytest.fixture
+def tiny() -> EnergyConfig:
+    return tiny_config()

@@ -1,0 +1,112 @@
+"""The vectorised step and output face equal slow per-flow references (tests/reference.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reference import dense_face, reference_step
+from conftest import build_processor, force_spawning, tiny_config
+
+
+def _rows(state):
+    return [
+        dict(h=state.h[:, i], c=None if state.c is None else state.c[:, i], pos=tuple(state.pos[i].tolist()),
+             energy=float(state.energy[i]), batch=int(state.batch[i]), flow_id=int(state.flow_id[i]))
+        for i in range(state.num_flows)
+    ]
+
+
+def _assert_step_equal(proc, state, batch_size, next_id):
+    fast = proc.step(state, batch_size, next_id)
+    slow = reference_step(proc, state, batch_size, next_id)
+    _, cells = proc.lattice.cell_from_id(fast.occupied_cell_id)
+    batch_of, _ = proc.lattice.cell_from_id(fast.occupied_cell_id)
+    assert [(int(b), int(c[2]), int(c[1]), int(c[0])) for b, c in zip(batch_of, cells)] == slow["occupied"]
+    assert fast.num_spawned == slow["num_spawned"]
+    assert fast.num_died == slow["num_died"]
+    fast_rows = _rows(fast.next_state)
+    assert len(fast_rows) == len(slow["next"])
+    for a, b in zip(fast_rows, slow["next"]):
+        assert (a["batch"], a["flow_id"]) == (b["batch"], b["flow_id"])
+        assert a["pos"] == pytest.approx(b["pos"], abs=1e-5)
+        assert a["energy"] == pytest.approx(b["energy"], abs=1e-6)
+        torch.testing.assert_close(a["h"], b["h"], atol=1e-5, rtol=1e-4)
+        if a["c"] is not None:
+            torch.testing.assert_close(a["c"], b["c"], atol=1e-5, rtol=1e-4)
+    arr = fast.arrivals
+    assert arr.flow_id.tolist() == [r["flow_id"] for r in slow["arrivals"]]
+    for i, r in enumerate(slow["arrivals"]):
+        assert tuple(arr.xy[i].tolist()) == pytest.approx(r["xy"], abs=1e-5)
+        assert float(arr.energy[i]) == pytest.approx(r["energy"], abs=1e-6)
+        torch.testing.assert_close(arr.value[i], r["value"], atol=1e-5, rtol=1e-4)
+    assert float(fast.energy_dissipated) == pytest.approx(slow["energy_dissipated"], abs=1e-5)
+    assert float(fast.energy_died) == pytest.approx(slow["energy_died"], abs=1e-5)
+    return fast
+
+
+@pytest.mark.parametrize("carrier_type", ["gru", "lstm"])
+@pytest.mark.parametrize("aggregation", ["mean", "sum"])
+@pytest.mark.parametrize("spawning", [False, True])
+def test_every_step_of_a_forward_equals_the_reference(carrier_type, aggregation, spawning):
+    overrides = dict(carrier_type=carrier_type, aggregation=aggregation, max_lateral_step=3.0,
+                     lattice_width=3, lattice_height=3)  # small face: flows share cells
+    if spawning:
+        overrides.update(energy_threshold=0.001, spawn_threshold=0.002)
+    config = tiny_config(**overrides)
+    proc = build_processor(config, seed=1)
+    if spawning:
+        force_spawning(proc)
+    else:
+        with torch.no_grad():  # start energies spread over (0, 1), halve per step, long jumps:
+            proc.lattice.energy_bias.fill_(-2.0)  # some flows die, some arrive
+            proc.lattice.face_keys.mul_(5.0)
+            proc.carrier.energy_head.bias.fill_(0.0)
+            proc.carrier.displacement_head.bias[2] = 2.0
+    x = torch.randn(3, config.input_dim, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        state = proc.inject(x)
+        next_id, steps, shared = state.num_flows, 0, 0
+        seen = {"spawned": 0, "died": 0, "arrived": 0}
+        while state.num_flows:
+            fast = _assert_step_equal(proc, state, 3, next_id)
+            shared += state.num_flows - fast.occupied_cell_id.numel()
+            next_id += fast.num_spawned
+            seen["spawned"] += fast.num_spawned
+            seen["died"] += fast.num_died
+            seen["arrived"] += fast.arrivals.batch.numel()
+            state, steps = fast.next_state, steps + 1
+    assert shared > 0, "the test lattice should put several flows in one cell"
+    if spawning:
+        assert seen["spawned"] > 0
+    else:
+        assert seen["died"] > 0 and seen["arrived"] > 0
+
+
+def test_output_face_scatter_equals_dense_reference():
+    config = tiny_config()
+    proc = build_processor(config)
+    g = torch.Generator().manual_seed(3)
+    a = 40
+    batch = torch.randint(0, 3, (a,), generator=g)
+    xy = torch.rand(a, 2, generator=g) * torch.tensor([config.lattice_width - 1.0, config.lattice_height - 1.0])
+    xy[0] = torch.tensor([config.lattice_width - 1.0, config.lattice_height - 1.0])  # exact corner of the face
+    xy[1] = torch.tensor([0.0, 2.0])  # exactly on cell centres
+    energy = torch.rand(a, generator=g)
+    value = torch.randn(a, config.face_channels, generator=g)
+    with torch.no_grad():
+        dep = proc.lattice.collect_output_energy(batch, xy, energy, value, 3)
+        dense_v, dense_e = dense_face(proc, batch, xy, energy, value, 3)
+        w, h = config.lattice_width, config.lattice_height
+        fast_v = torch.zeros(3 * h * w, config.face_channels).index_add_(0, dep.cell_id, dep.values).view(3, h, w, -1)
+        fast_e = torch.zeros(3 * h * w).index_add_(0, dep.cell_id, dep.energy).view(3, h, w)
+        torch.testing.assert_close(fast_v, dense_v, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fast_e, dense_e, atol=1e-6, rtol=1e-6)
+        # energy is conserved by the bilinear deposit
+        assert float(dep.energy.sum()) == pytest.approx(float(energy.sum()), rel=1e-6)
+        # readout over the hit cells equals the readout over the whole dense face (empty cells give 0)
+        lat = proc.lattice
+        dense_y = lat.readout_out(torch.nn.functional.gelu(lat.readout_hidden(dense_v))).sum(dim=(1, 2)) + lat.readout_bias
+        torch.testing.assert_close(lat.read_out(dep, 3), dense_y, atol=1e-5, rtol=1e-5)
+    # only hit cells are materialised
+    assert dep.cell_id.numel() <= 4 * a

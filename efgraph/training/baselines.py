@@ -1,0 +1,457 @@
+"""Baselines that a model is compared to on the same train / val / test split.
+
+A result for the energy-flow model only means something next to what simpler maps reach on the
+same data:
+
+* :class:`IdentityBaseline` -- predict the source embedding itself (only when widths match);
+* :class:`RidgeBaseline` -- the best *linear* map (with bias), in closed form;
+* :class:`MLPBaseline` -- a one-hidden-layer MLP with (about) the model's parameter count, trained
+  on the model's own loss (:func:`~efgraph.training.metrics.embedding_loss`).
+
+All share one interface: ``fit(train_src, train_tgt, val_src=None, val_tgt=None)``,
+``predict(src)``, ``name`` and ``num_parameters``. Shapes: sources ``[N, D_in]``, targets
+``[N, D_out]``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from efgraph.training.metrics import embedding_loss, evaluate_predictions
+
+Split = tuple[Tensor, Tensor]
+"""A ``(src [N, D_in], tgt [N, D_out])`` pair."""
+
+# Absolute ridge penalties tried on the validation set. For N ~ 10k unit-norm 768-d embeddings the
+# Gram matrix diagonal is ~10, so the useful range sits inside this grid.
+DEFAULT_ALPHAS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0, 1e4)
+
+# Rows per block when scoring a validation set, so the check never holds all activations at once.
+_EVAL_CHUNK = 4096
+
+
+class Baseline(Protocol):
+    """What :func:`run_baselines` (and a caller) needs from a baseline."""
+
+    name: str
+
+    @property
+    def num_parameters(self) -> int: ...
+
+    def fit(
+        self, train_src: Tensor, train_tgt: Tensor, val_src: Tensor | None = None, val_tgt: Tensor | None = None
+    ) -> "Baseline": ...
+
+    def predict(self, src: Tensor) -> Tensor: ...
+
+
+def _check_split(src: Tensor, tgt: Tensor, what: str) -> None:
+    """Raise ``ValueError`` unless ``src`` [N, D_in] and ``tgt`` [N, D_out] are a matching pair."""
+    for name, value in ((f"{what}_src", src), (f"{what}_tgt", tgt)):
+        if not isinstance(value, Tensor) or value.dim() != 2 or not value.is_floating_point():
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"{name}: expected a floating-point [N, D] tensor, got {shape}")
+        if value.shape[0] == 0:
+            raise ValueError(f"{name}: is empty")
+    if src.shape[0] != tgt.shape[0]:
+        raise ValueError(f"{what}_tgt: has {tgt.shape[0]} rows but {what}_src has {src.shape[0]}")
+
+
+def _check_val(val_src: Tensor | None, val_tgt: Tensor | None, train_src: Tensor, train_tgt: Tensor) -> bool:
+    """Validate an optional validation pair; return whether one was given."""
+    if (val_src is None) != (val_tgt is None):
+        raise ValueError("val_src, val_tgt: give both or neither")
+    if val_src is None:
+        return False
+    _check_split(val_src, val_tgt, "val")
+    if val_src.shape[1] != train_src.shape[1] or val_tgt.shape[1] != train_tgt.shape[1]:
+        raise ValueError(
+            f"val_src, val_tgt: widths {val_src.shape[1]} -> {val_tgt.shape[1]} differ from training "
+            f"widths {train_src.shape[1]} -> {train_tgt.shape[1]}"
+        )
+    return True
+
+
+@torch.no_grad()
+def _chunked_loss(
+    predict: Callable[[Tensor], Tensor], src: Tensor, tgt: Tensor, mse_weight: float, cosine_weight: float
+) -> float:
+    """``embedding_loss`` over a whole split, computed block by block.
+
+    Both terms of the loss are means over rows (MSE: over rows of equal width), so a row-weighted
+    average of per-block losses equals the loss of the whole split.
+    """
+    total = 0.0
+    n = src.shape[0]
+    for start in range(0, n, _EVAL_CHUNK):
+        stop = min(start + _EVAL_CHUNK, n)
+        loss = embedding_loss(predict(src[start:stop]), tgt[start:stop], mse_weight, cosine_weight)
+        total += loss.item() * (stop - start)
+    return total / n
+
+
+# ------------------------------------------------------------------------------------------------
+class IdentityBaseline:
+    """Predict ``tgt = src``: the score of doing nothing. Only defined when ``D_in == D_out``."""
+
+    name = "identity"
+
+    def __init__(self) -> None:
+        self._dim: int | None = None
+
+    @property
+    def num_parameters(self) -> int:
+        return 0
+
+    def fit(
+        self, train_src: Tensor, train_tgt: Tensor, val_src: Tensor | None = None, val_tgt: Tensor | None = None
+    ) -> "IdentityBaseline":
+        _check_split(train_src, train_tgt, "train")
+        if train_src.shape[1] != train_tgt.shape[1]:
+            raise ValueError(
+                f"identity baseline needs equal source and target widths, got source width "
+                f"{train_src.shape[1]} and target width {train_tgt.shape[1]}"
+            )
+        _check_val(val_src, val_tgt, train_src, train_tgt)
+        self._dim = train_src.shape[1]
+        return self
+
+    def predict(self, src: Tensor) -> Tensor:
+        """``[N, D]`` -> a copy of ``src`` (a copy, so callers may modify the prediction)."""
+        if self._dim is None:
+            raise RuntimeError("identity baseline: call fit() before predict()")
+        if src.dim() != 2 or src.shape[1] != self._dim:
+            raise ValueError(f"src: expected shape [N, {self._dim}], got {tuple(src.shape)}")
+        return src.clone()
+
+
+# ------------------------------------------------------------------------------------------------
+class RidgeBaseline:
+    """Linear map with bias, ``tgt ~ src @ W + b``, fitted in closed form by ridge regression.
+
+    The bias is not penalized (the data are centered before solving), so ``alpha`` only shrinks
+    ``W``. The solve runs in float64 through one eigendecomposition of the ``[D_in, D_in]`` Gram
+    matrix, which makes every ``alpha`` of the grid cost one ``[D_in, D_out]`` product.
+
+    Args:
+        alpha: ridge penalty (absolute, > 0) used when ``fit`` gets no validation set.
+        alphas: grid searched when a validation set is given; the alpha with the lowest
+            validation :func:`embedding_loss` wins. ``None`` (or empty) always uses ``alpha``.
+        mse_weight, cosine_weight: weights of the loss that selects alpha (use the model's).
+
+    After ``fit``: ``alpha_`` (the alpha used) and ``val_losses_`` (alpha -> validation loss,
+    empty without a validation set).
+    """
+
+    name = "ridge"
+
+    def __init__(
+        self,
+        alpha: float = 1.0,
+        alphas: Sequence[float] | None = DEFAULT_ALPHAS,
+        *,
+        mse_weight: float = 1.0,
+        cosine_weight: float = 1.0,
+    ) -> None:
+        grid = list(alphas) if alphas else []
+        for a in [alpha, *grid]:
+            # alpha = 0 makes the system singular whenever N < D_in or features are collinear.
+            if not (isinstance(a, (int, float)) and math.isfinite(a) and a > 0):
+                raise ValueError(f"alpha: ridge penalties must be finite and > 0, got {a!r}")
+        self.alpha = float(alpha)
+        self.alphas = [float(a) for a in grid]
+        self.mse_weight = mse_weight
+        self.cosine_weight = cosine_weight
+        self.alpha_: float | None = None
+        self.val_losses_: dict[float, float] = {}
+        self.weight: Tensor | None = None  # [D_in, D_out], float64
+        self.bias: Tensor | None = None  # [D_out], float64
+
+    @property
+    def num_parameters(self) -> int:
+        if self.weight is None:
+            raise RuntimeError("ridge baseline: call fit() before num_parameters")
+        return self.weight.numel() + self.bias.numel()
+
+    def fit(
+        self, train_src: Tensor, train_tgt: Tensor, val_src: Tensor | None = None, val_tgt: Tensor | None = None
+    ) -> "RidgeBaseline":
+        _check_split(train_src, train_tgt, "train")
+        has_val = _check_val(val_src, val_tgt, train_src, train_tgt)
+
+        # float64: the Gram matrix of 10k embeddings is badly conditioned for small alpha.
+        x = train_src.double()
+        y = train_tgt.double()
+        x_mean = x.mean(dim=0)  # [D_in]
+        y_mean = y.mean(dim=0)  # [D_out]
+        xc = x - x_mean
+        yc = y - y_mean
+        # Gram = V diag(s) V^T, so (Gram + alpha I)^-1 Xc^T Yc = V diag(1 / (s + alpha)) V^T Xc^T Yc.
+        evals, evecs = torch.linalg.eigh(xc.T @ xc)  # [D_in], [D_in, D_in]
+        evals = evals.clamp_min(0.0)  # round-off can leave tiny negative eigenvalues
+        projected = evecs.T @ (xc.T @ yc)  # [D_in, D_out]
+
+        def solve(alpha: float) -> tuple[Tensor, Tensor]:
+            weight = evecs @ (projected / (evals + alpha).unsqueeze(1))
+            return weight, y_mean - x_mean @ weight
+
+        if has_val and self.alphas:
+            self.val_losses_ = {}
+            for alpha in self.alphas:
+                self.weight, self.bias = solve(alpha)
+                self.val_losses_[alpha] = _chunked_loss(
+                    self.predict, val_src, val_tgt, self.mse_weight, self.cosine_weight
+                )
+            # min over insertion order: on an exact tie the earlier (smaller, by default) alpha wins.
+            self.alpha_ = min(self.val_losses_, key=self.val_losses_.__getitem__)
+        else:
+            self.val_losses_ = {}
+            self.alpha_ = self.alpha
+        self.weight, self.bias = solve(self.alpha_)
+        return self
+
+    def predict(self, src: Tensor) -> Tensor:
+        """``[N, D_in]`` -> ``[N, D_out]`` in the dtype of ``src`` (computed in float64)."""
+        if self.weight is None:
+            raise RuntimeError("ridge baseline: call fit() before predict()")
+        if src.dim() != 2 or src.shape[1] != self.weight.shape[0]:
+            raise ValueError(f"src: expected shape [N, {self.weight.shape[0]}], got {tuple(src.shape)}")
+        return (src.double() @ self.weight + self.bias).to(src.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+def mlp_param_count(in_dim: int, out_dim: int, hidden: int) -> int:
+    """Parameters of ``Linear(in, hidden) -> GELU -> Linear(hidden, out)``, biases included."""
+    return hidden * (in_dim + 1) + out_dim * (hidden + 1)
+
+
+def mlp_hidden_for_params(in_dim: int, out_dim: int, n_params: int) -> int:
+    """Hidden width whose MLP (see :func:`mlp_param_count`) has the parameter count closest to ``n_params``.
+
+    The count is ``hidden * (in + out + 1) + out``, so rounding gives a width whose count is within
+    half a hidden unit's worth (``(in + out + 1) / 2``) of ``n_params``.
+
+    Raises:
+        ValueError: if a dimension is < 1, or if ``n_params`` is so small that the closest width
+            is 0 (an MLP with a hidden layer cannot match it).
+    """
+    for name, value in (("in_dim", in_dim), ("out_dim", out_dim)):
+        if value < 1:
+            raise ValueError(f"{name}: must be >= 1, got {value}")
+    per_unit = in_dim + out_dim + 1
+    hidden = round((n_params - out_dim) / per_unit)
+    if hidden < 1:
+        raise ValueError(
+            f"n_params: {n_params} is too small for an MLP {in_dim} -> hidden -> {out_dim}; "
+            f"one hidden unit already needs {mlp_param_count(in_dim, out_dim, 1)} parameters"
+        )
+    return hidden
+
+
+class MLPBaseline:
+    """``Linear(D_in, H) -> GELU -> Linear(H, D_out)`` trained with AdamW on :func:`embedding_loss`.
+
+    ``H`` is either given (``hidden_dim``) or derived from ``target_params`` with
+    :func:`mlp_hidden_for_params`, so the baseline gets the same parameter budget as the model.
+    Training runs exactly ``steps`` optimizer steps on minibatches drawn as shuffled epochs. With a
+    validation set the loss on it is measured every ``eval_every`` steps and after the last step,
+    and the weights with the lowest validation loss are kept; without one, the final weights are.
+
+    Determinism: initialization runs under a forked global RNG seeded with ``seed`` (so fitting
+    neither depends on nor disturbs the caller's RNG stream) and batches come from a private
+    ``torch.Generator``; the same seed and data give the same weights on the same device.
+
+    After ``fit``: ``best_step_``, ``best_val_loss_`` (``None`` without validation) and
+    ``history_`` (list of ``(step, val_loss)``).
+    """
+
+    name = "mlp"
+
+    def __init__(
+        self,
+        *,
+        target_params: int | None = None,
+        hidden_dim: int | None = None,
+        steps: int = 1000,
+        batch_size: int = 64,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        seed: int = 0,
+        mse_weight: float = 1.0,
+        cosine_weight: float = 1.0,
+        eval_every: int = 100,
+    ) -> None:
+        if (target_params is None) == (hidden_dim is None):
+            raise ValueError("target_params, hidden_dim: give exactly one")
+        if hidden_dim is not None and hidden_dim < 1:
+            raise ValueError(f"hidden_dim: must be >= 1, got {hidden_dim}")
+        for name, value in (("steps", steps), ("batch_size", batch_size), ("eval_every", eval_every)):
+            if value < 1:
+                raise ValueError(f"{name}: must be >= 1, got {value}")
+        if not lr > 0:
+            raise ValueError(f"lr: must be > 0, got {lr}")
+        self.target_params = target_params
+        self.hidden_dim = hidden_dim
+        self.steps = steps
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.seed = seed
+        self.mse_weight = mse_weight
+        self.cosine_weight = cosine_weight
+        self.eval_every = eval_every
+        self.model: nn.Sequential | None = None
+        self.best_step_: int | None = None
+        self.best_val_loss_: float | None = None
+        self.history_: list[tuple[int, float]] = []
+
+    @property
+    def num_parameters(self) -> int:
+        if self.model is None:
+            raise RuntimeError("mlp baseline: call fit() before num_parameters")
+        return sum(p.numel() for p in self.model.parameters())
+
+    def fit(
+        self, train_src: Tensor, train_tgt: Tensor, val_src: Tensor | None = None, val_tgt: Tensor | None = None
+    ) -> "MLPBaseline":
+        _check_split(train_src, train_tgt, "train")
+        has_val = _check_val(val_src, val_tgt, train_src, train_tgt)
+        in_dim, out_dim = train_src.shape[1], train_tgt.shape[1]
+        hidden = self.hidden_dim or mlp_hidden_for_params(in_dim, out_dim, self.target_params)
+        device, dtype = train_src.device, train_src.dtype
+        n = train_src.shape[0]
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            model = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+        model = model.to(device=device, dtype=dtype)
+        self.model = model
+        optimizer = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        generator = torch.Generator().manual_seed(self.seed)  # CPU: indices are moved to `device`
+
+        def val_loss() -> float:
+            model.eval()
+            loss = _chunked_loss(model, val_src, val_tgt, self.mse_weight, self.cosine_weight)
+            model.train()
+            return loss
+
+        self.history_ = []
+        self.best_step_, self.best_val_loss_ = None, None
+        best_state: dict[str, Tensor] | None = None
+        order = torch.randperm(n, generator=generator)
+        cursor = 0
+        model.train()
+        for step in range(1, self.steps + 1):
+            # Shuffled epochs: every row is seen once before any row repeats.
+            if cursor + self.batch_size > n and cursor > 0:
+                order = torch.randperm(n, generator=generator)
+                cursor = 0
+            idx = order[cursor : cursor + self.batch_size].to(device)
+            cursor += self.batch_size
+            loss = embedding_loss(model(train_src[idx]), train_tgt[idx], self.mse_weight, self.cosine_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+            if has_val and (step % self.eval_every == 0 or step == self.steps):
+                current = val_loss()
+                self.history_.append((step, current))
+                if self.best_val_loss_ is None or current < self.best_val_loss_:
+                    self.best_step_, self.best_val_loss_ = step, current
+                    best_state = copy.deepcopy(model.state_dict())
+
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        else:
+            self.best_step_ = self.steps
+        model.eval()
+        return self
+
+    @torch.no_grad()
+    def predict(self, src: Tensor) -> Tensor:
+        """``[N, D_in]`` -> ``[N, D_out]``, in blocks of rows to bound activation memory."""
+        if self.model is None:
+            raise RuntimeError("mlp baseline: call fit() before predict()")
+        in_dim = self.model[0].in_features
+        if src.dim() != 2 or src.shape[1] != in_dim:
+            raise ValueError(f"src: expected shape [N, {in_dim}], got {tuple(src.shape)}")
+        self.model.eval()
+        param = next(self.model.parameters())
+        outs = [self.model(src[i : i + _EVAL_CHUNK].to(param.dtype)) for i in range(0, src.shape[0], _EVAL_CHUNK)]
+        return torch.cat(outs).to(src.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+def run_baselines(
+    train: Split,
+    val: Split | None,
+    test: Split,
+    *,
+    target_params: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    mse_weight: float,
+    cosine_weight: float,
+    weight_decay: float = 0.01,
+    eval_every: int = 100,
+) -> dict[str, dict[str, float]]:
+    """Fit every applicable baseline on ``train`` (selecting on ``val``) and score it on ``test``.
+
+    Identity is included only when source and target widths match. Ridge selects its alpha on
+    ``val``; the MLP gets ``target_params`` parameters (pass the model's count) and keeps its best
+    validation checkpoint. ``val`` may be ``None`` (ridge then uses alpha = 1, the MLP its final
+    weights), but then nothing is selected on held-out data.
+
+    Returns:
+        ``{"identity"?: metrics, "ridge": metrics, "mlp": metrics}`` with the metrics of
+        :func:`~efgraph.training.metrics.evaluate_predictions` on ``test``, in that order.
+    """
+    train_src, train_tgt = train
+    test_src, test_tgt = test
+    _check_split(train_src, train_tgt, "train")
+    _check_split(test_src, test_tgt, "test")
+    val_src, val_tgt = val if val is not None else (None, None)
+
+    baselines: list[Baseline] = []
+    if train_src.shape[1] == train_tgt.shape[1]:
+        baselines.append(IdentityBaseline())
+    baselines.append(RidgeBaseline(mse_weight=mse_weight, cosine_weight=cosine_weight))
+    baselines.append(
+        MLPBaseline(
+            target_params=target_params, steps=steps, batch_size=batch_size, lr=lr,
+            weight_decay=weight_decay, seed=seed, mse_weight=mse_weight,
+            cosine_weight=cosine_weight, eval_every=eval_every,
+        )
+    )
+    results: dict[str, dict[str, float]] = {}
+    for baseline in baselines:
+        baseline.fit(train_src, train_tgt, val_src, val_tgt)
+        results[baseline.name] = evaluate_predictions(baseline.predict(test_src), test_tgt)
+    return results
+
+
+def format_results_table(results: dict[str, dict[str, float]]) -> str:
+    """Markdown table ``| model | cosine | MSE | R@1 |``, one row per entry of ``results`` in order.
+
+    Extra metric keys are ignored; a missing ``cosine``, ``mse`` or ``r_at_1`` raises ``ValueError``
+    naming the model, so a half-filled row never reads as a real number.
+    """
+    lines = ["| model | cosine | MSE | R@1 |", "|---|---:|---:|---:|"]
+    for model, metrics in results.items():
+        missing = [k for k in ("cosine", "mse", "r_at_1") if k not in metrics]
+        if missing:
+            raise ValueError(f"results[{model!r}]: missing metrics {missing}")
+        label = str(model).replace("|", "\\|")  # a '|' in a name would split the row
+        # MSE of unit-scale embeddings is ~1e-3: significant digits, not fixed decimals.
+        lines.append(
+            f"| {label} | {metrics['cosine']:.4f} | {metrics['mse']:.4g} | {metrics['r_at_1']:.4f} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,205 @@
+"""Baselines: identity, closed-form ridge, parameter-matched MLP, and the comparison table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from efgraph.training.baselines import (
+    IdentityBaseline,
+    MLPBaseline,
+    RidgeBaseline,
+    format_results_table,
+    mlp_hidden_for_params,
+    run_baselines,
+)
+from efgraph.training.metrics import embedding_loss, evaluate_predictions
+
+
+def _linear_data(n: int, d_in: int, d_out: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    w, b = torch.randn(d_in, d_out, generator=g), torch.randn(d_out, generator=g)
+    x = torch.randn(n, d_in, generator=g)
+    return x, x @ w + b, w, b
+
+
+def _teacher_splits(seed: int = 0):
+    """A small nonlinear teacher (even in its input, so a linear map explains little of it)."""
+    g = torch.Generator().manual_seed(seed)
+    w1 = torch.randn(8, 16, generator=g) / 8**0.5 * 2
+    w2 = torch.randn(16, 8, generator=g) / 4
+    x = torch.randn(768, 8, generator=g)
+    y = torch.tanh(x @ w1) ** 2 @ w2
+    return (x[:512], y[:512]), (x[512:640], y[512:640]), (x[640:], y[640:])
+
+
+# --- identity ------------------------------------------------------------------------------------
+def test_identity_rejects_width_mismatch() -> None:
+    with pytest.raises(ValueError, match="width"):
+        IdentityBaseline().fit(torch.randn(4, 3), torch.randn(4, 5))
+
+
+def test_identity_predicts_its_input() -> None:
+    x = torch.randn(5, 3)
+    baseline = IdentityBaseline().fit(x, torch.randn(5, 3))
+    pred = baseline.predict(x)
+    assert torch.equal(pred, x) and pred.data_ptr() != x.data_ptr()
+    assert baseline.num_parameters == 0
+
+
+# --- ridge ---------------------------------------------------------------------------------------
+def test_ridge_recovers_exact_linear_map_and_beats_identity() -> None:
+    x, y, w, b = _linear_data(200, 8, 8, seed=0)
+    ridge = RidgeBaseline(alpha=1e-8).fit(x, y)
+    assert ridge.alpha_ == 1e-8
+    torch.testing.assert_close(ridge.weight.float(), w, atol=1e-4, rtol=0)
+    torch.testing.assert_close(ridge.bias.float(), b, atol=1e-4, rtol=0)
+    assert ridge.num_parameters == 8 * 8 + 8
+
+    # Fresh rows through the same map.
+    x_test = torch.randn(50, 8, generator=torch.Generator().manual_seed(9))
+    y_test = x_test @ w + b
+    pred = ridge.predict(x_test)
+    assert pred.dtype == torch.float32
+    ridge_scores = evaluate_predictions(pred, y_test)
+    ident_scores = evaluate_predictions(IdentityBaseline().fit(x, y).predict(x_test), y_test)
+    assert ridge_scores["mse"] < 1e-8
+    assert ridge_scores["cosine"] > 0.99999
+    assert ridge_scores["mse"] < ident_scores["mse"]
+    assert ridge_scores["cosine"] > ident_scores["cosine"]
+
+
+def test_ridge_handles_more_features_than_rows() -> None:
+    # N < D_in: the unregularized normal equations are singular; ridge must still be finite.
+    x, y, _, _ = _linear_data(10, 32, 4, seed=1)
+    pred = RidgeBaseline(alpha=1.0).fit(x, y).predict(x)
+    assert torch.isfinite(pred).all()
+
+
+def test_ridge_picks_the_alpha_with_lowest_validation_loss() -> None:
+    # Few noisy rows, many features: heavy shrinkage should help; independent refits decide.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(60, 20, generator=g)
+    w = torch.randn(20, 6, generator=g)
+    y = x @ w + 3.0 * torch.randn(60, 6, generator=g)
+    (xt, yt), (xv, yv) = (x[:30], y[:30]), (x[30:], y[30:])
+    grid = [1e-3, 1.0, 30.0, 1e3]
+    chosen = RidgeBaseline(alphas=grid).fit(xt, yt, xv, yv)
+    refit_losses = {
+        a: embedding_loss(RidgeBaseline(alpha=a, alphas=None).fit(xt, yt).predict(xv), yv, 1.0, 1.0).item()
+        for a in grid
+    }
+    assert chosen.alpha_ == min(refit_losses, key=refit_losses.get)
+    assert chosen.alpha_ != grid[0]  # the search mattered here
+    for a in grid:
+        assert chosen.val_losses_[a] == pytest.approx(refit_losses[a], rel=1e-5)
+
+
+def test_ridge_rejects_non_positive_alpha() -> None:
+    with pytest.raises(ValueError, match="alpha"):
+        RidgeBaseline(alpha=0.0)
+
+
+# --- MLP -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("in_dim", "out_dim", "n_params"),
+    [(768, 768, 5_000_000), (16, 8, 1000), (3, 2, 50), (384, 768, 123_457), (10, 10, 21 + 10)],
+)
+def test_mlp_hidden_matches_param_count(in_dim: int, out_dim: int, n_params: int) -> None:
+    hidden = mlp_hidden_for_params(in_dim, out_dim, n_params)
+    count = lambda h: sum(  # noqa: E731 - the real module is the reference, not the formula
+        p.numel() for p in nn.Sequential(nn.Linear(in_dim, h), nn.GELU(), nn.Linear(h, out_dim)).parameters()
+    )
+    per_unit = in_dim + out_dim + 1
+    assert abs(count(hidden) - n_params) <= per_unit / 2  # within (half) one hidden unit's worth
+    for other in (hidden - 1, hidden + 1):
+        if other >= 1:
+            assert abs(count(other) - n_params) >= abs(count(hidden) - n_params)
+
+
+def test_mlp_hidden_rejects_budget_below_one_unit() -> None:
+    with pytest.raises(ValueError, match="n_params"):
+        mlp_hidden_for_params(100, 100, 50)
+
+
+def test_mlp_lowers_validation_loss_on_nonlinear_teacher() -> None:
+    train, val, _ = _teacher_splits()
+    kwargs = dict(target_params=1000, batch_size=64, lr=1e-2, seed=0, eval_every=25)
+    untrained = MLPBaseline(steps=1, **kwargs).fit(*train, *val)
+    trained = MLPBaseline(steps=150, **kwargs).fit(*train, *val)
+    assert abs(trained.num_parameters - 1000) <= (8 + 8 + 1) / 2
+    assert trained.best_val_loss_ < 0.5 * untrained.best_val_loss_
+    # A linear map cannot express this teacher; the MLP must do better than ridge.
+    ridge_loss = embedding_loss(RidgeBaseline().fit(*train, *val).predict(val[0]), val[1], 1.0, 1.0).item()
+    assert trained.best_val_loss_ < ridge_loss
+
+
+def test_mlp_keeps_best_validation_checkpoint() -> None:
+    train, val, _ = _teacher_splits()
+    # 12 training rows and 128 hidden units: the MLP overfits, so validation loss rises again.
+    mlp = MLPBaseline(hidden_dim=128, steps=200, batch_size=12, lr=3e-2, weight_decay=0.0, seed=0, eval_every=10)
+    mlp.fit(train[0][:12], train[1][:12], *val)
+    losses = [loss for _, loss in mlp.history_]
+    assert [s for s, _ in mlp.history_] == list(range(10, 201, 10))
+    assert mlp.best_step_ < 200 and losses[-1] > 1.05 * min(losses)  # precondition: the test means something
+    assert mlp.best_val_loss_ == min(losses)
+    final_loss = embedding_loss(mlp.predict(val[0]), val[1], 1.0, 1.0).item()
+    assert final_loss == pytest.approx(min(losses), rel=1e-5)
+
+
+def test_mlp_is_deterministic_and_leaves_global_rng_alone() -> None:
+    train, val, test = _teacher_splits()
+    kwargs = dict(hidden_dim=16, steps=30, batch_size=32, lr=1e-2, eval_every=10)
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a = MLPBaseline(seed=5, **kwargs).fit(*train, *val)
+    assert torch.equal(torch.rand(3), expected_next)
+    b = MLPBaseline(seed=5, **kwargs).fit(*train, *val)
+    c = MLPBaseline(seed=6, **kwargs).fit(*train, *val)
+    assert torch.equal(a.predict(test[0]), b.predict(test[0]))
+    assert not torch.equal(a.predict(test[0]), c.predict(test[0]))
+
+
+def test_mlp_without_validation_keeps_final_weights() -> None:
+    train, _, _ = _teacher_splits()
+    mlp = MLPBaseline(hidden_dim=8, steps=5, batch_size=600, lr=1e-2).fit(*train)  # batch > N is fine
+    assert mlp.best_step_ == 5 and mlp.best_val_loss_ is None and mlp.history_ == []
+
+
+def test_baselines_reject_half_given_validation() -> None:
+    train, val, _ = _teacher_splits()
+    with pytest.raises(ValueError, match="val_src, val_tgt"):
+        RidgeBaseline().fit(*train, val[0], None)
+
+
+# --- run_baselines / table -----------------------------------------------------------------------
+def test_run_baselines_scores_each_baseline_on_test() -> None:
+    train, val, test = _teacher_splits()
+    kwargs = dict(target_params=600, steps=20, batch_size=32, lr=1e-2, seed=0, mse_weight=1.0, cosine_weight=1.0)
+    results = run_baselines(train, val, test, **kwargs)
+    assert list(results) == ["identity", "ridge", "mlp"]
+    identity_expected = evaluate_predictions(test[0], test[1])
+    assert results["identity"] == pytest.approx(identity_expected)
+    for metrics in results.values():
+        assert set(metrics) == {"cosine", "mse", "r_at_1"}
+
+    # Different widths: no identity row.
+    narrow = lambda split: (split[0], split[1][:, :5])  # noqa: E731
+    results = run_baselines(narrow(train), narrow(val), narrow(test), **kwargs)
+    assert list(results) == ["ridge", "mlp"]
+
+
+def test_format_results_table() -> None:
+    results = {
+        "ridge": {"cosine": 0.912345, "mse": 0.00123456, "r_at_1": 0.5},
+        "energy|flow": {"cosine": 0.95, "mse": 0.001, "r_at_1": 0.75, "loss": 1.0},
+    }
+    lines = format_results_table(results).strip().split("\n")
+    assert lines[0] == "| model | cosine | MSE | R@1 |"
+    assert set(lines[1].replace("|", "").replace("-", "").replace(":", "").strip()) == set()
+    assert lines[2] == "| ridge | 0.9123 | 0.001235 | 0.5000 |"
+    assert lines[3] == "| energy\\|flow | 0.9500 | 0.001 | 0.7500 |"
+    with pytest.raises(ValueError, match="'bad'.*r_at_1"):
+        format_results_table({"bad": {"cosine": 1.0, "mse": 0.0}})

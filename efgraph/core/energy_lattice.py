@@ -235,7 +235,12 @@ class EnergyLattice(nn.Module):
         )
 
     def read_out(self, deposit: FaceDeposit, batch_size: int) -> Tensor:
-        """``FaceDeposit`` -> ``[B, output_dim]``: per-cell MLP, summed per sample, plus a bias."""
-        per_cell = self.readout_out(nn.functional.gelu(self.readout_hidden(deposit.values)))
+        """``FaceDeposit`` -> ``[B, output_dim]``: per-cell MLP, summed per sample, plus a bias.
+
+        ``sum_c W_2 GELU(W_1 f_c) = W_2 sum_c GELU(W_1 f_c)``: the second layer is linear and
+        bias-free, so the sum over cells is taken in the hidden space and ``W_2`` runs on B rows
+        instead of M (M up to 4 x arrivals; 768-wide outputs made it the costliest product).
+        """
+        per_cell = nn.functional.gelu(self.readout_hidden(deposit.values))
         summed = scatter(per_cell, deposit.batch, dim=0, dim_size=batch_size, reduce="sum")
-        return summed + self.readout_bias
+        return self.readout_out(summed) + self.readout_bias

@@ -198,8 +198,11 @@ class FlowProcessor(nn.Module):
         alive_idx = alive.nonzero().flatten()
         parent_idx = spawn.nonzero().flatten()
         moved = FlowState(h=h, c=c, pos=pos, energy=energy_after_split, batch=state.batch, flow_id=state.flow_id)
-        continuing = moved.select(alive_idx)
-        children = self._children(moved, parent_idx, energy * split, heads.child_dxy, next_id)
+        # Fast paths: most steps keep every flow or spawn nothing; skip those copies of [L, F, H].
+        next_state = moved if alive_idx.numel() == state.num_flows else moved.select(alive_idx)
+        if parent_idx.numel():
+            children = self._children(moved, parent_idx, energy * split, heads.child_dxy, next_id)
+            next_state = FlowState.cat([next_state, children])
 
         arrivals = Arrivals(
             batch=state.batch.index_select(0, arrived_idx),
@@ -216,7 +219,7 @@ class FlowProcessor(nn.Module):
         if logger.isEnabledFor(DEBUG_ENERGY):
             logger.log(DEBUG_ENERGY, "step: mean energy %.4f, min %.4f", float(energy.mean()), float(energy.min()))
         return StepResult(
-            next_state=FlowState.cat([continuing, children]),
+            next_state=next_state,
             arrivals=arrivals,
             occupied_cell_id=occupied,
             num_spawned=num_spawned,

@@ -20,6 +20,16 @@ import yaml
 
 CARRIER_TYPES = ("gru", "lstm")
 AGGREGATIONS = ("mean", "sum")
+DATASETS = ("synthetic", "bible", "pairs", "text")
+
+# Fields that fix the shapes of the parameters or what the computation means: a checkpoint only
+# loads into a model whose config agrees on all of them (training knobs may change on resume).
+ARCHITECTURE_KEYS = (
+    "lattice_width", "lattice_height", "lattice_depth", "input_dim", "output_dim", "carrier_type",
+    "carrier_hidden_dim", "carrier_num_layers", "child_rank", "message_dim", "position_frequencies",
+    "neuron_hidden_dim", "neuron_output_dim", "aggregation", "injection_rank", "face_channels",
+    "readout_hidden_dim", "residual",
+)
 
 
 @dataclass
@@ -59,6 +69,7 @@ class EnergyConfig:
     injection_rank: int = 16
     face_channels: int = 64
     readout_hidden_dim: int = 256
+    residual: bool = False  # y = x + f(x); needs input_dim == output_dim
     # --- training ------------------------------------------------------------------------------
     batch_size: int = 8
     learning_rate: float = 1e-4
@@ -69,7 +80,20 @@ class EnergyConfig:
     mse_weight: float = 1.0
     cosine_weight: float = 1.0
     eval_every: int = 100
+    log_every: int = 10
+    checkpoint_every: int = 200
     seed: int = 0
+    # --- data (used by scripts/train.py) -------------------------------------------------------
+    dataset: str = "synthetic"  # synthetic | bible | pairs (embedding file) | text (text-pair file)
+    data_path: str = ""  # the file for dataset=pairs or dataset=text
+    source_version: str = "KJV"  # bible: source translation
+    target_version: str = "WEB"  # bible: target translation
+    max_pairs: int = 0  # use at most this many pairs (0 = all)
+    synthetic_pairs: int = 2000  # synthetic: number of teacher pairs
+    embedding_model: str = ""  # text/bible: local sentence-transformers folder ("" = packaged MiniLM)
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    wandb_project: str = "efgraph"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -98,9 +122,10 @@ class EnergyConfig:
         """Raise ``ValueError`` naming the first field that is out of its allowed range."""
         for f in fields(self):
             value = getattr(self, f.name)
-            expected = {"int": int, "float": float, "str": str}[f.type]
+            expected = {"int": int, "float": float, "str": str, "bool": bool}[f.type]
             # bool is an int subclass; a YAML `true` for a size is a mistake, not 1.
-            if isinstance(value, bool) or not isinstance(value, (int, float) if expected is float else expected):
+            wrong_bool = isinstance(value, bool) and expected is not bool
+            if wrong_bool or not isinstance(value, (int, float) if expected is float else expected):
                 raise ValueError(f"{f.name}: expected {f.type}, got {value!r} ({type(value).__name__})")
             if expected is float:
                 if not math.isfinite(value):
@@ -111,14 +136,15 @@ class EnergyConfig:
             "lattice_width", "lattice_height", "input_dim", "output_dim", "initial_flows_per_sample",
             "max_active_flows", "carrier_hidden_dim", "carrier_num_layers", "child_rank", "message_dim",
             "position_frequencies", "neuron_hidden_dim", "neuron_output_dim", "injection_rank",
-            "face_channels", "readout_hidden_dim", "batch_size", "epochs", "eval_every",
+            "face_channels", "readout_hidden_dim", "batch_size", "epochs", "eval_every", "log_every",
+            "checkpoint_every", "synthetic_pairs",
         ]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.lattice_depth < 2:
             raise ValueError(f"lattice_depth: must be >= 2 (an input and an output face), got {self.lattice_depth}")
-        for name in ["max_spawn_per_step", "warmup_steps", "seed"]:
+        for name in ["max_spawn_per_step", "warmup_steps", "seed", "max_pairs"]:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         for name in ["energy_threshold", "spawn_threshold"]:
@@ -152,6 +178,17 @@ class EnergyConfig:
             raise ValueError(f"carrier_type: must be one of {CARRIER_TYPES}, got {self.carrier_type!r}")
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation: must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.residual and self.input_dim != self.output_dim:
+            raise ValueError(
+                f"residual: needs input_dim == output_dim, got {self.input_dim} and {self.output_dim}"
+            )
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset: must be one of {DATASETS}, got {self.dataset!r}")
+        if self.dataset in ("pairs", "text") and not self.data_path:
+            raise ValueError(f"data_path: required for dataset={self.dataset!r}")
+        for name in ["val_fraction", "test_fraction"]:
+            if not 0.0 < getattr(self, name) < 0.5:
+                raise ValueError(f"{name}: must be in (0, 0.5), got {getattr(self, name)}")
 
     # ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -121,7 +121,7 @@ class FlowProcessor(nn.Module):
             if state.num_flows == 0:
                 break
             if trace.paths is not None:
-                trace.paths.append(_path_record(state.flow_id, state.batch, state.pos))
+                trace.paths.append(_path_record(state.flow_id, state.batch, state.pos, state.energy))
             result = self.step(state, batch_size, next_id)
             next_id += result.num_spawned
             arrivals.append(result.arrivals)
@@ -139,10 +139,18 @@ class FlowProcessor(nn.Module):
 
         landed = _cat_arrivals(arrivals, x.device, self.config.face_channels, x.dtype)
         if trace.paths is not None:
-            trace.paths.append(_path_record(landed.flow_id, landed.batch, _face_pos(landed.xy, self.config)))
+            trace.paths.append(
+                _path_record(landed.flow_id, landed.batch, _face_pos(landed.xy, self.config), landed.energy)
+            )
         self.last_trace = trace
         deposit = self.lattice.collect_output_energy(landed.batch, landed.xy, landed.energy, landed.value, batch_size)
-        return self.lattice.read_out(deposit, batch_size)
+        y = self.lattice.read_out(deposit, batch_size)
+        return x + y if self.config.residual else y
+
+    @classmethod
+    def from_config(cls, config: EnergyConfig) -> "FlowProcessor":
+        """A fresh model: lattice, neuron and processor built from ``config``."""
+        return cls(EnergyLattice(config), SimpleNeuron(config), config)
 
     def inject(self, x: Tensor) -> FlowState:
         """Start the flows of a batch at the input face."""
@@ -258,8 +266,9 @@ class FlowProcessor(nn.Module):
         )
 
 
-def _path_record(flow_id: Tensor, batch: Tensor, pos: Tensor) -> dict[str, Tensor]:
-    return {"flow_id": flow_id.detach().cpu(), "batch": batch.detach().cpu(), "pos": pos.detach().cpu()}
+def _path_record(flow_id: Tensor, batch: Tensor, pos: Tensor, energy: Tensor) -> dict[str, Tensor]:
+    return {name: t.detach().cpu() for name, t in
+            [("flow_id", flow_id), ("batch", batch), ("pos", pos), ("energy", energy)]}
 
 
 def _face_pos(xy: Tensor, config: EnergyConfig) -> Tensor:

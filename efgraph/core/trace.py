@@ -33,7 +33,9 @@ class FlowTrace:
     died: list[int] = field(default_factory=list)
     arrived: list[int] = field(default_factory=list)
     energy_rows: list[Tensor] = field(default_factory=list)  # each [3], detached
-    paths: list[dict[str, Tensor]] | None = None  # per step: flow_id, batch, pos (CPU), when recorded
+    # when recorded: one dict per step (flows at its start) plus one for the arrivals, each with
+    # CPU tensors flow_id [N], batch [N], pos [N, 3], energy [N]
+    paths: list[dict[str, Tensor]] | None = None
 
     @property
     def num_steps(self) -> int:

@@ -39,21 +39,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from efgraph.config import ARCHITECTURE_KEYS  # noqa: F401  (re-exported for check_compatible callers)
+
 FORMAT = "efgraph-checkpoint"
 FORMAT_VERSION = 1
 _REQUIRED_KEYS = ("format", "format_version", "model", "optimizer", "scheduler", "step", "epoch",
                   "config", "extra", "rng", "checksum")
 
-# Fields of EnergyConfig that fix parameter shapes or the computation graph: a checkpoint whose
-# values differ cannot be loaded into (or would silently mean something else in) the current model.
-# Pass these to check_compatible; training knobs (lr, batch size, ...) may change on resume.
-ARCHITECTURE_KEYS: tuple[str, ...] = (
-    "lattice_width", "lattice_height", "lattice_depth", "input_dim", "output_dim",
-    "carrier_type", "carrier_hidden_dim", "carrier_num_layers", "child_rank", "message_dim",
-    "position_frequencies", "neuron_hidden_dim", "neuron_output_dim", "aggregation",
-    "injection_rank", "face_channels", "readout_hidden_dim",
-)
-
+# Which config fields must agree for a checkpoint to load: see efgraph.config.ARCHITECTURE_KEYS.
 _SCALARS = (type(None), bool, int, float, complex, str, bytes)
 
 

@@ -1,0 +1,55 @@
+"""Using a trained model: load it from a run folder or checkpoint, export it as safetensors + YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from efgraph.config import EnergyConfig
+from efgraph.core.flow_processor import FlowProcessor
+from efgraph.training.checkpoint import load_checkpoint
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.yaml"
+
+
+def export_model(processor: FlowProcessor, folder: str | Path) -> Path:
+    """Write ``model.safetensors`` and ``config.yaml`` into ``folder``; returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in processor.state_dict().items()}
+    safetensors.torch.save_file(state, str(folder / WEIGHTS_FILE))
+    processor.config.to_yaml(folder / CONFIG_FILE)
+    return folder
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> FlowProcessor:
+    """A ready model in eval mode, with its config at ``model.config``.
+
+    ``path`` may be a run folder (uses ``checkpoints/best.pt``, else ``checkpoints/last.pt``, else
+    an exported ``model.safetensors``), a checkpoint ``.pt`` (loaded with ``weights_only=True``),
+    or a ``.safetensors`` file with ``config.yaml`` beside it.
+    """
+    path = Path(path)
+    if path.is_dir():
+        for candidate in [path / "checkpoints" / "best.pt", path / "checkpoints" / "last.pt", path / WEIGHTS_FILE]:
+            if candidate.exists():
+                return load_model(candidate, map_location)
+        raise FileNotFoundError(f"{path}: no checkpoints/best.pt, checkpoints/last.pt or {WEIGHTS_FILE} in this folder")
+    if path.suffix == ".safetensors":
+        config_path = path.with_name(CONFIG_FILE)
+        if not config_path.exists():
+            raise FileNotFoundError(f"{path}: expected its config at {config_path}")
+        config = EnergyConfig.from_yaml(config_path)
+        state = safetensors.torch.load_file(str(path), device=str(map_location))
+    else:
+        ckpt = load_checkpoint(path, map_location=map_location)
+        config = EnergyConfig.from_dict(ckpt["config"])
+        state = ckpt["model"]
+    model = FlowProcessor.from_config(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return model.to(map_location).eval()

@@ -1,0 +1,124 @@
+"""Where training metrics go: a local JSONL file always, Weights & Biases when enabled.
+
+The W&B mode is decided *before* ``wandb.init``: ``online`` needs an API key (``WANDB_API_KEY``
+or a ``~/.netrc`` entry for the W&B host); without one the run is logged ``offline`` instead of
+failing or prompting. The key itself is never read into a config, a log line or the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+
+from efgraph.utils.logging import get_logger
+
+logger = get_logger(__name__)
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+def wandb_api_key_configured() -> bool:
+    """True when W&B could authenticate without a prompt (env var or netrc entry)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_wandb_mode(requested: str) -> str:
+    """``auto``/``online`` -> ``online`` with a key else ``offline``; others as given."""
+    if requested not in WANDB_MODES:
+        raise ValueError(f"wandb mode: must be one of {WANDB_MODES}, got {requested!r}")
+    if requested in ("auto", "online"):
+        if wandb_api_key_configured():
+            return "online"
+        if requested == "online":
+            logger.warning("wandb: no API key configured (WANDB_API_KEY or netrc); logging offline instead")
+        return "offline"
+    return requested
+
+
+class RunLogger:
+    """Logs metrics with an explicit, monotonic step to ``metrics.jsonl`` and (optionally) W&B.
+
+    Args:
+        run_dir: folder of the run; ``metrics.jsonl`` is appended there (``None``: nowhere).
+        wandb_run: an initialised ``wandb`` run, or ``None``.
+    """
+
+    def __init__(self, run_dir: str | Path | None = None, wandb_run: Any = None) -> None:
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.wandb_run = wandb_run
+        self._last_step = -1
+
+    @classmethod
+    def create(
+        cls, run_dir: str | Path, *, mode: str, project: str, config: dict[str, Any], name: str | None = None,
+        run_id: str | None = None,
+    ) -> "RunLogger":
+        """Start W&B in ``mode`` (already resolved) in ``run_dir``; resume ``run_id`` when given."""
+        if mode == "disabled":
+            return cls(run_dir, None)
+        import wandb
+
+        run = wandb.init(
+            project=project, name=name, config=config, dir=str(run_dir), mode=mode, id=run_id,
+            resume="allow" if run_id else None, settings=wandb.Settings(console="off", silent=True),
+        )
+        return cls(run_dir, run)
+
+    @property
+    def wandb_id(self) -> str | None:
+        return None if self.wandb_run is None else self.wandb_run.id
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if step < self._last_step:
+            raise ValueError(f"step: must not go backwards ({step} < {self._last_step})")
+        self._last_step = step
+        if self.run_dir is not None:
+            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=step)
+
+    def log_histograms(self, values: dict[str, Any], step: int) -> None:
+        """``values``: name -> 1-D array-like; W&B histograms (locally, figures cover them)."""
+        if self.wandb_run is not None:
+            import wandb
+
+            self.wandb_run.log({k: wandb.Histogram(v) for k, v in values.items()}, step=step)
+
+    def log_images(self, paths: dict[str, str | Path], step: int) -> None:
+        if self.wandb_run is not None:
+            import wandb
+
+            self.wandb_run.log({k: wandb.Image(str(p)) for k, p in paths.items()}, step=step)
+
+    def log_table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        if self.wandb_run is not None:
+            import wandb
+
+            self.wandb_run.log({name: wandb.Table(columns=columns, data=rows)}, step=step)
+
+    def log_summary(self, values: dict[str, Any]) -> None:
+        if self.wandb_run is not None:
+            for k, v in values.items():
+                self.wandb_run.summary[k] = v
+
+    def log_artifact(self, path: str | Path, name: str, kind: str = "model") -> None:
+        if self.wandb_run is not None:
+            import wandb
+
+            artifact = wandb.Artifact(name, type=kind)
+            artifact.add_file(str(path))
+            self.wandb_run.log_artifact(artifact)
+
+    def finish(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None

@@ -1,0 +1,308 @@
+"""`EnergyTrainer`: the training loop behind ``scripts/train.py``, usable on its own.
+
+    trainer = EnergyTrainer(processor, config)
+    trainer.train(input_embeddings, target_embeddings, epochs=5)
+
+AdamW, linear warm-up then cosine decay, gradient clipping, loss = ``mse_weight * MSE +
+cosine_weight * (1 - cos)``. With validation data it evaluates every ``eval_every`` steps and
+keeps the best state; with a run folder it writes ``checkpoints/last.pt`` every
+``checkpoint_every`` steps and ``checkpoints/best.pt`` on improvement.
+
+Resumability: the batch order of epoch ``e`` is a permutation seeded by ``(seed, e)``, so a run
+restored from a checkpoint at step ``s`` draws exactly the batches the uninterrupted run would
+have drawn, and ends with the same parameters.
+
+A non-finite loss or gradient stops training with ``FloatingPointError`` naming the step and what
+went bad first, after writing ``checkpoints/last_good.pt`` (the parameters before that step).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from efgraph.config import ARCHITECTURE_KEYS, EnergyConfig
+from efgraph.core.flow_processor import FlowProcessor
+from efgraph.training.checkpoint import check_compatible, load_checkpoint, restore_rng_state, save_checkpoint
+from efgraph.training.metrics import embedding_loss, evaluate_predictions
+from efgraph.training.run_logger import RunLogger
+from efgraph.training.schedule import warmup_cosine_scheduler
+from efgraph.utils.device import get_device, memory_report
+from efgraph.utils.logging import DEBUG_CONVERGENCE, get_logger
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`EnergyTrainer.train` did."""
+
+    steps: int
+    best_step: int | None
+    best_val_loss: float | None
+    evaluations: list[dict[str, float]] = field(default_factory=list)
+    last_train_loss: float | None = None
+
+
+class EnergyTrainer:
+    """Trains a :class:`FlowProcessor` on (input embedding, target embedding) pairs.
+
+    Args:
+        processor: the model.
+        config: learning rate, schedule, batch size, loss weights, intervals.
+        device: where to train (default: CUDA when available).
+        run_dir: folder for ``checkpoints/`` and ``metrics.jsonl`` (``None``: keep nothing on disk).
+        run_logger: where metrics go (default: a :class:`RunLogger` on ``run_dir``).
+        progress: show a progress bar with the loss and active flows.
+    """
+
+    def __init__(
+        self,
+        processor: FlowProcessor,
+        config: EnergyConfig,
+        *,
+        device: str | torch.device | None = None,
+        run_dir: str | Path | None = None,
+        run_logger: RunLogger | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.config = config
+        self.device = get_device(device) if not isinstance(device, torch.device) else device
+        self.processor = processor.to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            self.processor.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        if self.run_dir is not None:
+            (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        self.run_logger = run_logger if run_logger is not None else RunLogger(self.run_dir)
+        self.progress = progress
+        self.step = 0
+        self.best_val_loss: float | None = None
+        self.best_step: int | None = None
+        self._best_state: dict[str, Tensor] | None = None
+        self.evaluations: list[dict[str, float]] = []
+        self._steps_per_epoch = 0
+
+    # ---- data checks -----------------------------------------------------------------------------
+    def _check_pairs(self, src: Tensor, tgt: Tensor, what: str) -> None:
+        cfg = self.config
+        for name, t, width, field_name in [("inputs", src, cfg.input_dim, "input_dim"),
+                                           ("targets", tgt, cfg.output_dim, "output_dim")]:
+            if not isinstance(t, Tensor) or t.dim() != 2:
+                raise ValueError(f"{what} {name}: expected a 2-D tensor [N, {width}]")
+            if t.size(1) != width:
+                raise ValueError(f"{what} {name}: width {t.size(1)} does not match config.{field_name} {width}")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{what} {name}: non-finite values")
+        if src.size(0) != tgt.size(0):
+            raise ValueError(f"{what}: {src.size(0)} inputs but {tgt.size(0)} targets")
+        if src.size(0) == 0:
+            raise ValueError(f"{what}: no pairs")
+
+    def steps_per_epoch(self, num_pairs: int) -> int:
+        return math.ceil(num_pairs / self.config.batch_size)
+
+    def batch_order(self, num_pairs: int, epoch: int) -> Tensor:
+        """The permutation of epoch ``epoch``: a function of (seed, epoch) only, so resumable."""
+        gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+        return torch.randperm(num_pairs, generator=gen)
+
+    # ---- training --------------------------------------------------------------------------------
+    def train(
+        self,
+        input_embeddings: Tensor,
+        target_embeddings: Tensor,
+        epochs: int | None = None,
+        *,
+        val_inputs: Tensor | None = None,
+        val_targets: Tensor | None = None,
+        resume_from: str | Path | None = None,
+        max_steps: int | None = None,
+    ) -> TrainResult:
+        """Train for ``epochs`` (default ``config.epochs``) over the pairs.
+
+        Args:
+            input_embeddings: ``[N, input_dim]``; target_embeddings: ``[N, output_dim]``.
+            val_inputs, val_targets: validation pairs for evaluation and best-state selection.
+            resume_from: a checkpoint of this run to continue from (same step count, same batches).
+            max_steps: stop after this global step (the schedule still spans all epochs), e.g.
+                to time-box a run and resume it later.
+        """
+        self._check_pairs(input_embeddings, target_embeddings, "train")
+        has_val = val_inputs is not None or val_targets is not None
+        if has_val:
+            if val_inputs is None or val_targets is None:
+                raise ValueError("val_inputs, val_targets: give both or neither")
+            self._check_pairs(val_inputs, val_targets, "validation")
+        epochs = self.config.epochs if epochs is None else epochs
+        if epochs < 1:
+            raise ValueError(f"epochs: must be >= 1, got {epochs}")
+        n = input_embeddings.size(0)
+        per_epoch = self._steps_per_epoch = self.steps_per_epoch(n)
+        total = epochs * per_epoch
+        self.scheduler = warmup_cosine_scheduler(self.optimizer, self.config.warmup_steps, total)
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        stop = total if max_steps is None else min(total, max_steps)
+        cfg = self.config
+        bar = tqdm(total=stop, initial=self.step, disable=not self.progress, desc="train", dynamic_ncols=True)
+        last_loss: float | None = None
+        try:
+            while self.step < stop:
+                epoch, within = divmod(self.step, per_epoch)
+                idx = self.batch_order(n, epoch)[within * cfg.batch_size : (within + 1) * cfg.batch_size]
+                metrics = self.train_step(input_embeddings[idx], target_embeddings[idx])
+                self.step += 1
+                last_loss = metrics["train/loss"]
+                bar.update(1)
+                bar.set_postfix(loss=f"{last_loss:.4f}", flows=int(metrics["flows/mean_active_flows"]))
+                if self.step % cfg.log_every == 0 or self.step == stop:
+                    self.run_logger.log({**metrics, "train/epoch": epoch + (within + 1) / per_epoch}, self.step)
+                if has_val and (self.step % cfg.eval_every == 0 or self.step == stop):
+                    self._evaluate_and_keep_best(val_inputs, val_targets)
+                if self.run_dir is not None and (self.step % cfg.checkpoint_every == 0 or self.step == stop):
+                    self.save_checkpoint(self.run_dir / "checkpoints" / "last.pt")
+        finally:
+            bar.close()
+        return TrainResult(self.step, self.best_step, self.best_val_loss, list(self.evaluations), last_loss)
+
+    def train_step(self, inputs: Tensor, targets: Tensor) -> dict[str, float]:
+        """One optimisation step on a batch; returns its metrics."""
+        self.processor.train()
+        start = time.perf_counter()
+        inputs = inputs.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        pred = self.processor(inputs)
+        loss = embedding_loss(pred, targets, self.config.mse_weight, self.config.cosine_weight)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            self._stop_on_nonfinite(f"loss is {loss_value}", pred)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.processor.parameters(), self.config.grad_clip))
+        if not math.isfinite(grad_norm):
+            self._stop_on_nonfinite(f"gradient norm is {grad_norm}", pred)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        assert self.scheduler is not None, "train_step needs the scheduler that train() builds"
+        self.scheduler.step()
+        elapsed = time.perf_counter() - start
+        trace = self.processor.last_trace
+        flow_steps = sum(trace.active)
+        metrics = {
+            "train/loss": loss_value,
+            "train/lr": lr,
+            "train/grad_norm": grad_norm,
+            "perf/step_time_s": elapsed,
+            "perf/samples_per_s": inputs.size(0) / elapsed,
+            "perf/flow_steps_per_s": flow_steps / elapsed,
+            **{f"memory/{k}": v for k, v in memory_report(self.device).items()},
+            **{f"flows/{k}": v for k, v in trace.summary().items()},
+        }
+        if logger.isEnabledFor(DEBUG_CONVERGENCE):
+            logger.log(DEBUG_CONVERGENCE, "step %d: loss %.5f grad_norm %.4f lr %.2e", self.step + 1, loss_value, grad_norm, lr)
+        return metrics
+
+    def _stop_on_nonfinite(self, what: str, pred: Tensor) -> None:
+        """Write the last good state, then raise naming the step and the first bad tensor."""
+        step = self.step + 1
+        culprit = _first_nonfinite(self.processor, pred)
+        where = ""
+        if self.run_dir is not None:
+            path = self.save_checkpoint(self.run_dir / "checkpoints" / "last_good.pt")
+            where = f"; the state before this step is saved in {path}"
+        raise FloatingPointError(f"step {step}: {what} (first non-finite: {culprit}){where}")
+
+    # ---- evaluation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, inputs: Tensor, batch_size: int | None = None) -> Tensor:
+        """``[N, input_dim]`` -> ``[N, output_dim]`` on the CPU, in eval mode, batch by batch."""
+        self.processor.eval()
+        bs = batch_size or max(self.config.batch_size, 64)
+        out = [self.processor(inputs[i : i + bs].to(self.device)).cpu() for i in range(0, inputs.size(0), bs)]
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def evaluate(self, inputs: Tensor, targets: Tensor, batch_size: int | None = None) -> dict[str, float]:
+        """Loss, cosine, MSE, R@1 and mean flow statistics on held-out pairs."""
+        self.processor.eval()
+        bs = batch_size or max(self.config.batch_size, 64)
+        preds, summaries = [], []
+        for i in range(0, inputs.size(0), bs):
+            preds.append(self.processor(inputs[i : i + bs].to(self.device)).cpu())
+            summaries.append(self.processor.last_trace.summary())
+        pred = torch.cat(preds)
+        metrics = evaluate_predictions(pred, targets)
+        metrics["loss"] = float(embedding_loss(pred, targets, self.config.mse_weight, self.config.cosine_weight))
+        for key in ("energy_arrived_fraction", "mean_active_flows", "spawned", "died", "steps"):
+            metrics[f"flows_{key}"] = sum(s[key] for s in summaries) / len(summaries)
+        return metrics
+
+    def _evaluate_and_keep_best(self, val_inputs: Tensor, val_targets: Tensor) -> None:
+        metrics = self.evaluate(val_inputs, val_targets)
+        self.evaluations.append({"step": self.step, **metrics})
+        self.run_logger.log({f"val/{k}": v for k, v in metrics.items()}, self.step)
+        if self.best_val_loss is None or metrics["loss"] < self.best_val_loss:
+            self.best_val_loss, self.best_step = metrics["loss"], self.step
+            self._best_state = copy.deepcopy({k: v.detach().cpu() for k, v in self.processor.state_dict().items()})
+            if self.run_dir is not None:
+                self.save_checkpoint(self.run_dir / "checkpoints" / "best.pt")
+
+    def restore_best(self) -> bool:
+        """Load the best validation state into the model (False when there is none)."""
+        if self._best_state is None:
+            return False
+        self.processor.load_state_dict(self._best_state)
+        return True
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+    def save_checkpoint(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        run_state = {
+            "best_val_loss": self.best_val_loss, "best_step": self.best_step,
+            "wandb_id": self.run_logger.wandb_id, **(extra or {}),
+        }
+        return save_checkpoint(
+            path, model=self.processor, optimizer=self.optimizer, scheduler=self.scheduler, step=self.step,
+            epoch=self.step // self._steps_per_epoch if self._steps_per_epoch else 0,
+            config=self.config.to_dict(), extra=run_state,
+        )
+
+    def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
+        """Restore model, optimizer, scheduler, step, RNG and best-so-far from a checkpoint."""
+        ckpt = load_checkpoint(path, map_location=self.device)
+        check_compatible(ckpt["config"], self.config.to_dict(), ARCHITECTURE_KEYS)
+        self.processor.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scheduler is not None and ckpt["scheduler"] is not None:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.step = int(ckpt["step"])
+        restore_rng_state(ckpt)
+        extra = ckpt.get("extra") or {}
+        self.best_val_loss, self.best_step = extra.get("best_val_loss"), extra.get("best_step")
+        best_path = Path(path).with_name("best.pt")
+        if self.best_step is not None and best_path.exists():
+            self._best_state = load_checkpoint(best_path)["model"]
+        return ckpt
+
+
+def _first_nonfinite(model: torch.nn.Module, pred: Tensor) -> str:
+    """Name of the first parameter, gradient or output holding NaN/inf."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            return f"parameter {name}"
+    if not torch.isfinite(pred).all():
+        return "model output"
+    for name, p in model.named_parameters():
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            return f"gradient of {name}"
+    return "the loss itself (inputs and outputs were finite)"

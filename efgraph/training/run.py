@@ -1,0 +1,203 @@
+"""One training run end to end, as ``scripts/train.py`` runs it.
+
+data -> deterministic split (saved) -> model -> :class:`EnergyTrainer` -> best state -> test metrics
+-> baselines on the same split -> table, figures, metrics JSON, exported weights, W&B.
+
+Run folder layout::
+
+    RUN_DIR/config.yaml        resolved config
+    RUN_DIR/split.json         the train / validation / test indices
+    RUN_DIR/metrics.jsonl      every logged step
+    RUN_DIR/checkpoints/       last.pt, best.pt (weights_only-loadable)
+    RUN_DIR/results.json       test metrics of the model and the baselines
+    RUN_DIR/results.md         the same as a Markdown table
+    RUN_DIR/flow_paths.png, RUN_DIR/landing.png
+    RUN_DIR/model/             model.safetensors + config.yaml (see efgraph.load_model)
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from efgraph.config import EnergyConfig
+from efgraph.core.flow_processor import FlowProcessor
+from efgraph.data import EmbeddingPairs, Split, load_bible_pairs, load_embedding_pairs, load_text_pairs, make_teacher_pairs
+from efgraph.data.split import make_split
+from efgraph.model_io import export_model
+from efgraph.training.baselines import format_results_table, run_baselines
+from efgraph.training.figures import flow_paths_figure, landing_arrays, landing_figure
+from efgraph.training.run_logger import RunLogger, resolve_wandb_mode
+from efgraph.training.trainer import EnergyTrainer
+from efgraph.utils.device import get_device
+from efgraph.utils.logging import get_logger
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class RunOutcome:
+    run_dir: Path
+    results: dict[str, dict[str, float]]
+    table: str
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_pairs(config: EnergyConfig, progress: bool = True) -> EmbeddingPairs:
+    """The (source, target) embedding pairs named by ``config.dataset``."""
+    limit = config.max_pairs or None
+    model = config.embedding_model or None
+    if config.dataset == "synthetic":
+        pairs = make_teacher_pairs(config.synthetic_pairs, config.input_dim, config.output_dim, seed=config.seed)
+    elif config.dataset == "bible":
+        pairs = load_bible_pairs(config.source_version, config.target_version, max_verses=limit, model=model,
+                                 progress=progress)
+    elif config.dataset == "pairs":
+        pairs = load_embedding_pairs(config.data_path)
+    else:
+        pairs = load_text_pairs(config.data_path, model=model, progress=progress)
+    if limit is not None and len(pairs) > limit:
+        pairs = pairs.subset(list(range(limit)))
+    if pairs.src_dim != config.input_dim:
+        raise ValueError(f"input_dim: config says {config.input_dim} but the source embeddings are "
+                         f"{pairs.src_dim} wide; set input_dim: {pairs.src_dim}")
+    if pairs.tgt_dim != config.output_dim:
+        raise ValueError(f"output_dim: config says {config.output_dim} but the target embeddings are "
+                         f"{pairs.tgt_dim} wide; set output_dim: {pairs.tgt_dim}")
+    return pairs
+
+
+def make_run_split(config: EnergyConfig, pairs: EmbeddingPairs) -> Split:
+    """Deterministic split; by group (e.g. Bible book) when the pairs carry groups."""
+    fractions = (1.0 - config.val_fraction - config.test_fraction, config.val_fraction, config.test_fraction)
+    return make_split(len(pairs), groups=pairs.groups, fractions=fractions, seed=config.seed)
+
+
+def run_training(
+    config: EnergyConfig,
+    run_dir: str | Path,
+    *,
+    wandb_mode: str = "auto",
+    device: str | None = None,
+    resume: str | Path | None = None,
+    progress: bool = True,
+    max_steps: int | None = None,
+) -> RunOutcome:
+    """Train, evaluate against baselines on the held-out test split, and write the run folder."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dev = get_device(device)
+    resume_path = _resolve_resume(resume) if resume is not None else None
+
+    pairs = load_pairs(config, progress=progress)
+    split_path = run_dir / "split.json"
+    if resume_path is not None and split_path.exists():
+        split = Split.from_json(split_path)  # a resumed run keeps its split, whatever the seed says
+    else:
+        split = make_run_split(config, pairs)
+        split.to_json(split_path)
+    train, val, test = split.apply(pairs)
+    if val is None or test is None:
+        raise ValueError("val_fraction, test_fraction: the split left the validation or test part empty")
+    config.to_yaml(run_dir / "config.yaml")
+
+    seed_everything(config.seed)
+    model = FlowProcessor.from_config(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    run_id = None
+    if resume_path is not None:
+        from efgraph.training.checkpoint import load_checkpoint
+
+        run_id = (load_checkpoint(resume_path).get("extra") or {}).get("wandb_id")
+    mode = resolve_wandb_mode(wandb_mode)
+    run_logger = RunLogger.create(
+        run_dir, mode=mode, project=config.wandb_project, run_id=run_id, name=run_dir.name,
+        config={**config.to_dict(), "num_parameters": n_params, "train_pairs": len(train),
+                "val_pairs": len(val), "test_pairs": len(test)},
+    )
+    logger.info("run %s: %d train / %d val / %d test pairs, %s parameters, wandb %s", run_dir, len(train),
+                len(val), len(test), f"{n_params:,}", mode)
+    try:
+        trainer = EnergyTrainer(model, config, device=dev, run_dir=run_dir, run_logger=run_logger, progress=progress)
+        start = time.perf_counter()
+        result = trainer.train(train.src, train.tgt, val_inputs=val.src, val_targets=val.tgt,
+                               resume_from=resume_path, max_steps=max_steps)
+        train_seconds = time.perf_counter() - start
+        total_steps = config.epochs * trainer.steps_per_epoch(len(train))
+        if result.steps < total_steps:  # stopped early on purpose (max_steps): no final report yet
+            return RunOutcome(run_dir, {}, "")
+        trainer.restore_best()
+        results: dict[str, dict[str, float]] = {"energy-flow": _test_metrics(trainer, test)}
+        results.update(run_baselines(
+            (train.src, train.tgt), (val.src, val.tgt), (test.src, test.tgt), target_params=n_params,
+            steps=total_steps, batch_size=config.batch_size, lr=config.learning_rate, seed=config.seed,
+            mse_weight=config.mse_weight, cosine_weight=config.cosine_weight, weight_decay=config.weight_decay,
+        ))
+        table = format_results_table(results)
+        _write_report(run_dir, config, results, table, n_params, train_seconds, result.best_step)
+        _figures(trainer, test, config, run_dir, run_logger, result.steps)
+        run_logger.log_table("test/results", ["model", "cosine", "mse", "r_at_1"],
+                             [[name, r["cosine"], r["mse"], r["r_at_1"]] for name, r in results.items()], result.steps)
+        run_logger.log_summary({f"test/{name}/{k}": v for name, r in results.items() for k, v in r.items()})
+        export_model(trainer.processor, run_dir / "model")
+        best = run_dir / "checkpoints" / "best.pt"
+        if best.exists():
+            run_logger.log_artifact(best, name=f"{run_dir.name}-best", kind="model")
+        return RunOutcome(run_dir, results, table)
+    finally:
+        run_logger.finish()
+
+
+def _resolve_resume(resume: str | Path) -> Path:
+    path = Path(resume)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    return path
+
+
+def _test_metrics(trainer: EnergyTrainer, test: EmbeddingPairs) -> dict[str, float]:
+    metrics = trainer.evaluate(test.src, test.tgt)
+    return {k: metrics[k] for k in ("cosine", "mse", "r_at_1")}
+
+
+def _write_report(run_dir: Path, config: EnergyConfig, results: dict[str, dict[str, float]], table: str,
+                  n_params: int, train_seconds: float, best_step: int | None) -> None:
+    payload: dict[str, Any] = {"test": results, "num_parameters": n_params, "train_seconds": train_seconds,
+                               "best_step": best_step, "dataset": config.dataset}
+    (run_dir / "results.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    header = (f"# Test split: model vs baselines\n\ndataset `{config.dataset}`, {n_params:,} model parameters "
+              f"(the MLP baseline has as many), {train_seconds:.0f} s of training, best step {best_step}\n\n")
+    (run_dir / "results.md").write_text(header + table + "\n", encoding="utf-8")
+
+
+def _figures(trainer: EnergyTrainer, test: EmbeddingPairs, config: EnergyConfig, run_dir: Path,
+             run_logger: RunLogger, step: int) -> None:
+    proc = trainer.processor
+    proc.eval()
+    proc.record_paths = True
+    try:
+        with torch.no_grad():
+            proc(test.src[: min(len(test), 64)].to(trainer.device))
+        trace = proc.last_trace
+    finally:
+        proc.record_paths = False
+    paths = {
+        "figures/flow_paths": flow_paths_figure(trace, config, run_dir / "flow_paths.png"),
+        "figures/landing": landing_figure(trace, config, run_dir / "landing.png"),
+    }
+    run_logger.log_images(paths, step)
+    run_logger.log_histograms({k: v.numpy() for k, v in landing_arrays(trace).items()}, step)

@@ -1,0 +1,97 @@
+"""Read back what a W&B run logged, from its local ``.wandb`` file (offline runs included).
+
+The file is a LevelDB-style log: a 7-byte header (``:W&B``, magic, version), then 32 KiB blocks
+of records, each ``crc32c (4) | length (2, little endian) | type (1) | payload``, where a payload
+split across blocks is marked FIRST / MIDDLE / LAST. Each reassembled payload is a
+``wandb_internal_pb2.Record``. We read it ourselves because the SDK no longer ships a Python
+reader (its internals moved to the Go ``wandb-core``), and tests and users want to check what a
+run recorded without uploading it.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any, Iterator
+
+BLOCK = 32 * 1024
+HEADER = 7
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def iter_records(path: str | Path) -> Iterator[Any]:
+    """Yield every ``Record`` protobuf stored in a ``.wandb`` file, in order."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(path).read_bytes()
+    if len(data) < 7 or data[:4] != b":W&B":
+        raise ValueError(f"{path}: not a W&B run file (bad header)")
+    pos, pending = 7, b""
+    while pos + HEADER <= len(data):
+        left_in_block = BLOCK - pos % BLOCK
+        if left_in_block < HEADER:  # block trailer padding
+            pos += left_in_block
+            continue
+        _crc, length, kind = struct.unpack_from("<IHB", data, pos)
+        pos += HEADER
+        chunk = data[pos : pos + length]
+        pos += length
+        if kind == 0 and length == 0:  # zero padding at the end of a file being written
+            pos += BLOCK - pos % BLOCK if pos % BLOCK else 0
+            continue
+        if kind == FULL:
+            pending = chunk
+        elif kind == FIRST:
+            pending = chunk
+            continue
+        elif kind == MIDDLE:
+            pending += chunk
+            continue
+        elif kind == LAST:
+            pending += chunk
+        else:
+            raise ValueError(f"{path}: unknown record type {kind} at byte {pos - length - HEADER}")
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(pending)
+        yield record
+        pending = b""
+
+
+def logged_history(path: str | Path) -> list[dict[str, Any]]:
+    """Every ``wandb.log`` row as a dict (values JSON-decoded), with ``_step``."""
+    rows = []
+    for record in iter_records(path):
+        if record.WhichOneof("record_type") == "history":
+            row = {}
+            for item in record.history.item:
+                key = item.key or "/".join(item.nested_key)
+                row[key] = json.loads(item.value_json)
+            if record.history.HasField("step"):
+                row.setdefault("_step", record.history.step.num)
+            rows.append(row)
+    return rows
+
+
+def logged_keys(path: str | Path) -> set[str]:
+    """All history keys, plus ``summary:<key>`` for summary updates and ``artifact:<name>``."""
+    keys: set[str] = set()
+    for record in iter_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            keys.update(item.key or "/".join(item.nested_key) for item in record.history.item)
+        elif kind == "summary":
+            keys.update("summary:" + (item.key or "/".join(item.nested_key)) for item in record.summary.update)
+        elif kind == "artifact":
+            keys.add("artifact:" + record.artifact.name)
+        elif kind == "config":
+            keys.update("config:" + (item.key or "/".join(item.nested_key)) for item in record.config.update)
+    return keys
+
+
+def find_run_file(run_dir: str | Path) -> Path:
+    """The ``.wandb`` file of the (single, latest) W&B run under ``run_dir/wandb``."""
+    files = sorted(Path(run_dir).glob("wandb/*run-*/run-*.wandb"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise FileNotFoundError(f"{run_dir}: no wandb/*run-*/run-*.wandb file")
+    return files[-1]

@@ -198,10 +198,18 @@ class EnergyConfig:
     def from_dict(cls, data: dict[str, Any]) -> "EnergyConfig":
         if not isinstance(data, dict):
             raise ValueError(f"config: expected a mapping of field names to values, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        known = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
         if unknown:
             raise ValueError(f"config: unknown keys {unknown}; allowed keys are {sorted(known)}")
+        data = dict(data)
+        for name, value in data.items():
+            # PyYAML reads `3e-4` (no dot) as a string; for a float field that is plainly a number.
+            if known[name] == "float" and isinstance(value, str):
+                try:
+                    data[name] = float(value)
+                except ValueError:
+                    pass  # validate() reports it with the field name
         return cls(**data)
 
     def replace(self, **changes: Any) -> "EnergyConfig":

@@ -80,6 +80,15 @@ def test_bad_values_raise_naming_the_field(changes, field):
         create_debug_config(**changes)
 
 
+def test_exponent_without_dot_is_a_float(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rate: 3e-4\n")  # PyYAML alone would read this as a string
+    assert EnergyConfig.from_yaml(path).learning_rate == 3e-4
+    assert create_debug_config().with_overrides(["learning_rate=1e-3"]).learning_rate == 1e-3
+    with pytest.raises(ValueError, match="learning_rate"):
+        create_debug_config().with_overrides(["learning_rate=fast"])
+
+
 def test_int_is_accepted_for_float_fields():
     c = create_debug_config(spawn_threshold=1)
     assert c.spawn_threshold == 1.0 and isinstance(c.spawn_threshold, float)

@@ -1,0 +1,120 @@
+"""Training: it learns on held-out data, resumes exactly, logs to W&B offline, stops on NaN."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from efgraph import EnergyTrainer, FlowProcessor, load_model
+from efgraph.data import make_teacher_pairs
+from efgraph.training.schedule import warmup_cosine_factor
+
+
+def _teacher(n=240, dim=12, seed=0):
+    pairs = make_teacher_pairs(n, dim, dim, seed=seed)
+    return pairs.src[: n - 40], pairs.tgt[: n - 40], pairs.src[n - 40 :], pairs.tgt[n - 40 :]
+
+
+def _config(**overrides):
+    base = dict(input_dim=12, output_dim=12, batch_size=16, learning_rate=3e-3, warmup_steps=5, eval_every=10,
+                log_every=5, checkpoint_every=5, carrier_hidden_dim=24)
+    base.update(overrides)
+    return tiny_config(**base)
+
+
+def test_warmup_then_cosine_schedule():
+    assert warmup_cosine_factor(0, 4, 20) == pytest.approx(0.25)
+    assert warmup_cosine_factor(3, 4, 20) == pytest.approx(1.0)
+    assert warmup_cosine_factor(4, 4, 20) == pytest.approx(1.0)
+    assert warmup_cosine_factor(12, 4, 20) == pytest.approx(0.5)
+    assert warmup_cosine_factor(20, 4, 20) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_short_training_lowers_held_out_loss_and_beats_identity():
+    train_x, train_y, test_x, test_y = _teacher()
+    config = _config()
+    torch.manual_seed(0)
+    trainer = EnergyTrainer(FlowProcessor.from_config(config), config, progress=False)
+    before = trainer.evaluate(test_x, test_y)
+    result = trainer.train(train_x, train_y, epochs=8, val_inputs=test_x[:20], val_targets=test_y[:20])
+    trainer.restore_best()
+    after = trainer.evaluate(test_x[20:], test_y[20:])  # the half not used to pick the best state
+    identity_cos = torch.nn.functional.cosine_similarity(test_x[20:], test_y[20:]).mean().item()
+    identity_mse = torch.nn.functional.mse_loss(test_x[20:], test_y[20:]).item()
+    assert result.steps == 8 * math.ceil(200 / 16)
+    assert after["loss"] < 0.8 * before["loss"]
+    assert after["cosine"] > identity_cos + 0.1
+    assert after["mse"] < identity_mse
+
+
+def test_resumed_run_ends_with_the_same_parameters(tmp_path):
+    train_x, train_y, val_x, val_y = _teacher(n=120)
+    config = _config(epochs=3)
+
+    def fresh(run_dir):
+        torch.manual_seed(1)
+        return EnergyTrainer(FlowProcessor.from_config(config), config, run_dir=run_dir, progress=False)
+
+    straight = fresh(tmp_path / "a")
+    straight.train(train_x, train_y, val_inputs=val_x, val_targets=val_y)
+
+    first = fresh(tmp_path / "b")
+    first.train(train_x, train_y, val_inputs=val_x, val_targets=val_y, max_steps=7)  # mid-epoch, off-interval
+    assert first.step == 7
+    torch.manual_seed(12345)  # a resumed process starts with other RNG state: the checkpoint restores it
+    second = EnergyTrainer(FlowProcessor.from_config(config), config, run_dir=tmp_path / "b", progress=False)
+    second.train(train_x, train_y, val_inputs=val_x, val_targets=val_y, resume_from=tmp_path / "b/checkpoints/last.pt")
+    assert second.step == straight.step == 3 * math.ceil(80 / 16)
+    for (name, a), (_, b) in zip(straight.processor.state_dict().items(), second.processor.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name} differs after resume")
+    assert second.best_step == straight.best_step
+    # the best checkpoint of the run loads as a ready model
+    model = load_model(tmp_path / "b")
+    assert not model.training
+    torch.testing.assert_close(model(val_x[:4]), second.processor.eval()(val_x[:4]))
+
+
+def test_resume_refuses_a_checkpoint_of_another_architecture(tmp_path):
+    train_x, train_y, _, _ = _teacher(n=80)
+    config = _config(epochs=1)
+    t = EnergyTrainer(FlowProcessor.from_config(config), config, run_dir=tmp_path, progress=False)
+    t.train(train_x, train_y)
+    other = config.replace(carrier_hidden_dim=20)
+    t2 = EnergyTrainer(FlowProcessor.from_config(other), other, progress=False)
+    with pytest.raises(ValueError, match="carrier_hidden_dim"):
+        t2.train(train_x, train_y, resume_from=tmp_path / "checkpoints/last.pt")
+
+
+def test_nonfinite_loss_stops_with_the_step_and_saves_the_last_good_state(tmp_path):
+    train_x, train_y, _, _ = _teacher(n=80)
+    config = _config(epochs=2)
+    trainer = EnergyTrainer(FlowProcessor.from_config(config), config, run_dir=tmp_path, progress=False)
+    trainer.train(train_x, train_y, max_steps=2)
+    good = {k: v.clone() for k, v in trainer.processor.state_dict().items()}
+    with torch.no_grad():
+        trainer.processor.lattice.readout_bias[0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"step 3: loss is nan.*parameter lattice.readout_bias"):
+        trainer.train(train_x, train_y, epochs=2, resume_from=None)
+    saved = torch.load(tmp_path / "checkpoints/last_good.pt", weights_only=True)
+    assert saved["step"] == 2
+    torch.testing.assert_close(saved["model"]["carrier.energy_head.weight"], good["carrier.energy_head.weight"])
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (lambda x, y: (x[:, :5], y), "width 5"),
+        (lambda x, y: (x, y[:-1]), "inputs but"),
+        (lambda x, y: (x[:0], y[:0]), "no pairs"),
+        (lambda x, y: (x.clone().fill_(float("nan")), y), "non-finite"),
+    ],
+)
+def test_trainer_rejects_bad_data(bad, message):
+    train_x, train_y, _, _ = _teacher(n=80)
+    config = _config()
+    trainer = EnergyTrainer(FlowProcessor.from_config(config), config, progress=False)
+    with pytest.raises(ValueError, match=message):
+        trainer.train(*bad(train_x, train_y), epochs=1)

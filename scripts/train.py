@@ -10,6 +10,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     outcome = run_training(config, run_dir, wandb_mode=args.wandb_mode, device=args.device, resume=args.resume,
                            progress=not args.no_progress, max_steps=args.max_steps)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return 0
     if outcome.table:
         print(f"\nTest split ({run_dir}):\n\n{outcome.table}")
     else:

@@ -33,6 +33,7 @@ from efgraph.data import EmbeddingPairs, Split, load_bible_pairs, load_embedding
 from efgraph.data.split import make_split
 from efgraph.model_io import export_model
 from efgraph.training.baselines import format_results_table, run_baselines
+from efgraph.training.distributed import DistributedContext, init_distributed, local_device, shutdown_distributed
 from efgraph.training.figures import flow_paths_figure, landing_arrays, landing_figure
 from efgraph.training.run_logger import RunLogger, resolve_wandb_mode
 from efgraph.training.trainer import EnergyTrainer
@@ -97,46 +98,65 @@ def run_training(
 ) -> RunOutcome:
     """Train, evaluate against baselines on the held-out test split, and write the run folder."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     dev = get_device(device)
+    ctx = init_distributed(dev)
+    try:
+        return _run(config, run_dir, local_device(dev, ctx), ctx, wandb_mode, resume, progress, max_steps)
+    finally:
+        shutdown_distributed(ctx)
+
+
+def _run(config: EnergyConfig, run_dir: Path, dev: torch.device, ctx: DistributedContext, wandb_mode: str,
+         resume: str | Path | None, progress: bool, max_steps: int | None) -> RunOutcome:
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     resume_path = _resolve_resume(resume) if resume is not None else None
 
-    pairs = load_pairs(config, progress=progress)
+    # rank 0 embeds (and caches) first; the other ranks then read the cache
+    if ctx.is_main:
+        pairs = load_pairs(config, progress=progress)
+    ctx.barrier()
+    if not ctx.is_main:
+        pairs = load_pairs(config, progress=False)
     split_path = run_dir / "split.json"
     if resume_path is not None and split_path.exists():
         split = Split.from_json(split_path)  # a resumed run keeps its split, whatever the seed says
     else:
         split = make_run_split(config, pairs)
-        split.to_json(split_path)
+        if ctx.is_main:
+            split.to_json(split_path)
     train, val, test = split.apply(pairs)
     if val is None or test is None:
         raise ValueError("val_fraction, test_fraction: the split left the validation or test part empty")
-    config.to_yaml(run_dir / "config.yaml")
 
     seed_everything(config.seed)
     model = FlowProcessor.from_config(config)
     n_params = sum(p.numel() for p in model.parameters())
-    run_id = None
-    if resume_path is not None:
-        from efgraph.training.checkpoint import load_checkpoint
+    run_logger = RunLogger(None)
+    if ctx.is_main:
+        config.to_yaml(run_dir / "config.yaml")
+        run_id = None
+        if resume_path is not None:
+            from efgraph.training.checkpoint import load_checkpoint
 
-        run_id = (load_checkpoint(resume_path).get("extra") or {}).get("wandb_id")
-    mode = resolve_wandb_mode(wandb_mode)
-    run_logger = RunLogger.create(
-        run_dir, mode=mode, project=config.wandb_project, run_id=run_id, name=run_dir.name,
-        config={**config.to_dict(), "num_parameters": n_params, "train_pairs": len(train),
-                "val_pairs": len(val), "test_pairs": len(test)},
-    )
-    logger.info("run %s: %d train / %d val / %d test pairs, %s parameters, wandb %s", run_dir, len(train),
-                len(val), len(test), f"{n_params:,}", mode)
+            run_id = (load_checkpoint(resume_path).get("extra") or {}).get("wandb_id")
+        mode = resolve_wandb_mode(wandb_mode)
+        run_logger = RunLogger.create(
+            run_dir, mode=mode, project=config.wandb_project, run_id=run_id, name=run_dir.name,
+            config={**config.to_dict(), "num_parameters": n_params, "train_pairs": len(train),
+                    "val_pairs": len(val), "test_pairs": len(test), "world_size": ctx.world_size},
+        )
+        logger.info("run %s: %d train / %d val / %d test pairs, %s parameters, %d process(es), wandb %s", run_dir,
+                    len(train), len(val), len(test), f"{n_params:,}", ctx.world_size, mode)
     try:
-        trainer = EnergyTrainer(model, config, device=dev, run_dir=run_dir, run_logger=run_logger, progress=progress)
+        trainer = EnergyTrainer(model, config, device=dev, run_dir=run_dir, run_logger=run_logger,
+                                progress=progress, distributed=ctx)
         start = time.perf_counter()
         result = trainer.train(train.src, train.tgt, val_inputs=val.src, val_targets=val.tgt,
                                resume_from=resume_path, max_steps=max_steps)
         train_seconds = time.perf_counter() - start
         total_steps = config.epochs * trainer.steps_per_epoch(len(train))
-        if result.steps < total_steps:  # stopped early on purpose (max_steps): no final report yet
+        if result.steps < total_steps or not ctx.is_main:  # stopped on purpose, or not the reporting rank
             return RunOutcome(run_dir, {}, "")
         trainer.restore_best()
         results: dict[str, dict[str, float]] = {"energy-flow": _test_metrics(trainer, test)}

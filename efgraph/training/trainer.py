@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from efgraph.config import ARCHITECTURE_KEYS, EnergyConfig
 from efgraph.core.flow_processor import FlowProcessor
 from efgraph.training.checkpoint import check_compatible, load_checkpoint, restore_rng_state, save_checkpoint
+from efgraph.training.distributed import SINGLE_PROCESS, DistributedContext
 from efgraph.training.metrics import embedding_loss, evaluate_predictions
 from efgraph.training.run_logger import RunLogger
 from efgraph.training.schedule import warmup_cosine_scheduler
@@ -62,6 +63,8 @@ class EnergyTrainer:
         run_dir: folder for ``checkpoints/`` and ``metrics.jsonl`` (``None``: keep nothing on disk).
         run_logger: where metrics go (default: a :class:`RunLogger` on ``run_dir``).
         progress: show a progress bar with the loss and active flows.
+        distributed: the rank and world size under ``torchrun`` (see
+            :mod:`efgraph.training.distributed`); only rank 0 logs, evaluates and writes files.
     """
 
     def __init__(
@@ -73,19 +76,28 @@ class EnergyTrainer:
         run_dir: str | Path | None = None,
         run_logger: RunLogger | None = None,
         progress: bool = True,
+        distributed: DistributedContext = SINGLE_PROCESS,
     ) -> None:
         self.config = config
+        self.dist = distributed
         self.device = get_device(device) if not isinstance(device, torch.device) else device
         self.processor = processor.to(self.device)
+        self.model: torch.nn.Module = self.processor
+        if distributed.enabled:
+            # find_unused_parameters: a step without spawns (or arrivals) leaves some heads unused
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.processor, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,
+            )
         self.optimizer = torch.optim.AdamW(
             self.processor.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
         )
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
-        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.run_dir = Path(run_dir) if run_dir is not None and distributed.is_main else None
         if self.run_dir is not None:
             (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         self.run_logger = run_logger if run_logger is not None else RunLogger(self.run_dir)
-        self.progress = progress
+        self.progress = progress and distributed.is_main
         self.step = 0
         self.best_val_loss: float | None = None
         self.best_step: int | None = None
@@ -148,6 +160,10 @@ class EnergyTrainer:
         if epochs < 1:
             raise ValueError(f"epochs: must be >= 1, got {epochs}")
         n = input_embeddings.size(0)
+        world, bs = self.dist.world_size, self.config.batch_size
+        if world > 1 and (bs < world or 0 < n % bs < world):
+            raise ValueError(f"batch_size: every batch must give each of the {world} ranks a sample; "
+                             f"batch_size {bs} with {n} pairs leaves a last batch of {n % bs or bs}")
         per_epoch = self._steps_per_epoch = self.steps_per_epoch(n)
         total = epochs * per_epoch
         self.scheduler = warmup_cosine_scheduler(self.optimizer, self.config.warmup_steps, total)
@@ -168,7 +184,7 @@ class EnergyTrainer:
                 bar.set_postfix(loss=f"{last_loss:.4f}", flows=int(metrics["flows/mean_active_flows"]))
                 if self.step % cfg.log_every == 0 or self.step == stop:
                     self.run_logger.log({**metrics, "train/epoch": epoch + (within + 1) / per_epoch}, self.step)
-                if has_val and (self.step % cfg.eval_every == 0 or self.step == stop):
+                if has_val and self.dist.is_main and (self.step % cfg.eval_every == 0 or self.step == stop):
                     self._evaluate_and_keep_best(val_inputs, val_targets)
                 if self.run_dir is not None and (self.step % cfg.checkpoint_every == 0 or self.step == stop):
                     self.save_checkpoint(self.run_dir / "checkpoints" / "last.pt")
@@ -177,14 +193,24 @@ class EnergyTrainer:
         return TrainResult(self.step, self.best_step, self.best_val_loss, list(self.evaluations), last_loss)
 
     def train_step(self, inputs: Tensor, targets: Tensor) -> dict[str, float]:
-        """One optimisation step on a batch; returns its metrics."""
-        self.processor.train()
+        """One optimisation step on a (global) batch; returns its metrics."""
+        self.model.train()
         start = time.perf_counter()
+        global_batch = inputs.size(0)
+        if self.dist.enabled:  # this rank's slice; the loss is scaled so DDP's mean is the global mean
+            inputs = inputs.tensor_split(self.dist.world_size)[self.dist.rank]
+            targets = targets.tensor_split(self.dist.world_size)[self.dist.rank]
         inputs = inputs.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
-        pred = self.processor(inputs)
+        pred = self.model(inputs)
         loss = embedding_loss(pred, targets, self.config.mse_weight, self.config.cosine_weight)
-        loss_value = loss.item()
+        if self.dist.enabled:
+            loss = loss * (inputs.size(0) * self.dist.world_size / global_batch)
+            global_loss = loss.detach().clone()
+            torch.distributed.all_reduce(global_loss)
+            loss_value = global_loss.item() / self.dist.world_size
+        else:
+            loss_value = loss.item()
         if not math.isfinite(loss_value):
             self._stop_on_nonfinite(f"loss is {loss_value}", pred)
         self.optimizer.zero_grad(set_to_none=True)
@@ -204,7 +230,7 @@ class EnergyTrainer:
             "train/lr": lr,
             "train/grad_norm": grad_norm,
             "perf/step_time_s": elapsed,
-            "perf/samples_per_s": inputs.size(0) / elapsed,
+            "perf/samples_per_s": global_batch / elapsed,
             "perf/flow_steps_per_s": flow_steps / elapsed,
             **{f"memory/{k}": v for k, v in memory_report(self.device).items()},
             **{f"flows/{k}": v for k, v in trace.summary().items()},

@@ -1,0 +1,55 @@
+"""Where (source embedding, target embedding) pairs come from.
+
+* :class:`EmbeddingPairs` - the validated container every loader returns (``pairs``).
+* :func:`load_embedding_pairs` / :func:`save_embedding_pairs` - ``.pt``, ``.npz``,
+  ``.safetensors``, ``.npy`` files of precomputed embeddings (``files``).
+* :func:`load_text_pairs` / :func:`read_text_pairs` - JSONL/CSV/TSV text pairs (``text``),
+  embedded offline by :func:`embed_texts` with a disk cache (``embed``, ``cache``).
+* :func:`load_bible_pairs` - the built-in dataset: verses in two translations (``bible``),
+  guarded by a text alignment check (``alignment``).
+* :func:`make_teacher_pairs` - a seeded synthetic teacher task (``synthetic``).
+* :func:`make_split` / :func:`split_pairs` / :class:`Split` - deterministic, group-aware
+  train/validation/test splits (``split``).
+"""
+
+from efgraph.data.alignment import AlignmentReport, GroupAlignment, alignment_report
+from efgraph.data.bible import (
+    BibleVerses,
+    check_verse_alignment,
+    installed_versions,
+    load_bible_pairs,
+    read_bible_verses,
+)
+from efgraph.data.cache import EmbeddingCache, resolve_cache_dir
+from efgraph.data.embed import embed_texts, resolve_model_path
+from efgraph.data.files import SUPPORTED_EXTENSIONS, load_embedding_pairs, save_embedding_pairs
+from efgraph.data.pairs import EmbeddingPairs
+from efgraph.data.split import Split, make_split, split_pairs
+from efgraph.data.synthetic import make_teacher_pairs
+from efgraph.data.text import TextPairs, load_text_pairs, read_text_pairs
+
+__all__ = [
+    "AlignmentReport",
+    "BibleVerses",
+    "EmbeddingCache",
+    "EmbeddingPairs",
+    "GroupAlignment",
+    "SUPPORTED_EXTENSIONS",
+    "Split",
+    "TextPairs",
+    "alignment_report",
+    "check_verse_alignment",
+    "embed_texts",
+    "installed_versions",
+    "load_bible_pairs",
+    "load_embedding_pairs",
+    "load_text_pairs",
+    "make_split",
+    "make_teacher_pairs",
+    "read_bible_verses",
+    "read_text_pairs",
+    "resolve_cache_dir",
+    "resolve_model_path",
+    "save_embedding_pairs",
+    "split_pairs",
+]

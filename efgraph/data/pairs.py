@@ -1,0 +1,144 @@
+"""`EmbeddingPairs`: the one container every data source in :mod:`efgraph.data` returns.
+
+A model in this project learns a map from a *source* embedding to a *target* embedding, so a
+dataset is just two row-aligned matrices. Validation happens once, here, so that every loader
+(files, text, Bible, synthetic) fails with the same clear messages and downstream code can trust
+the invariants: 2-D, same number of rows, at least one row, float32, finite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class EmbeddingPairs:
+    """Row-aligned (source, target) embedding pairs.
+
+    Attributes:
+        src: FloatTensor ``[N, D_src]``; row ``i`` is the input embedding of pair ``i``.
+        tgt: FloatTensor ``[N, D_tgt]``; row ``i`` is the embedding the model should produce.
+            ``D_src`` and ``D_tgt`` may differ.
+        keys: optional ``N`` unique strings naming each pair (e.g. ``"Genesis 1:1"``), kept so a
+            prediction can be traced back to its example.
+        groups: optional ``N`` strings (e.g. the Bible book); :func:`efgraph.data.split.make_split`
+            keeps every group inside one split so near-duplicate neighbours cannot leak from
+            train into test.
+
+    Construction casts floating tensors to contiguous CPU float32 (what the models use) and raises
+    :class:`ValueError` on any broken invariant, naming the offending tensor.
+    """
+
+    src: Tensor
+    tgt: Tensor
+    keys: list[str] | None = None
+    groups: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        self.src = _check_matrix("src", self.src)
+        self.tgt = _check_matrix("tgt", self.tgt)
+        n_src, n_tgt = self.src.shape[0], self.tgt.shape[0]
+        if n_src != n_tgt:
+            raise ValueError(
+                f"src and tgt must have the same number of rows (pairs): src has {n_src}, "
+                f"tgt has {n_tgt}"
+            )
+        if n_src == 0:
+            raise ValueError("empty pair set: src and tgt have 0 rows; need at least one pair")
+        self.keys = _check_labels("keys", self.keys, n_src, unique=True)
+        self.groups = _check_labels("groups", self.groups, n_src, unique=False)
+
+    def __len__(self) -> int:
+        return self.src.shape[0]
+
+    @property
+    def src_dim(self) -> int:
+        """Width ``D_src`` of a source embedding."""
+        return self.src.shape[1]
+
+    @property
+    def tgt_dim(self) -> int:
+        """Width ``D_tgt`` of a target embedding."""
+        return self.tgt.shape[1]
+
+    def subset(self, indices: Sequence[int] | Tensor) -> EmbeddingPairs:
+        """Return the pairs at ``indices`` (in that order), keys and groups included.
+
+        Args:
+            indices: ``M`` row indices in ``[0, N)``; ``M >= 1`` (an empty subset is not a valid
+                pair set). Negative indices are rejected rather than wrapped, because a negative
+                index in a saved split is a bug, not a request for the last row.
+        Returns:
+            A new :class:`EmbeddingPairs` with ``src [M, D_src]`` and ``tgt [M, D_tgt]``.
+        """
+        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        if idx.numel() == 0:
+            raise ValueError("subset: no indices given; a pair set needs at least one pair")
+        n = len(self)
+        bad = ((idx < 0) | (idx >= n)).nonzero()
+        if bad.numel():
+            raise ValueError(
+                f"subset: index {int(idx[bad[0, 0]])} is out of range for {n} pairs"
+            )
+        rows = idx.tolist()
+        return EmbeddingPairs(
+            src=self.src[idx],
+            tgt=self.tgt[idx],
+            keys=None if self.keys is None else [self.keys[i] for i in rows],
+            groups=None if self.groups is None else [self.groups[i] for i in rows],
+        )
+
+
+def _check_matrix(name: str, value: object) -> Tensor:
+    """Validate one side of the pairs and return it as contiguous float32 ``[N, D]``."""
+    if not isinstance(value, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dim() != 2:
+        raise ValueError(
+            f"{name} must be 2-D [N, D] (one embedding per row), got shape {tuple(value.shape)}"
+        )
+    # Integer or bool "embeddings" are almost certainly a mix-up (e.g. token ids), so refuse
+    # them instead of silently casting.
+    if not value.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    if value.shape[1] == 0:
+        raise ValueError(f"{name} has width 0; embeddings need at least one dimension")
+    # Check finiteness after the cast, so a float64 value too large for float32 (which the cast
+    # turns into inf) is caught too.
+    value = value.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    finite_rows = torch.isfinite(value).all(dim=1)
+    if not bool(finite_rows.all()):
+        row = int((~finite_rows).nonzero()[0, 0])
+        col = int((~torch.isfinite(value[row])).nonzero()[0, 0])
+        raise ValueError(
+            f"{name} contains a non-finite value (NaN or inf): first bad row {row} "
+            f"(column {col}, value {value[row, col].item()})"
+        )
+    return value
+
+
+def _check_labels(
+    name: str, labels: Sequence[str] | None, n: int, *, unique: bool
+) -> list[str] | None:
+    """Validate an optional per-pair label list (keys or groups) of length ``n``."""
+    if labels is None:
+        return None
+    if isinstance(labels, str):
+        raise ValueError(f"{name} must be a list of strings, not a single string")
+    labels = list(labels)
+    if len(labels) != n:
+        raise ValueError(f"{name} has {len(labels)} entries but there are {n} pairs")
+    for i, label in enumerate(labels):
+        if not isinstance(label, str):
+            raise ValueError(f"{name}[{i}] must be a string, got {type(label).__name__}")
+    if unique and len(set(labels)) != n:
+        seen: set[str] = set()
+        for i, label in enumerate(labels):
+            if label in seen:
+                raise ValueError(f"{name} must be unique: {label!r} repeats at row {i}")
+            seen.add(label)
+    return labels

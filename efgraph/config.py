@@ -89,6 +89,7 @@ class EnergyConfig:
     source_version: str = "KJV"  # bible: source translation
     target_version: str = "WEB"  # bible: target translation
     max_pairs: int = 0  # use at most this many pairs (0 = all)
+    verses_per_book: int = 0  # bible: the first N verses of every book (0 = all), a fast subset of all books
     synthetic_pairs: int = 2000  # synthetic: number of teacher pairs
     embedding_model: str = ""  # text/bible: local sentence-transformers folder ("" = packaged MiniLM)
     val_fraction: float = 0.1
@@ -144,7 +145,7 @@ class EnergyConfig:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.lattice_depth < 2:
             raise ValueError(f"lattice_depth: must be >= 2 (an input and an output face), got {self.lattice_depth}")
-        for name in ["max_spawn_per_step", "warmup_steps", "seed", "max_pairs"]:
+        for name in ["max_spawn_per_step", "warmup_steps", "seed", "max_pairs", "verses_per_book"]:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         for name in ["energy_threshold", "spawn_threshold"]:

@@ -8,6 +8,10 @@ Three tables, each row the median of ``--repeats`` timed forward+backward passes
 3. *overhead*: at each preset's lattice and flows, the engine against the carrier alone (its
    recurrent call and heads over the same flows and steps, no lattice). The ratio is what the
    lattice (cells, message passing, neuron, injection, readout, bookkeeping) costs on top.
+4. *dense*: at each preset's lattice, the sparse engine against :class:`DenseReferenceProcessor`,
+   which aggregates into and runs the neuron on every cell of the lattice each step (same
+   weights, same outputs). The ratio is what "only occupied cells cost compute" buys. The batch
+   is small (``--dense-batch``) so that the dense lattice fits in memory.
 
 To compare like with like, every engine run is pinned to the same number of steps and flows: the
 dz head is set so that all flows reach the output face in exactly ``--steps`` steps, the energy
@@ -39,6 +43,7 @@ import torch
 
 from efgraph import (EnergyConfig, EnergyLattice, FlowProcessor, SimpleNeuron, create_debug_config,
                      create_experiment_config, create_optimized_config)
+from efgraph.core.dense_reference import DenseReferenceProcessor
 
 PRESETS = {"debug": create_debug_config, "experiment": create_experiment_config, "optimized": create_optimized_config}
 LATTICES = [(20, 20, 10), (35, 35, 15), (50, 50, 20), (75, 75, 35), (100, 100, 50)]
@@ -121,9 +126,10 @@ def measure(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int, 
     return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "memory_mb": mem / 2**20}
 
 
-def build(config: EnergyConfig, steps: int, device: torch.device, seed: int = 0) -> FlowProcessor:
+def build(config: EnergyConfig, steps: int, device: torch.device, seed: int = 0,
+          cls: type[FlowProcessor] = FlowProcessor) -> FlowProcessor:
     torch.manual_seed(seed)
-    proc = FlowProcessor(EnergyLattice(config), SimpleNeuron(config), config).to(device)
+    proc = cls(EnergyLattice(config), SimpleNeuron(config), config).to(device)
     pin_dynamics(proc, steps)
     return proc
 
@@ -155,7 +161,7 @@ def carrier_fn(proc: FlowProcessor, num_flows: int, steps: int, device: torch.de
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     base = dict(carrier_hidden_dim=args.hidden, carrier_num_layers=args.layers, carrier_type=args.carrier)
-    results: dict[str, list[dict]] = {"lattice": [], "flows": [], "overhead": []}
+    results: dict[str, list[dict]] = {"lattice": [], "flows": [], "overhead": [], "dense": []}
     meta = {
         "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
         "cpu_threads": torch.get_num_threads(), "machine": platform.machine(), "args": vars(args),
@@ -200,6 +206,20 @@ def run(args: argparse.Namespace) -> dict:
             "engine_memory_mb": e_rows[-1]["memory_mb"], "carrier_memory_mb": c_rows[-1]["memory_mb"],
         })
         print(f"  overhead {name}: {e_ms:.1f} / {c_ms:.1f} ms", file=sys.stderr)
+
+    for name in args.dense_presets:
+        config = PRESETS[name]().replace(**base)
+        batch = args.dense_batch
+        sparse, dense = build(config, args.steps, device), build(config, args.steps, device, cls=DenseReferenceProcessor)
+        s_row = measure(engine_fn(sparse, batch, device), device, args.dense_repeats, 1)
+        d_row = measure(engine_fn(dense, batch, device), device, args.dense_repeats, 1)
+        results["dense"].append({
+            "preset": name, "lattice": f"{config.lattice_width}x{config.lattice_height}x{config.lattice_depth}",
+            "batch": batch, "flows": config.initial_flows_per_sample * batch, "sparse_ms": s_row["median_ms"],
+            "dense_ms": d_row["median_ms"], "speedup": d_row["median_ms"] / s_row["median_ms"],
+            "sparse_memory_mb": s_row["memory_mb"], "dense_memory_mb": d_row["memory_mb"],
+        })
+        print(f"  dense {name}: {d_row['median_ms']:.1f} / {s_row['median_ms']:.1f} ms", file=sys.stderr)
     return {"meta": meta, **results}
 
 
@@ -225,6 +245,12 @@ def print_tables(res: dict) -> None:
         for r in res["overhead"]:
             print(f"| {r['preset']} | {r['lattice']} | {r['flows']} | {r['engine_ms']:.1f} | {r['carrier_ms']:.1f} "
                   f"| {r['ratio']:.2f} |")
+    if res["dense"]:
+        print(f"\n| preset | lattice | batch | flows | sparse ms | dense ms | dense / sparse | sparse {mem} | dense {mem} |"
+              "\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        for r in res["dense"]:
+            print(f"| {r['preset']} | {r['lattice']} | {r['batch']} | {r['flows']} | {r['sparse_ms']:.1f} "
+                  f"| {r['dense_ms']:.1f} | {r['speedup']:.1f} | {r['sparse_memory_mb']:.1f} | {r['dense_memory_mb']:.1f} |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -238,6 +264,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=16, help="batch size for the lattice and flow sweeps")
     p.add_argument("--flow-sweep", type=int, nargs="*", default=[4, 8, 16, 32, 64], help="flows per sample")
     p.add_argument("--presets", nargs="*", default=["debug", "experiment", "optimized"], choices=list(PRESETS))
+    p.add_argument("--dense-presets", nargs="*", default=["debug", "experiment", "optimized"], choices=list(PRESETS))
+    p.add_argument("--dense-batch", type=int, default=2, help="batch for the dense comparison (memory grows with B*W*H*D)")
+    p.add_argument("--dense-repeats", type=int, default=3)
     p.add_argument("--max-lattices", type=int, default=len(LATTICES))
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)

@@ -110,3 +110,18 @@ def test_output_face_scatter_equals_dense_reference():
         torch.testing.assert_close(lat.read_out(dep, 3), dense_y, atol=1e-5, rtol=1e-5)
     # only hit cells are materialised
     assert dep.cell_id.numel() <= 4 * a
+
+
+def test_dense_reference_gives_the_same_output():
+    from efgraph.core.dense_reference import DenseReferenceProcessor
+
+    config = tiny_config(energy_threshold=0.001, spawn_threshold=0.002)
+    sparse = build_processor(config)
+    force_spawning(sparse)
+    dense = DenseReferenceProcessor(sparse.lattice, sparse.neuron, config)
+    dense.load_state_dict(sparse.state_dict())
+    x = torch.randn(3, config.input_dim, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(dense(x), sparse(x), atol=1e-5, rtol=1e-5)
+    assert dense.last_trace.occupied == sparse.last_trace.occupied
+    assert sparse.last_trace.total_spawned > 0

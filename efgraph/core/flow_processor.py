@@ -174,15 +174,8 @@ class FlowProcessor(nn.Module):
             next_id: first flow id to give a child.
         """
         cfg, lattice = self.config, self.lattice
-        # 1. occupied cells
-        cell_id = lattice.cell_id(state.batch, lattice.cell_coordinates(state.pos))
-        occupied, cell_index = torch.unique(cell_id, return_inverse=True)
-        _, occupied_cell = lattice.cell_from_id(occupied)
-        # 2. message passing flows -> cells, neuron on the occupied cells, gather back
-        top = state.h[-1]
-        aggregated = self.conv(top, state.energy, cell_index, occupied.numel())
-        cell_pe = lattice.position_encoding(occupied_cell.to(state.pos.dtype))
-        transformation = self.neuron(torch.cat([aggregated, cell_pe], dim=1)).index_select(0, cell_index)
+        # 1-2. occupied cells, message passing, neuron
+        transformation, occupied = self.cell_transformation(state)
         # 3. carrier and heads
         step_input = torch.cat(
             [transformation, state.energy.unsqueeze(1), lattice.position_encoding(state.pos)], dim=1
@@ -236,6 +229,22 @@ class FlowProcessor(nn.Module):
             energy_died=torch.where(died, energy, torch.zeros_like(energy)).sum(),
             energy_arrived=torch.where(arrived, energy, torch.zeros_like(energy)).sum(),
         )
+
+    def cell_transformation(self, state: FlowState) -> tuple[Tensor, Tensor]:
+        """The neuron's transformation for every flow, computed on the occupied cells only.
+
+        Returns:
+            ``[F, neuron_output_dim]`` transformation of each flow's cell, and the sorted ids of
+            the C occupied cells ``[C]``.
+        """
+        lattice = self.lattice
+        cell_id = lattice.cell_id(state.batch, lattice.cell_coordinates(state.pos))
+        occupied, cell_index = torch.unique(cell_id, return_inverse=True)
+        _, occupied_cell = lattice.cell_from_id(occupied)
+        aggregated = self.conv(state.h[-1], state.energy, cell_index, occupied.numel())
+        cell_pe = lattice.position_encoding(occupied_cell.to(state.pos.dtype))
+        transformation = self.neuron(torch.cat([aggregated, cell_pe], dim=1)).index_select(0, cell_index)
+        return transformation, occupied
 
     def _choose_spawners(
         self, alive: Tensor, energy: Tensor, score: Tensor, batch: Tensor, batch_size: int

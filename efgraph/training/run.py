@@ -64,7 +64,7 @@ def load_pairs(config: EnergyConfig, progress: bool = True) -> EmbeddingPairs:
         pairs = make_teacher_pairs(config.synthetic_pairs, config.input_dim, config.output_dim, seed=config.seed)
     elif config.dataset == "bible":
         pairs = load_bible_pairs(config.source_version, config.target_version, max_verses=limit, model=model,
-                                 progress=progress)
+                                 verses_per_book=config.verses_per_book or None, progress=progress)
     elif config.dataset == "pairs":
         pairs = load_embedding_pairs(config.data_path)
     else:

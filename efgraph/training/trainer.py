@@ -204,11 +204,13 @@ class EnergyTrainer:
         targets = targets.to(self.device, non_blocking=True)
         pred = self.model(inputs)
         loss = embedding_loss(pred, targets, self.config.mse_weight, self.config.cosine_weight)
-        if self.dist.enabled:
+        flow_steps = sum(self.processor.last_trace.active)
+        if self.dist.enabled:  # one all-reduce gives the global loss and flow-steps to every rank
             loss = loss * (inputs.size(0) * self.dist.world_size / global_batch)
-            global_loss = loss.detach().clone()
-            torch.distributed.all_reduce(global_loss)
-            loss_value = global_loss.item() / self.dist.world_size
+            totals = torch.stack([loss.detach(), loss.new_tensor(float(flow_steps))])
+            torch.distributed.all_reduce(totals)
+            loss_value = totals[0].item() / self.dist.world_size
+            flow_steps = int(totals[1].item())
         else:
             loss_value = loss.item()
         if not math.isfinite(loss_value):
@@ -224,7 +226,6 @@ class EnergyTrainer:
         self.scheduler.step()
         elapsed = time.perf_counter() - start
         trace = self.processor.last_trace
-        flow_steps = sum(trace.active)
         metrics = {
             "train/loss": loss_value,
             "train/lr": lr,

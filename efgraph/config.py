@@ -82,6 +82,7 @@ class EnergyConfig:
     eval_every: int = 100
     log_every: int = 10
     checkpoint_every: int = 200
+    skip_nonfinite_steps: bool = False  # skip (and count) a step with a NaN/inf loss or gradient instead of stopping
     seed: int = 0
     # --- data (used by scripts/train.py) -------------------------------------------------------
     dataset: str = "synthetic"  # synthetic | bible | pairs (embedding file) | text (text-pair file)

@@ -58,7 +58,7 @@ def reference_step(proc: FlowProcessor, state: FlowState, batch_size: int, next_
     transformation = [None] * n
     for b, cz, cy, cx in occupied:
         members = cells[(b, cz, cy, cx)]
-        msgs = [proc.conv.lin(torch.cat([state.h[-1, f], state.energy[f : f + 1]])) for f in members]
+        msgs = [proc.conv.lin(state.h[-1, f]) + state.energy[f] * proc.conv.energy_weight for f in members]
         agg = torch.stack(msgs).sum(0)
         if cfg.aggregation == "mean":
             agg = agg / len(members)

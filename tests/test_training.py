@@ -118,3 +118,32 @@ def test_trainer_rejects_bad_data(bad, message):
     trainer = EnergyTrainer(FlowProcessor.from_config(config), config, progress=False)
     with pytest.raises(ValueError, match=message):
         trainer.train(*bad(train_x, train_y), epochs=1)
+
+
+def test_skip_nonfinite_steps_drops_the_update_and_counts_it():
+    train_x, train_y, _, _ = _teacher(n=80)
+    config = _config(epochs=1, skip_nonfinite_steps=True)
+    trainer = EnergyTrainer(FlowProcessor.from_config(config), config, progress=False)
+    trainer.train(train_x, train_y, max_steps=1)
+    bad_x = train_x.clone()
+    bad_x[0, 0] = 1e38  # finite input that overflows inside the model
+    with torch.no_grad():
+        trainer.processor.lattice.input_query.weight.mul_(1e10)
+    before = {k: v.clone() for k, v in trainer.processor.state_dict().items()}
+    metrics = trainer.train_step(bad_x[:16], train_y[:16])
+    assert metrics["train/skipped_steps"] == 1.0 and trainer.skipped_steps == 1
+    assert not math.isfinite(metrics["train/loss"]) or not math.isfinite(metrics["train/grad_norm"])
+    for k, v in trainer.processor.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)  # the bad step changed nothing
+
+
+def test_nonfinite_flows_stop_training_naming_the_parameter(tmp_path):
+    train_x, train_y, _, _ = _teacher(n=80)
+    config = _config(epochs=1)
+    trainer = EnergyTrainer(FlowProcessor.from_config(config), config, run_dir=tmp_path, progress=False)
+    trainer.train(train_x, train_y, max_steps=1)
+    with torch.no_grad():
+        trainer.processor.carrier.displacement_head.bias[2] = float("nan")  # NaN jumps: flows never arrive
+    with pytest.raises(FloatingPointError, match=r"step 2: forward: .* non-finite position.*displacement_head"):
+        trainer.train(train_x, train_y, epochs=1)
+    assert (tmp_path / "checkpoints/last_good.pt").exists()

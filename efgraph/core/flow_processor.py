@@ -134,8 +134,14 @@ class FlowProcessor(nn.Module):
             trace.arrived.append(result.arrivals.batch.numel())
             trace.energy_rows.append(torch.stack([result.next_state.energy.detach().sum(), arrived, lost]))
             state = result.next_state
-        # dz >= 1 per step makes this impossible; a failure here is an engine bug, not bad input.
-        assert state.num_flows == 0, f"{state.num_flows} flows still active after D-1 steps"
+        if state.num_flows:
+            # dz >= 1 per step ends every finite flow by now; NaN positions never arrive or die.
+            if not (torch.isfinite(state.pos).all() and torch.isfinite(state.energy).all()):
+                raise FloatingPointError(
+                    f"forward: {state.num_flows} flows have a non-finite position or energy after "
+                    f"{self.config.lattice_depth - 1} steps (NaN/inf in the parameters or activations)"
+                )
+            raise AssertionError(f"{state.num_flows} finite flows still active after D-1 steps: an engine bug")
 
         landed = _cat_arrivals(arrivals, x.device, self.config.face_channels, x.dtype)
         if trace.paths is not None:
@@ -191,18 +197,21 @@ class FlowProcessor(nn.Module):
         alive = ~died & ~arrived
         assert died.dtype == arrived.dtype == alive.dtype == torch.bool
 
-        spawn = self._choose_spawners(alive, energy, heads.spawn_score, state.batch, batch_size)
-        split = torch.where(spawn, self.carrier.split_fraction(heads.spawn_score), torch.zeros_like(energy))
-        energy_after_split = energy * (1.0 - split)
-
         arrived_idx = arrived.nonzero().flatten()
         alive_idx = alive.nonzero().flatten()
-        parent_idx = spawn.nonzero().flatten()
+        parent_idx = self._choose_spawners(alive, alive_idx, energy, heads.spawn_score, state.batch, batch_size)
+        energy_after_split = energy
+        if parent_idx.numel():
+            # the child takes sigmoid(score) / 2 of its parent's energy: the sum is conserved
+            share = self.carrier.split_fraction(heads.spawn_score.index_select(0, parent_idx))
+            child_energy = energy.index_select(0, parent_idx) * share
+            energy_after_split = energy - torch.zeros_like(energy).index_add(0, parent_idx, child_energy)
+
         moved = FlowState(h=h, c=c, pos=pos, energy=energy_after_split, batch=state.batch, flow_id=state.flow_id)
         # Fast paths: most steps keep every flow or spawn nothing; skip those copies of [L, F, H].
         next_state = moved if alive_idx.numel() == state.num_flows else moved.select(alive_idx)
         if parent_idx.numel():
-            children = self._children(moved, parent_idx, energy * split, heads.child_dxy, next_id)
+            children = self._children(moved, parent_idx, child_energy, heads.child_dxy, next_id)
             next_state = FlowState.cat([next_state, children])
 
         arrivals = Arrivals(
@@ -225,9 +234,10 @@ class FlowProcessor(nn.Module):
             occupied_cell_id=occupied,
             num_spawned=num_spawned,
             num_died=num_died,
-            energy_dissipated=(state.energy - energy).sum(),
-            energy_died=torch.where(died, energy, torch.zeros_like(energy)).sum(),
-            energy_arrived=torch.where(arrived, energy, torch.zeros_like(energy)).sum(),
+            # bookkeeping only: detached, so it adds nothing to the autograd graph
+            energy_dissipated=(state.energy.detach() - energy.detach()).sum(),
+            energy_died=(energy.detach() * died).sum(),
+            energy_arrived=(energy.detach() * arrived).sum(),
         )
 
     def cell_transformation(self, state: FlowState) -> tuple[Tensor, Tensor]:
@@ -247,21 +257,26 @@ class FlowProcessor(nn.Module):
         return transformation, occupied
 
     def _choose_spawners(
-        self, alive: Tensor, energy: Tensor, score: Tensor, batch: Tensor, batch_size: int
+        self, alive: Tensor, alive_idx: Tensor, energy: Tensor, score: Tensor, batch: Tensor, batch_size: int
     ) -> Tensor:
-        """``[F]`` bool: which continuing flows spawn, the best-scoring first, within the budgets."""
+        """Indices ``[S]`` (ascending) of the continuing flows that spawn, best score first per sample,
+        at most ``max_spawn_per_step`` per sample and never past ``max_active_flows``."""
         cfg = self.config
-        candidate = alive & self.carrier.can_spawn(energy, score)
-        alive_per_sample = torch.bincount(batch[alive], minlength=batch_size)
+        candidates = (alive & self.carrier.can_spawn(energy, score)).nonzero().flatten()
+        if candidates.numel() == 0:  # the common case: no ranking work at all
+            return candidates
+        alive_per_sample = torch.bincount(batch.index_select(0, alive_idx), minlength=batch_size)
         room = (cfg.max_active_flows - alive_per_sample).clamp(min=0, max=cfg.max_spawn_per_step)
-        # non-candidates rank last and are masked out afterwards
-        ranked_score = torch.where(candidate, score.detach(), torch.full_like(score, float("-inf")))
-        return candidate & keep_top_per_group(batch, ranked_score, room, batch_size)
+        cand_batch = batch.index_select(0, candidates)
+        keep = keep_top_per_group(cand_batch, score.detach().index_select(0, candidates), room, batch_size)
+        return candidates[keep]
 
     def _children(
         self, parents: FlowState, parent_idx: Tensor, child_energy: Tensor, child_dxy: Tensor, next_id: int
     ) -> FlowState:
-        """Children of the flows at ``parent_idx``: own hidden state and lateral offset, part of the energy."""
+        """Children of the flows at ``parent_idx``: own hidden state and lateral offset, part of the energy.
+
+        ``child_energy`` is ``[S]``, one entry per parent in ``parent_idx`` order."""
         p = parents.select(parent_idx)
         h, c = self.carrier.spawn(p.h, p.c)
         xy = self.lattice.reflect_xy(p.pos[:, :2] + child_dxy.index_select(0, parent_idx))
@@ -269,7 +284,7 @@ class FlowProcessor(nn.Module):
             h=h,
             c=c,
             pos=torch.cat([xy, p.pos[:, 2:]], dim=1),
-            energy=child_energy.index_select(0, parent_idx),
+            energy=child_energy,
             batch=p.batch,
             flow_id=next_id + torch.arange(parent_idx.numel(), device=parent_idx.device),
         )

@@ -12,7 +12,7 @@ class FlowToCellConv(MessagePassing):
     r"""Aggregate flow messages into their occupied cells on the bipartite graph flows -> cells.
 
     .. math::
-        \bar m_c = \operatorname*{AGG}_{f \,:\, \mathrm{cell}(f) = c} W [h_f \,\|\, e_f] + b
+        \bar m_c = \operatorname*{AGG}_{f \,:\, \mathrm{cell}(f) = c} W h_f + e_f w_e + b
 
     with AGG = mean or sum (``config.aggregation``). Each flow has exactly one edge, to its cell,
     so the graph has F edges and C target nodes, and only occupied cells exist in it.
@@ -30,17 +30,20 @@ class FlowToCellConv(MessagePassing):
     def __init__(self, hidden_dim: int, message_dim: int, aggregation: str = "mean") -> None:
         super().__init__(aggr=aggregation)
         self.aggregation = aggregation
-        self.lin = nn.Linear(hidden_dim + 1, message_dim)
+        self.lin = nn.Linear(hidden_dim, message_dim)
+        self.energy_weight = nn.Parameter(torch.empty(message_dim))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
         self.lin.reset_parameters()
+        nn.init.uniform_(self.energy_weight, -1.0, 1.0)
 
     def forward(self, flow_h: Tensor, energy: Tensor, cell_index: Tensor, num_cells: int) -> Tensor:
         # Project on the F flows before propagating: with one edge per flow the projection would
         # cost the same per edge, but this keeps the gathered rows narrow (message_dim, not H).
-        msg = self.lin(torch.cat([flow_h, energy.unsqueeze(1)], dim=1))
+        # The energy enters as its own column (W [h, e] = W_h h + e w_e) to avoid copying h.
+        msg = torch.addcmul(self.lin(flow_h), energy.unsqueeze(1), self.energy_weight)
         num_flows = msg.size(0)
         edge_index = torch.stack([torch.arange(num_flows, device=msg.device), cell_index])
         return self.propagate(edge_index, x=(msg, None), size=(num_flows, num_cells))

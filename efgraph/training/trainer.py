@@ -13,7 +13,9 @@ restored from a checkpoint at step ``s`` draws exactly the batches the uninterru
 have drawn, and ends with the same parameters.
 
 A non-finite loss or gradient stops training with ``FloatingPointError`` naming the step and what
-went bad first, after writing ``checkpoints/last_good.pt`` (the parameters before that step).
+went bad first, after writing ``checkpoints/last_good.pt`` (the parameters before that step); with
+``config.skip_nonfinite_steps`` the step's update is dropped instead and counted in
+``train/skipped_steps``.
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ class EnergyTrainer:
         self._best_state: dict[str, Tensor] | None = None
         self.evaluations: list[dict[str, float]] = []
         self._steps_per_epoch = 0
+        self.skipped_steps = 0
 
     # ---- data checks -----------------------------------------------------------------------------
     def _check_pairs(self, src: Tensor, tgt: Tensor, what: str) -> None:
@@ -181,7 +184,7 @@ class EnergyTrainer:
                 self.step += 1
                 last_loss = metrics["train/loss"]
                 bar.update(1)
-                bar.set_postfix(loss=f"{last_loss:.4f}", flows=int(metrics["flows/mean_active_flows"]))
+                bar.set_postfix(loss=f"{last_loss:.4f}", flows=int(metrics.get("flows/mean_active_flows", 0)))
                 if self.step % cfg.log_every == 0 or self.step == stop:
                     self.run_logger.log({**metrics, "train/epoch": epoch + (within + 1) / per_epoch}, self.step)
                 if has_val and self.dist.is_main and (self.step % cfg.eval_every == 0 or self.step == stop):
@@ -202,45 +205,62 @@ class EnergyTrainer:
             targets = targets.tensor_split(self.dist.world_size)[self.dist.rank]
         inputs = inputs.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
-        pred = self.model(inputs)
-        loss = embedding_loss(pred, targets, self.config.mse_weight, self.config.cosine_weight)
-        flow_steps = sum(self.processor.last_trace.active)
-        if self.dist.enabled:  # one all-reduce gives the global loss and flow-steps to every rank
-            loss = loss * (inputs.size(0) * self.dist.world_size / global_batch)
-            totals = torch.stack([loss.detach(), loss.new_tensor(float(flow_steps))])
-            torch.distributed.all_reduce(totals)
-            loss_value = totals[0].item() / self.dist.world_size
-            flow_steps = int(totals[1].item())
-        else:
-            loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            self._stop_on_nonfinite(f"loss is {loss_value}", pred)
+        bad: str | None = None
+        pred: Tensor | None = None
+        loss_value = grad_norm = float("nan")
+        flow_steps = 0
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.processor.parameters(), self.config.grad_clip))
-        if not math.isfinite(grad_norm):
-            self._stop_on_nonfinite(f"gradient norm is {grad_norm}", pred)
+        try:
+            pred = self.model(inputs)
+        except FloatingPointError as err:  # NaN/inf flows: handled below like a NaN loss, never hidden
+            bad = str(err)
+        if pred is not None:
+            loss = embedding_loss(pred, targets, self.config.mse_weight, self.config.cosine_weight)
+            flow_steps = sum(self.processor.last_trace.active)
+            if self.dist.enabled:  # one all-reduce gives the global loss and flow-steps to every rank
+                loss = loss * (inputs.size(0) * self.dist.world_size / global_batch)
+                totals = torch.stack([loss.detach(), loss.new_tensor(float(flow_steps))])
+                torch.distributed.all_reduce(totals)
+                loss_value = totals[0].item() / self.dist.world_size
+                flow_steps = int(totals[1].item())
+            else:
+                loss_value = loss.item()
+            if math.isfinite(loss_value):
+                loss.backward()
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.processor.parameters(), self.config.grad_clip))
+                if not math.isfinite(grad_norm):
+                    bad = f"gradient norm is {grad_norm}"
+            else:
+                bad = f"loss is {loss_value}"
+        if bad is not None and not self.config.skip_nonfinite_steps:
+            self._stop_on_nonfinite(bad, pred)
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
+        if bad is None:
+            self.optimizer.step()
+        else:  # skip_nonfinite_steps: drop this update, keep the schedule in step with the step count
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            logger.warning("step %d: %s; skipped (%d skipped so far)", self.step + 1, bad, self.skipped_steps)
         assert self.scheduler is not None, "train_step needs the scheduler that train() builds"
         self.scheduler.step()
         elapsed = time.perf_counter() - start
-        trace = self.processor.last_trace
+        trace = self.processor.last_trace if pred is not None else None
         metrics = {
             "train/loss": loss_value,
             "train/lr": lr,
             "train/grad_norm": grad_norm,
+            "train/skipped_steps": float(self.skipped_steps),
             "perf/step_time_s": elapsed,
             "perf/samples_per_s": global_batch / elapsed,
             "perf/flow_steps_per_s": flow_steps / elapsed,
             **{f"memory/{k}": v for k, v in memory_report(self.device).items()},
-            **{f"flows/{k}": v for k, v in trace.summary().items()},
+            **({f"flows/{k}": v for k, v in trace.summary().items()} if trace is not None else {}),
         }
         if logger.isEnabledFor(DEBUG_CONVERGENCE):
             logger.log(DEBUG_CONVERGENCE, "step %d: loss %.5f grad_norm %.4f lr %.2e", self.step + 1, loss_value, grad_norm, lr)
         return metrics
 
-    def _stop_on_nonfinite(self, what: str, pred: Tensor) -> None:
+    def _stop_on_nonfinite(self, what: str, pred: Tensor | None) -> None:
         """Write the last good state, then raise naming the step and the first bad tensor."""
         step = self.step + 1
         culprit = _first_nonfinite(self.processor, pred)
@@ -296,7 +316,7 @@ class EnergyTrainer:
     def save_checkpoint(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
         run_state = {
             "best_val_loss": self.best_val_loss, "best_step": self.best_step,
-            "wandb_id": self.run_logger.wandb_id, **(extra or {}),
+            "wandb_id": self.run_logger.wandb_id, "skipped_steps": self.skipped_steps, **(extra or {}),
         }
         return save_checkpoint(
             path, model=self.processor, optimizer=self.optimizer, scheduler=self.scheduler, step=self.step,
@@ -316,17 +336,20 @@ class EnergyTrainer:
         restore_rng_state(ckpt)
         extra = ckpt.get("extra") or {}
         self.best_val_loss, self.best_step = extra.get("best_val_loss"), extra.get("best_step")
+        self.skipped_steps = int(extra.get("skipped_steps", 0))
         best_path = Path(path).with_name("best.pt")
         if self.best_step is not None and best_path.exists():
             self._best_state = load_checkpoint(best_path)["model"]
         return ckpt
 
 
-def _first_nonfinite(model: torch.nn.Module, pred: Tensor) -> str:
+def _first_nonfinite(model: torch.nn.Module, pred: Tensor | None) -> str:
     """Name of the first parameter, gradient or output holding NaN/inf."""
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             return f"parameter {name}"
+    if pred is None:
+        return "flows inside the forward (parameters were finite: an activation overflowed)"
     if not torch.isfinite(pred).all():
         return "model output"
     for name, p in model.named_parameters():

@@ -40,9 +40,10 @@ def test_wandb_mode_is_decided_by_the_api_key(no_wandb_key, monkeypatch):
 
 def _train(run_dir: Path, *extra: str, env_key: str | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(ROOT / "scripts/train.py"), "--config", str(ROOT / "configs/debug.yaml"),
-           "--output-dir", str(run_dir), "--no-progress", *extra]
+           "--output-dir", str(run_dir), "--no-progress"]
     for item in TINY:
         cmd += ["--set", item]
+    cmd += extra  # after TINY, so that a later --set wins
     import os
 
     env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
@@ -96,7 +97,8 @@ def test_train_script_resumes_a_stopped_run(tmp_path):
     assert (run_dir / "split.json").read_text() == split
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train_steps = [r["step"] for r in rows if "train/loss" in r]
-    assert train_steps == [2, 4, 5, 6, 8, 10, 12, 14]  # logged every 2 steps, plus the stop at 5; 14 = 2 epochs
+    # 96 training pairs / batch 16 = 6 steps per epoch, 2 epochs; logged every 2 steps plus the stop at 5
+    assert train_steps == [2, 4, 5, 6, 8, 10, 12]
     assert (run_dir / "results.json").exists()
 
 

@@ -227,7 +227,7 @@ class FlowProcessor(nn.Module):
             logger.log(DEBUG_SPAWN, "step: %d flows, %d spawned, %d died, %d arrived",
                        state.num_flows, num_spawned, num_died, arrived_idx.numel())
         if logger.isEnabledFor(DEBUG_ENERGY):
-            logger.log(DEBUG_ENERGY, "step: mean energy %.4f, min %.4f", float(energy.mean()), float(energy.min()))
+            logger.log(DEBUG_ENERGY, "step: mean energy %.4f, min %.4f", float(energy.detach().mean()), float(energy.detach().min()))
         return StepResult(
             next_state=next_state,
             arrivals=arrivals,

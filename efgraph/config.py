@@ -21,6 +21,7 @@ import yaml
 CARRIER_TYPES = ("gru", "lstm")
 AGGREGATIONS = ("mean", "sum")
 DATASETS = ("synthetic", "bible", "pairs", "text")
+PRECISIONS = ("fp32", "bf16")
 
 # Fields that fix the shapes of the parameters or what the computation means: a checkpoint only
 # loads into a model whose config agrees on all of them (training knobs may change on resume).
@@ -82,6 +83,7 @@ class EnergyConfig:
     eval_every: int = 100
     log_every: int = 10
     checkpoint_every: int = 200
+    precision: str = "fp32"  # fp32 | bf16 (autocast; the recurrent cell and positions stay fp32)
     skip_nonfinite_steps: bool = False  # skip (and count) a step with a NaN/inf loss or gradient instead of stopping
     seed: int = 0
     # --- data (used by scripts/train.py) -------------------------------------------------------
@@ -184,6 +186,8 @@ class EnergyConfig:
             raise ValueError(
                 f"residual: needs input_dim == output_dim, got {self.input_dim} and {self.output_dim}"
             )
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision: must be one of {PRECISIONS}, got {self.precision!r}")
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset: must be one of {DATASETS}, got {self.dataset!r}")
         if self.dataset in ("pairs", "text") and not self.data_path:

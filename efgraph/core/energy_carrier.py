@@ -99,16 +99,23 @@ class EnergyCarrier(nn.Module):
         """
         per_sample = self.init_from_input(x)  # [B, L*H]
         h = torch.tanh(per_sample.index_select(0, batch) + self.init_from_position(position_encoding))
-        h = h.view(-1, self.num_layers, self.hidden_dim).transpose(0, 1).contiguous()
+        # fp32 even under autocast: the carrier state stays fp32 (see ``step``)
+        h = h.view(-1, self.num_layers, self.hidden_dim).transpose(0, 1).float().contiguous()
         return h, (torch.zeros_like(h) if self.is_lstm else None)
 
     def step(self, inputs: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-        """One recurrent call over all flows: ``inputs [F, in]`` -> ``(top [F, H], h, c)``."""
-        if self.is_lstm:
-            out, (h_new, c_new) = self.rnn(inputs.unsqueeze(0), (h, c))
-        else:
-            out, h_new = self.rnn(inputs.unsqueeze(0), h)
-            c_new = None
+        """One recurrent call over all flows: ``inputs [F, in]`` -> ``(top [F, H], h, c)``.
+
+        Always in fp32, also under bf16 autocast: the state is carried across up to D-1 steps and
+        its rounding errors would compound; the heads and the neuron may run in bf16.
+        """
+        with torch.autocast(device_type=inputs.device.type, enabled=False):
+            inputs = inputs.float()
+            if self.is_lstm:
+                out, (h_new, c_new) = self.rnn(inputs.unsqueeze(0), (h, c))
+            else:
+                out, h_new = self.rnn(inputs.unsqueeze(0), h)
+                c_new = None
         return out.squeeze(0), h_new, c_new
 
     # ---- heads -----------------------------------------------------------------------------------

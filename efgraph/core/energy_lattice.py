@@ -188,7 +188,8 @@ class EnergyLattice(nn.Module):
             [(cell % self.width).float(), (cell // self.width).float(), torch.zeros_like(cell, dtype=torch.float)],
             dim=1,
         )
-        energy = torch.sigmoid(top_amp.reshape(-1) + self.energy_bias)
+        # energies are bookkept in fp32 even under autocast, so energy accounting stays exact
+        energy = torch.sigmoid(top_amp.reshape(-1).float() + self.energy_bias)
         return InjectedFlows(batch=batch, pos=pos, energy=energy)
 
     # ---- output face -----------------------------------------------------------------------------

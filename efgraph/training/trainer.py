@@ -203,15 +203,15 @@ class EnergyTrainer:
         if self.dist.enabled:  # this rank's slice; the loss is scaled so DDP's mean is the global mean
             inputs = inputs.tensor_split(self.dist.world_size)[self.dist.rank]
             targets = targets.tensor_split(self.dist.world_size)[self.dist.rank]
-        inputs = inputs.to(self.device, non_blocking=True)
-        targets = targets.to(self.device, non_blocking=True)
+        inputs, targets = self._to_device(inputs), self._to_device(targets)
         bad: str | None = None
         pred: Tensor | None = None
         loss_value = grad_norm = float("nan")
         flow_steps = 0
         self.optimizer.zero_grad(set_to_none=True)
         try:
-            pred = self.model(inputs)
+            with self._autocast():
+                pred = self.model(inputs).float()
         except FloatingPointError as err:  # NaN/inf flows: handled below like a NaN loss, never hidden
             bad = str(err)
         if pred is not None:
@@ -260,6 +260,17 @@ class EnergyTrainer:
             logger.log(DEBUG_CONVERGENCE, "step %d: loss %.5f grad_norm %.4f lr %.2e", self.step + 1, loss_value, grad_norm, lr)
         return metrics
 
+    def _to_device(self, t: Tensor) -> Tensor:
+        """Host -> device; through pinned memory on CUDA so the copy does not block the host."""
+        if self.device.type == "cuda" and t.device.type == "cpu":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def _autocast(self) -> torch.autocast:
+        """bf16 autocast when ``config.precision == "bf16"`` (a no-op context otherwise)."""
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
+                              enabled=self.config.precision == "bf16")
+
     def _stop_on_nonfinite(self, what: str, pred: Tensor | None) -> None:
         """Write the last good state, then raise naming the step and the first bad tensor."""
         step = self.step + 1
@@ -276,7 +287,8 @@ class EnergyTrainer:
         """``[N, input_dim]`` -> ``[N, output_dim]`` on the CPU, in eval mode, batch by batch."""
         self.processor.eval()
         bs = batch_size or max(self.config.batch_size, 64)
-        out = [self.processor(inputs[i : i + bs].to(self.device)).cpu() for i in range(0, inputs.size(0), bs)]
+        with self._autocast():
+            out = [self.processor(self._to_device(inputs[i : i + bs])).float().cpu() for i in range(0, inputs.size(0), bs)]
         return torch.cat(out)
 
     @torch.no_grad()
@@ -286,7 +298,8 @@ class EnergyTrainer:
         bs = batch_size or max(self.config.batch_size, 64)
         preds, summaries = [], []
         for i in range(0, inputs.size(0), bs):
-            preds.append(self.processor(inputs[i : i + bs].to(self.device)).cpu())
+            with self._autocast():
+                preds.append(self.processor(self._to_device(inputs[i : i + bs])).float().cpu())
             summaries.append(self.processor.last_trace.summary())
         pred = torch.cat(preds)
         metrics = evaluate_predictions(pred, targets)

@@ -84,6 +84,7 @@ class EnergyConfig:
     log_every: int = 10
     checkpoint_every: int = 200
     precision: str = "fp32"  # fp32 | bf16 (autocast; the recurrent cell and positions stay fp32)
+    compile: bool = False  # torch.compile the dense part of each step (dynamic shapes, one graph)
     skip_nonfinite_steps: bool = False  # skip (and count) a step with a NaN/inf loss or gradient instead of stopping
     seed: int = 0
     # --- data (used by scripts/train.py) -------------------------------------------------------

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from efgraph.config import EnergyConfig
 from efgraph.core.budget import keep_top_per_group
-from efgraph.core.energy_carrier import EnergyCarrier
+from efgraph.core.energy_carrier import CarrierHeads, EnergyCarrier
 from efgraph.core.energy_lattice import EnergyLattice
 from efgraph.core.flow_state import FlowState
 from efgraph.core.message_passing import FlowToCellConv
@@ -86,6 +86,8 @@ class FlowProcessor(nn.Module):
         self.conv = FlowToCellConv(config.carrier_hidden_dim, config.message_dim, config.aggregation)
         self.record_paths = False
         self.last_trace: FlowTrace | None = None
+        # dynamic=True: the number of flows changes every step; fullgraph: no silent graph breaks
+        self._compiled_advance = torch.compile(self.advance, dynamic=True, fullgraph=True) if config.compile else None
 
     # ---- input checks ----------------------------------------------------------------------------
     def _check_input(self, x: Tensor) -> None:
@@ -179,19 +181,12 @@ class FlowProcessor(nn.Module):
             batch_size: B (for per-sample budgets and id spaces).
             next_id: first flow id to give a child.
         """
-        cfg, lattice = self.config, self.lattice
-        # 1-2. occupied cells, message passing, neuron
+        cfg = self.config
+        # 1-2. occupied cells (compaction), message passing, neuron
         transformation, occupied = self.cell_transformation(state)
-        # 3. carrier and heads
-        step_input = torch.cat(
-            [transformation, state.energy.unsqueeze(1), lattice.position_encoding(state.pos)], dim=1
-        )
-        top, h, c = self.carrier.step(step_input, state.h, state.c)
-        heads = self.carrier.heads(top)
-        # 4. move
-        pos = lattice.move(state.pos, heads.dxy, heads.dz_fraction)
-        # 5. lifecycle
-        energy = state.energy * heads.energy_gate
+        # 3-4. carrier, heads, move, energy gate: dense, compiled as one graph when config.compile
+        top, h, c, heads, pos, energy = self._advance(transformation, state.h, state.c, state.pos, state.energy)
+        # 5. lifecycle (compaction)
         died = energy < cfg.energy_threshold
         arrived = ~died & (pos[:, 2] >= cfg.lattice_depth - 1)
         alive = ~died & ~arrived
@@ -239,6 +234,26 @@ class FlowProcessor(nn.Module):
             energy_died=(energy.detach() * died).sum(),
             energy_arrived=(energy.detach() * arrived).sum(),
         )
+
+    def advance(
+        self, transformation: Tensor, h: Tensor, c: Tensor | None, pos: Tensor, energy: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor | None, CarrierHeads, Tensor, Tensor]:
+        """The dense part of a step: carrier call, heads, move and energy gate (no compaction).
+
+        Returns ``(top [F, H], h, c, heads, new pos [F, 3], gated energy [F])``.
+        """
+        step_input = torch.cat([transformation, energy.unsqueeze(1), self.lattice.position_encoding(pos)], dim=1)
+        top, h, c = self.carrier.step(step_input, h, c)
+        heads = self.carrier.heads(top)
+        new_pos = self.lattice.move(pos, heads.dxy, heads.dz_fraction)
+        return top, h, c, heads, new_pos, energy * heads.energy_gate
+
+    def _advance(self, *args: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None, CarrierHeads, Tensor, Tensor]:
+        if self._compiled_advance is None:
+            return self.advance(*args)
+        # dynamo treats nn.GRU/LSTM as a graph break unless allow_rnn is set; patch it locally
+        with torch._dynamo.config.patch(allow_rnn=True):
+            return self._compiled_advance(*args)
 
     def cell_transformation(self, state: FlowState) -> tuple[Tensor, Tensor]:
         """The neuron's transformation for every flow, computed on the occupied cells only.

@@ -241,7 +241,7 @@ def print_tables(res: dict) -> None:
             print(f"| {r['lattice']} | {r['flows']} | {r['median_ms']:.1f} | {100 * r['median_ms'] / r['flows']:.2f} "
                   f"| {r['memory_mb']:.1f} |")
     if res["overhead"]:
-        print(f"\n| preset | lattice | flows | engine ms | carrier-alone ms | engine / carrier |\n|---|---|---:|---:|---:|---:|")
+        print("\n| preset | lattice | flows | engine ms | carrier-alone ms | engine / carrier |\n|---|---|---:|---:|---:|---:|")
         for r in res["overhead"]:
             print(f"| {r['preset']} | {r['lattice']} | {r['flows']} | {r['engine_ms']:.1f} | {r['carrier_ms']:.1f} "
                   f"| {r['ratio']:.2f} |")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -30,6 +33,19 @@ def force_spawning(proc: FlowProcessor) -> None:
     with torch.no_grad():
         proc.carrier.spawn_head.bias[0] = 10.0
         proc.carrier.energy_head.bias.fill_(6.0)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train_script_command(run_dir: Path, settings: list[str], *extra: str, launcher: list[str] | None = None) -> list[str]:
+    """``scripts/train.py`` on configs/debug.yaml with ``--set`` for each setting, then ``extra``
+    (so that a later ``--set`` in ``extra`` wins). ``launcher`` replaces ``python`` (e.g. torchrun)."""
+    cmd = [*(launcher or [sys.executable]), str(ROOT / "scripts/train.py"), "--config", str(ROOT / "configs/debug.yaml"),
+           "--output-dir", str(run_dir), "--no-progress"]
+    for item in settings:
+        cmd += ["--set", item]
+    return cmd + list(extra)
 
 
 @pytest.fixture

@@ -6,13 +6,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import train_script_command
+
 SETTINGS = [
     "dataset=synthetic", "synthetic_pairs=400", "input_dim=16", "output_dim=16", "lattice_width=6",
     "lattice_height=6", "lattice_depth=6", "initial_flows_per_sample=4", "max_active_flows=10",
@@ -22,11 +22,7 @@ SETTINGS = [
 
 
 def _cmd(run_dir: Path, *extra: str) -> list[str]:
-    cmd = [sys.executable, str(ROOT / "scripts/train.py"), "--config", str(ROOT / "configs/debug.yaml"),
-           "--output-dir", str(run_dir), "--no-progress", "--wandb-mode", "disabled", "--device", "cpu", *extra]
-    for item in SETTINGS:
-        cmd += ["--set", item]
-    return cmd
+    return train_script_command(run_dir, SETTINGS, "--wandb-mode", "disabled", "--device", "cpu", *extra)
 
 
 def _logged_steps(run_dir: Path) -> list[int]:

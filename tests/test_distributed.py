@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import train_script_command
+
 SETTINGS = [
     "dataset=synthetic", "synthetic_pairs=100", "input_dim=12", "output_dim=12", "lattice_width=5",
     "lattice_height=5", "lattice_depth=5", "initial_flows_per_sample=3", "max_active_flows=8",
@@ -30,12 +31,9 @@ def _free_port() -> int:
 
 def _run(run_dir: Path, nproc: int) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-                "--master_addr=127.0.0.1", f"--master_port={_free_port()}"] if nproc > 1 else [sys.executable]
-    cmd = [*launcher, str(ROOT / "scripts/train.py"), "--config", str(ROOT / "configs/debug.yaml"),
-           "--output-dir", str(run_dir), "--no-progress", "--wandb-mode", "disabled", "--device", "cpu",
-           "--max-steps", "6"]
-    for item in SETTINGS:
-        cmd += ["--set", item]
+                "--master_addr=127.0.0.1", f"--master_port={_free_port()}"] if nproc > 1 else None
+    cmd = train_script_command(run_dir, SETTINGS, "--wandb-mode", "disabled", "--device", "cpu", "--max-steps", "6",
+                               launcher=launcher)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 

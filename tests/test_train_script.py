@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import ROOT, train_script_command
 from efgraph.training.run_logger import resolve_wandb_mode
 from efgraph.utils.wandb_files import find_run_file, logged_history, logged_keys
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "dataset=synthetic", "synthetic_pairs=120", "input_dim=12", "output_dim=12", "lattice_width=5",
     "lattice_height=5", "lattice_depth=5", "initial_flows_per_sample=3", "max_active_flows=8",
@@ -39,13 +40,7 @@ def test_wandb_mode_is_decided_by_the_api_key(no_wandb_key, monkeypatch):
 
 
 def _train(run_dir: Path, *extra: str, env_key: str | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "scripts/train.py"), "--config", str(ROOT / "configs/debug.yaml"),
-           "--output-dir", str(run_dir), "--no-progress"]
-    for item in TINY:
-        cmd += ["--set", item]
-    cmd += extra  # after TINY, so that a later --set wins
-    import os
-
+    cmd = train_script_command(run_dir, TINY, *extra)
     env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
     env["HOME"] = str(run_dir.parent / "home")
     if env_key:

@@ -60,7 +60,7 @@ def test_train_script_writes_the_run_folder_and_offline_wandb_run(tmp_path):
     assert set(results["test"]) == {"energy-flow", "identity", "ridge", "mlp"}
     for metrics in results["test"].values():
         assert set(metrics) == {"cosine", "mse", "r_at_1"}
-    for name in ["config.yaml", "split.json", "metrics.jsonl", "results.md", "flow_paths.png", "landing.png",
+    for name in ["config.yaml", "split.json", "metrics.jsonl", "results.md", "flow_paths.png", "landing.png", "flow_counts.png",
                  "checkpoints/best.pt", "checkpoints/last.pt", "model/model.safetensors", "model/config.yaml"]:
         assert (run_dir / name).exists(), name
     # what W&B recorded, read back from the offline run file
@@ -70,7 +70,7 @@ def test_train_script_writes_the_run_folder_and_offline_wandb_run(tmp_path):
                 "flows/mean_active_flows", "flows/mean_occupied_cells", "flows/spawned", "flows/died",
                 "flows/energy_arrived_fraction", "flows/mean_initial_energy", "val/loss", "val/cosine",
                 "val/r_at_1", "landing/x/_type", "landing/energy/_type", "figures/flow_paths/_type",
-                "test/results/_type", "summary:test/mlp/r_at_1", "summary:test/energy-flow/cosine"]:
+                "figures/flow_counts/_type", "test/results/_type", "summary:test/mlp/r_at_1", "summary:test/energy-flow/cosine"]:
         assert key in keys, key
     assert any(k.startswith("artifact:") and k.endswith("-best") for k in keys)
     steps = [row["_step"] for row in logged_history(run_file)]

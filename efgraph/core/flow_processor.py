@@ -107,6 +107,7 @@ class FlowProcessor(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
+        """``x [B, input_dim]`` -> ``y [B, output_dim]``; the forward's trace goes to :attr:`last_trace`."""
         self._check_input(x)
         batch_size = x.size(0)
         state = self.inject(x)

@@ -11,7 +11,7 @@ Run folder layout::
     RUN_DIR/checkpoints/       last.pt, best.pt (weights_only-loadable)
     RUN_DIR/results.json       test metrics of the model and the baselines
     RUN_DIR/results.md         the same as a Markdown table
-    RUN_DIR/flow_paths.png, RUN_DIR/landing.png
+    RUN_DIR/flow_paths.png, RUN_DIR/landing.png, RUN_DIR/flow_counts.png
     RUN_DIR/model/             model.safetensors + config.yaml (see efgraph.load_model)
 """
 
@@ -34,7 +34,7 @@ from efgraph.data.split import make_split
 from efgraph.model_io import export_model
 from efgraph.training.baselines import format_results_table, run_baselines
 from efgraph.training.distributed import DistributedContext, init_distributed, local_device, shutdown_distributed
-from efgraph.training.figures import flow_paths_figure, landing_arrays, landing_figure
+from efgraph.training.figures import flow_counts_figure, flow_paths_figure, landing_arrays, landing_figure
 from efgraph.training.run_logger import RunLogger, resolve_wandb_mode
 from efgraph.training.trainer import EnergyTrainer
 from efgraph.utils.device import get_device
@@ -218,6 +218,7 @@ def _figures(trainer: EnergyTrainer, test: EmbeddingPairs, config: EnergyConfig,
     paths = {
         "figures/flow_paths": flow_paths_figure(trace, config, run_dir / "flow_paths.png"),
         "figures/landing": landing_figure(trace, config, run_dir / "landing.png"),
+        "figures/flow_counts": flow_counts_figure(trace, run_dir / "flow_counts.png"),
     }
     run_logger.log_images(paths, step)
     run_logger.log_histograms({k: v.numpy() for k, v in landing_arrays(trace).items()}, step)

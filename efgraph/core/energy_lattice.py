@@ -107,6 +107,10 @@ class EnergyLattice(nn.Module):
         self.config = config
         self.width, self.height, self.depth = config.lattice_width, config.lattice_height, config.lattice_depth
         self.position_encoding = PositionEncoding(self.width, self.height, self.depth, config.position_frequencies)
+        # geometry constants as buffers, so that cell ids and reflection are a few fused tensor ops
+        self.register_buffer("round_offset", torch.tensor([0.5, 0.5, 0.0]), persistent=False)
+        self.register_buffer("id_stride", torch.tensor([1, self.width, self.width * self.height]), persistent=False)
+        self.register_buffer("face_upper", torch.tensor([self.width - 1.0, self.height - 1.0]), persistent=False)
         # injection
         self.input_query = nn.Linear(config.input_dim, config.injection_rank)
         self.face_keys = nn.Parameter(torch.empty(config.face_cells, config.injection_rank))
@@ -130,14 +134,11 @@ class EnergyLattice(nn.Module):
     # ---- geometry ------------------------------------------------------------------------------
     def cell_coordinates(self, pos: Tensor) -> Tensor:
         """``[N, 3]`` continuous positions -> ``[N, 3]`` int64 cell (nearest x, y; floor z)."""
-        xy = torch.floor(pos[:, :2] + 0.5)
-        z = torch.floor(pos[:, 2:])
-        return torch.cat([xy, z], dim=1).long()
+        return (pos + self.round_offset).floor().long()
 
     def cell_id(self, batch: Tensor, cell: Tensor) -> Tensor:
-        """Unique id of (sample, cell) pairs: ``[N]`` int64."""
-        w, h, d = self.width, self.height, self.depth
-        return ((batch * d + cell[:, 2]) * h + cell[:, 1]) * w + cell[:, 0]
+        """Unique id of (sample, cell) pairs, ``((sample * D + z) * H + y) * W + x``: ``[N]`` int64."""
+        return batch * self.config.num_cells + (cell * self.id_stride).sum(dim=1)
 
     def cell_from_id(self, cell_id: Tensor) -> tuple[Tensor, Tensor]:
         """Inverse of :meth:`cell_id`: ``(batch [N], cell [N, 3])``."""
@@ -159,17 +160,19 @@ class EnergyLattice(nn.Module):
         Returns:
             ``[F, 3]`` new positions with ``z_new >= z + 1`` or ``z_new == D - 1``.
         """
-        x = reflect(pos[:, 0] + dxy[:, 0], self.width - 1)
-        y = reflect(pos[:, 1] + dxy[:, 1], self.height - 1)
+        xy = self.reflect_xy(pos[:, :2] + dxy)
         z = pos[:, 2]
         left = (self.depth - 1) - z
         dz = 1.0 + (left - 1.0).clamp(min=0.0) * dz_fraction
         z_new = torch.clamp(z + dz, max=float(self.depth - 1))
-        return torch.stack([x, y, z_new], dim=1)
+        return torch.cat([xy, z_new.unsqueeze(1)], dim=1)
 
     def reflect_xy(self, xy: Tensor) -> Tensor:
-        """Fold ``[N, 2]`` lateral positions back into the face."""
-        return torch.stack([reflect(xy[:, 0], self.width - 1), reflect(xy[:, 1], self.height - 1)], dim=1)
+        """Fold ``[N, 2]`` lateral positions back into the face (both axes in one go)."""
+        if self.width == 1 or self.height == 1:
+            return torch.stack([reflect(xy[:, 0], self.width - 1), reflect(xy[:, 1], self.height - 1)], dim=1)
+        upper = self.face_upper
+        return upper - (torch.remainder(xy, 2.0 * upper) - upper).abs()
 
     # ---- input face ------------------------------------------------------------------------------
     def amplitudes(self, x: Tensor) -> Tensor:

@@ -147,3 +147,25 @@ def test_nonfinite_flows_stop_training_naming_the_parameter(tmp_path):
     with pytest.raises(FloatingPointError, match=r"step 2: forward: .* non-finite position.*displacement_head"):
         trainer.train(train_x, train_y, epochs=1)
     assert (tmp_path / "checkpoints/last_good.pt").exists()
+
+
+def test_a_second_train_call_continues_the_run_and_its_schedule():
+    train_x, train_y, _, _ = _teacher(n=80)
+    config = _config(warmup_steps=2)
+    per_epoch = math.ceil(len(train_x) / 16)
+
+    def fresh():
+        torch.manual_seed(3)
+        return EnergyTrainer(FlowProcessor.from_config(config), config, progress=False)
+
+    once = fresh()
+    once.train(train_x, train_y, epochs=2)
+    twice = fresh()
+    twice.train(train_x, train_y, epochs=1)
+    twice.train(train_x, train_y, epochs=2)
+    assert twice.step == once.step == 2 * per_epoch
+    # the second call picked up mid-schedule (no second warm-up) and ends where one call ends
+    assert twice.scheduler.last_epoch == once.scheduler.last_epoch == 2 * per_epoch
+    assert twice.optimizer.param_groups[0]["lr"] == pytest.approx(once.optimizer.param_groups[0]["lr"])
+    twice.train(train_x, train_y, epochs=2)  # nothing left to do: a no-op, not a restart
+    assert twice.step == 2 * per_epoch

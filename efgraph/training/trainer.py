@@ -144,7 +144,10 @@ class EnergyTrainer:
         resume_from: str | Path | None = None,
         max_steps: int | None = None,
     ) -> TrainResult:
-        """Train for ``epochs`` (default ``config.epochs``) over the pairs.
+        """Train until the end of epoch ``epochs`` (default ``config.epochs``) over the pairs.
+
+        The step count is the trainer's: a second call with a larger ``epochs`` continues the
+        same run where the first one stopped.
 
         Args:
             input_embeddings: ``[N, input_dim]``; target_embeddings: ``[N, output_dim]``.
@@ -169,17 +172,25 @@ class EnergyTrainer:
                              f"batch_size {bs} with {n} pairs leaves a last batch of {n % bs or bs}")
         per_epoch = self._steps_per_epoch = self.steps_per_epoch(n)
         total = epochs * per_epoch
-        self.scheduler = warmup_cosine_scheduler(self.optimizer, self.config.warmup_steps, total)
+        # A later call on the same trainer continues its run (same step count, schedule stretched
+        # to the new total); a resumed run takes step and schedule from the checkpoint.
+        self.scheduler = warmup_cosine_scheduler(self.optimizer, self.config.warmup_steps, total,
+                                                 current_step=0 if resume_from is not None else self.step)
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         stop = total if max_steps is None else min(total, max_steps)
+        if self.step >= stop:
+            logger.warning("train: already at step %d of %d (epochs=%d); nothing to do", self.step, stop, epochs)
         cfg = self.config
         bar = tqdm(total=stop, initial=self.step, disable=not self.progress, desc="train", dynamic_ncols=True)
         last_loss: float | None = None
         try:
+            order_epoch, order = -1, None
             while self.step < stop:
                 epoch, within = divmod(self.step, per_epoch)
-                idx = self.batch_order(n, epoch)[within * cfg.batch_size : (within + 1) * cfg.batch_size]
+                if epoch != order_epoch:
+                    order_epoch, order = epoch, self.batch_order(n, epoch)
+                idx = order[within * cfg.batch_size : (within + 1) * cfg.batch_size]
                 metrics = self.train_step(input_embeddings[idx], target_embeddings[idx])
                 self.step += 1
                 last_loss = metrics["train/loss"]

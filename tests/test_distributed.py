@@ -29,10 +29,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(run_dir: Path, nproc: int) -> subprocess.CompletedProcess:
+def _run(run_dir: Path, nproc: int, *extra: str) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
                 "--master_addr=127.0.0.1", f"--master_port={_free_port()}"] if nproc > 1 else None
-    cmd = train_script_command(run_dir, SETTINGS, "--wandb-mode", "disabled", "--device", "cpu", "--max-steps", "6",
+    extra = extra or ("--max-steps", "6")
+    cmd = train_script_command(run_dir, SETTINGS, "--wandb-mode", "disabled", "--device", "cpu", *extra,
                                launcher=launcher)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -60,3 +61,17 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert losses_two == [pytest.approx(v, abs=1e-5) for v in losses_one]
     assert losses_one[-1] != losses_one[0]
     assert sum(r["flows/spawned"] for r in rows_one if "flows/spawned" in r) > 0  # the spawn path ran
+
+
+def test_a_distributed_run_resumes_to_the_parameters_of_an_uninterrupted_one(tmp_path):
+    single = _run(tmp_path / "one", 1)
+    assert single.returncode == 0, single.stderr[-3000:]
+    first = _run(tmp_path / "two", 2, "--max-steps", "3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = _run(tmp_path / "two", 2, "--max-steps", "6", "--resume", str(tmp_path / "two"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    a = torch.load(tmp_path / "one/checkpoints/last.pt", weights_only=True)
+    b = torch.load(tmp_path / "two/checkpoints/last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6
+    for name, value in a["model"].items():
+        torch.testing.assert_close(b["model"][name], value, rtol=1e-5, atol=1e-6, msg=f"{name} differs")

@@ -21,6 +21,8 @@ import yaml
 CARRIER_TYPES = ("gru", "lstm")
 AGGREGATIONS = ("mean", "sum")
 DATASETS = ("synthetic", "bible", "pairs", "text")
+# Fields a resumed run may change: they do not affect which batches it sees or what it computes.
+RESUME_MUTABLE_KEYS = ("log_every", "checkpoint_every", "wandb_project", "compile", "skip_nonfinite_steps")
 PRECISIONS = ("fp32", "bf16")
 
 # Fields that fix the shapes of the parameters or what the computation means: a checkpoint only

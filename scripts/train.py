@@ -4,7 +4,7 @@ Examples::
 
     python scripts/train.py --config configs/bible.yaml
     python scripts/train.py --config configs/debug.yaml --set dataset=synthetic --set epochs=2
-    python scripts/train.py --config configs/bible.yaml --resume runs/bible-20261125-120000
+    python scripts/train.py --resume runs/bible-20261125-120000
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from efgraph.utils.logging import setup_logging
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/bible.yaml", help="YAML config (flat; unknown keys are errors)")
+    p.add_argument("--config", help="YAML config (flat; unknown keys are errors); default configs/bible.yaml, "
+                                    "or with --resume the run's own config.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config field, e.g. --set epochs=3 (repeatable; values parsed as YAML)")
     p.add_argument("--resume", metavar="PATH",
@@ -45,16 +46,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level)
-    config = EnergyConfig.from_yaml(args.config).with_overrides(args.overrides)
-    if args.seed is not None:
-        config = config.replace(seed=args.seed)
     if args.output_dir:
         run_dir = Path(args.output_dir)
     elif args.resume:
         resume = Path(args.resume)
         run_dir = resume if resume.is_dir() else resume.parent.parent
     else:
-        run_dir = Path("runs") / f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = Path("runs") / f"{Path(args.config or 'bible').stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    config_path = args.config or (run_dir / "config.yaml" if args.resume else "configs/bible.yaml")
+    config = EnergyConfig.from_yaml(config_path).with_overrides(args.overrides)
+    if args.seed is not None:
+        config = config.replace(seed=args.seed)
+    if not args.resume and (run_dir / "checkpoints").exists():
+        raise SystemExit(f"--output-dir: {run_dir} already holds a run; continue it with --resume {run_dir} "
+                         "or choose another folder")
     outcome = run_training(config, run_dir, wandb_mode=args.wandb_mode, device=args.device, resume=args.resume,
                            progress=not args.no_progress, max_steps=args.max_steps)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
@@ -62,8 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     if outcome.table:
         print(f"\nTest split ({run_dir}):\n\n{outcome.table}")
     else:
-        print(f"\nStopped at --max-steps; continue with: python scripts/train.py --config {args.config} "
-              f"--resume {run_dir}")
+        print(f"\nStopped at --max-steps; continue with: python scripts/train.py --resume {run_dir}")
     return 0
 
 

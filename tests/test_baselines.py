@@ -203,3 +203,20 @@ def test_format_results_table() -> None:
     assert lines[3] == "| energy\\|flow | 0.9500 | 0.001 | 0.7500 |"
     with pytest.raises(ValueError, match="'bad'.*r_at_1"):
         format_results_table({"bad": {"cosine": 1.0, "mse": 0.0}})
+
+
+def test_residual_mlp_starts_at_identity_and_follows_the_schedule():
+    import torch
+
+    from efgraph.training.baselines import MLPBaseline
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(64, 8, generator=g), dim=1)
+    mlp = MLPBaseline(hidden_dim=4, steps=1, batch_size=8, lr=1e-12, residual=True, warmup_steps=1, grad_clip=1.0)
+    mlp.fit(x, x)
+    assert mlp.name == "residual-mlp"
+    with torch.no_grad():
+        inner = mlp.model.net(x)
+    torch.testing.assert_close(mlp.predict(x), x + inner)
+    with pytest.raises(ValueError, match="residual"):
+        MLPBaseline(hidden_dim=4, steps=1, residual=True).fit(x, x[:, :5])

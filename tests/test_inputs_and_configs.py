@@ -52,6 +52,7 @@ def test_configs_dir_is_not_empty():
         (torch.tensor([[float("nan")] * 12, [0.0] * 12]), r"non-finite.*\[0\]"),
         (torch.tensor([[0.0] * 12, [float("inf")] * 12]), r"non-finite.*\[1\]"),
         (torch.zeros(2, 12, dtype=torch.long), "floating"),
+        (torch.zeros(2, 12, dtype=torch.float64), "dtype torch.float64 does not match"),
         ([[0.0] * 12], "torch.Tensor"),
     ],
 )

@@ -83,3 +83,20 @@ def test_compiled_step_equals_eager():
     y_compiled.square().sum().backward()
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_a_deep_copy_of_a_compiled_model_runs_its_own_weights():
+    import copy
+
+    config = tiny_config(compile=True)
+    original = FlowProcessor.from_config(config)
+    clone = copy.deepcopy(original)
+    with torch.no_grad():
+        clone.carrier.displacement_head.bias.add_(0.5)
+        clone.carrier.energy_head.bias.sub_(1.0)
+    eager = FlowProcessor.from_config(config.replace(compile=False))
+    eager.load_state_dict(clone.state_dict())
+    x = torch.randn(2, config.input_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x), eager(x), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(original(x), clone(x))

@@ -85,9 +85,16 @@ def test_train_script_resumes_a_stopped_run(tmp_path):
     run_dir = tmp_path / "run"
     first = _train(run_dir, "--wandb-mode", "disabled", "--max-steps", "5")
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "--resume" in first.stdout and not (run_dir / "results.json").exists()
+    assert f"continue with: python scripts/train.py --resume {run_dir}" in first.stdout
+    assert not (run_dir / "results.json").exists()
+    again = _train(run_dir, "--wandb-mode", "disabled")  # a new run into a folder that holds one
+    assert again.returncode != 0 and "already holds a run" in again.stderr
     split = (run_dir / "split.json").read_text()
-    second = _train(run_dir, "--wandb-mode", "disabled", "--resume", str(run_dir))
+    changed = _train(run_dir, "--wandb-mode", "disabled", "--resume", str(run_dir), "--set", "seed=7")
+    assert changed.returncode != 0 and "seed: run has 0, now 7" in changed.stderr
+    # the printed hint alone (no --config, no --set) continues the run with its own config
+    second = subprocess.run([sys.executable, str(ROOT / "scripts/train.py"), "--resume", str(run_dir),
+                             "--wandb-mode", "disabled", "--no-progress"], capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     assert (run_dir / "split.json").read_text() == split
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -86,8 +86,12 @@ class FlowProcessor(nn.Module):
         self.conv = FlowToCellConv(config.carrier_hidden_dim, config.message_dim, config.aggregation)
         self.record_paths = False
         self.last_trace: FlowTrace | None = None
-        # dynamic=True: the number of flows changes every step; fullgraph: no silent graph breaks
-        self._compiled_advance = torch.compile(self.advance, dynamic=True, fullgraph=True) if config.compile else None
+        # dynamic=True: the number of flows changes every step; fullgraph: no silent graph breaks.
+        # The *unbound* method is compiled and called with self, so a deep copy of this module
+        # (EMA, SWA) runs its own weights, not this instance's.
+        self._compiled_advance = (
+            torch.compile(type(self).advance, dynamic=True, fullgraph=True) if config.compile else None
+        )
 
     # ---- input checks ----------------------------------------------------------------------------
     def _check_input(self, x: Tensor) -> None:
@@ -101,6 +105,9 @@ class FlowProcessor(nn.Module):
             raise ValueError(f"x: embedding width {x.size(1)} does not match config.input_dim {self.config.input_dim}")
         if not x.is_floating_point():
             raise ValueError(f"x: expected a floating point tensor, got {x.dtype}")
+        if x.dtype != self.lattice.face_keys.dtype:
+            raise ValueError(f"x: dtype {x.dtype} does not match the model's {self.lattice.face_keys.dtype}; "
+                             f"convert it with x.to({self.lattice.face_keys.dtype})")
         if not torch.isfinite(x).all():
             bad = (~torch.isfinite(x)).any(dim=1).nonzero().flatten()[:5].tolist()
             raise ValueError(f"x: non-finite values (NaN or inf) in rows {bad}")
@@ -254,7 +261,7 @@ class FlowProcessor(nn.Module):
             return self.advance(*args)
         # dynamo treats nn.GRU/LSTM as a graph break unless allow_rnn is set; patch it locally
         with torch._dynamo.config.patch(allow_rnn=True):
-            return self._compiled_advance(*args)
+            return self._compiled_advance(self, *args)
 
     def cell_transformation(self, state: FlowState) -> tuple[Tensor, Tensor]:
         """The neuron's transformation for every flow, computed on the occupied cells only.

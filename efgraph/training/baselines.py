@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from efgraph.training.metrics import embedding_loss, evaluate_predictions
+from efgraph.training.schedule import warmup_cosine_scheduler
 
 Split = tuple[Tensor, Tensor]
 """A ``(src [N, D_in], tgt [N, D_out])`` pair."""
@@ -254,8 +255,29 @@ def mlp_hidden_for_params(in_dim: int, out_dim: int, n_params: int) -> int:
     return hidden
 
 
+class _MLP(nn.Module):
+    """``Linear -> GELU -> Linear``, plus the input when ``residual`` (needs D_in == D_out)."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, residual: bool) -> None:
+        super().__init__()
+        self.residual = residual
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+
+    @property
+    def in_features(self) -> int:
+        return self.net[0].in_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.net(x)
+        return x + y if self.residual else y
+
+
 class MLPBaseline:
     """``Linear(D_in, H) -> GELU -> Linear(H, D_out)`` trained with AdamW on :func:`embedding_loss`.
+
+    With ``residual`` it predicts ``x + MLP(x)``, the baseline to compare a residual model with.
+    The learning rate follows the same linear warm-up and cosine decay as the model's trainer
+    (``warmup_steps``; ``steps`` in all) and gradients are clipped at ``grad_clip`` (if given).
 
     ``H`` is either given (``hidden_dim``) or derived from ``target_params`` with
     :func:`mlp_hidden_for_params`, so the baseline gets the same parameter budget as the model.
@@ -271,8 +293,6 @@ class MLPBaseline:
     ``history_`` (list of ``(step, val_loss)``).
     """
 
-    name = "mlp"
-
     def __init__(
         self,
         *,
@@ -286,6 +306,9 @@ class MLPBaseline:
         mse_weight: float = 1.0,
         cosine_weight: float = 1.0,
         eval_every: int = 100,
+        residual: bool = False,
+        warmup_steps: int = 0,
+        grad_clip: float | None = None,
     ) -> None:
         if (target_params is None) == (hidden_dim is None):
             raise ValueError("target_params, hidden_dim: give exactly one")
@@ -306,7 +329,11 @@ class MLPBaseline:
         self.mse_weight = mse_weight
         self.cosine_weight = cosine_weight
         self.eval_every = eval_every
-        self.model: nn.Sequential | None = None
+        self.residual = residual
+        self.warmup_steps = warmup_steps
+        self.grad_clip = grad_clip
+        self.name = "residual-mlp" if residual else "mlp"
+        self.model: _MLP | None = None
         self.best_step_: int | None = None
         self.best_val_loss_: float | None = None
         self.history_: list[tuple[int, float]] = []
@@ -327,12 +354,15 @@ class MLPBaseline:
         device, dtype = train_src.device, train_src.dtype
         n = train_src.shape[0]
 
+        if self.residual and in_dim != out_dim:
+            raise ValueError(f"residual: needs equal widths, got {in_dim} and {out_dim}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            model = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+            model = _MLP(in_dim, hidden, out_dim, self.residual)
         model = model.to(device=device, dtype=dtype)
         self.model = model
         optimizer = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        scheduler = warmup_cosine_scheduler(optimizer, self.warmup_steps, self.steps)
         generator = torch.Generator().manual_seed(self.seed)  # CPU: indices are moved to `device`
 
         def val_loss() -> float:
@@ -357,7 +387,10 @@ class MLPBaseline:
             loss = embedding_loss(model(train_src[idx]), train_tgt[idx], self.mse_weight, self.cosine_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
             optimizer.step()
+            scheduler.step()
 
             if has_val and (step % self.eval_every == 0 or step == self.steps):
                 current = val_loss()
@@ -378,7 +411,7 @@ class MLPBaseline:
         """``[N, D_in]`` -> ``[N, D_out]``, in blocks of rows to bound activation memory."""
         if self.model is None:
             raise RuntimeError("mlp baseline: call fit() before predict()")
-        in_dim = self.model[0].in_features
+        in_dim = self.model.in_features
         if src.dim() != 2 or src.shape[1] != in_dim:
             raise ValueError(f"src: expected shape [N, {in_dim}], got {tuple(src.shape)}")
         self.model.eval()
@@ -402,16 +435,20 @@ def run_baselines(
     cosine_weight: float,
     weight_decay: float = 0.01,
     eval_every: int = 100,
+    residual: bool = False,
+    warmup_steps: int = 0,
+    grad_clip: float | None = None,
 ) -> dict[str, dict[str, float]]:
     """Fit every applicable baseline on ``train`` (selecting on ``val``) and score it on ``test``.
 
     Identity is included only when source and target widths match. Ridge selects its alpha on
     ``val``; the MLP gets ``target_params`` parameters (pass the model's count) and keeps its best
-    validation checkpoint. ``val`` may be ``None`` (ridge then uses alpha = 1, the MLP its final
+    validation checkpoint; with ``residual`` it predicts ``x + MLP(x)`` like a residual model, and
+    it follows the same warm-up + cosine schedule and clipping. ``val`` may be ``None`` (ridge then uses alpha = 1, the MLP its final
     weights), but then nothing is selected on held-out data.
 
     Returns:
-        ``{"identity"?: metrics, "ridge": metrics, "mlp": metrics}`` with the metrics of
+        ``{"identity"?: metrics, "ridge": metrics, "mlp" or "residual-mlp": metrics}`` with the metrics of
         :func:`~efgraph.training.metrics.evaluate_predictions` on ``test``, in that order.
     """
     train_src, train_tgt = train
@@ -428,7 +465,8 @@ def run_baselines(
         MLPBaseline(
             target_params=target_params, steps=steps, batch_size=batch_size, lr=lr,
             weight_decay=weight_decay, seed=seed, mse_weight=mse_weight,
-            cosine_weight=cosine_weight, eval_every=eval_every,
+            cosine_weight=cosine_weight, eval_every=eval_every, residual=residual,
+            warmup_steps=warmup_steps, grad_clip=grad_clip,
         )
     )
     results: dict[str, dict[str, float]] = {}

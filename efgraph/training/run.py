@@ -27,12 +27,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from efgraph.config import EnergyConfig
+from efgraph.config import RESUME_MUTABLE_KEYS, EnergyConfig
 from efgraph.core.flow_processor import FlowProcessor
 from efgraph.data import EmbeddingPairs, Split, load_bible_pairs, load_embedding_pairs, load_text_pairs, make_teacher_pairs
 from efgraph.data.split import make_split
 from efgraph.model_io import export_model
 from efgraph.training.baselines import format_results_table, run_baselines
+from efgraph.training.checkpoint import load_checkpoint
 from efgraph.training.distributed import DistributedContext, init_distributed, local_device, shutdown_distributed
 from efgraph.training.figures import flow_counts_figure, flow_paths_figure, landing_arrays, landing_figure
 from efgraph.training.run_logger import RunLogger, resolve_wandb_mode
@@ -118,6 +119,9 @@ def _run(config: EnergyConfig, run_dir: Path, dev: torch.device, ctx: Distribute
     ctx.barrier()
     if not ctx.is_main:
         pairs = load_pairs(config, progress=False)
+    resumed = load_checkpoint(resume_path) if resume_path is not None else None  # read once, used below
+    if resumed is not None:
+        _check_resume_config(resumed["config"], config)
     split_path = run_dir / "split.json"
     if resume_path is not None and split_path.exists():
         split = Split.from_json(split_path)  # a resumed run keeps its split, whatever the seed says
@@ -135,17 +139,15 @@ def _run(config: EnergyConfig, run_dir: Path, dev: torch.device, ctx: Distribute
     run_logger = RunLogger(None)
     if ctx.is_main:
         config.to_yaml(run_dir / "config.yaml")
-        run_id = None
-        if resume_path is not None:
-            from efgraph.training.checkpoint import load_checkpoint
-
-            run_id = (load_checkpoint(resume_path).get("extra") or {}).get("wandb_id")
+        run_id = (resumed.get("extra") or {}).get("wandb_id") if resumed is not None else None
         mode = resolve_wandb_mode(wandb_mode)
         run_logger = RunLogger.create(
             run_dir, mode=mode, project=config.wandb_project, run_id=run_id, name=run_dir.name,
             config={**config.to_dict(), "num_parameters": n_params, "train_pairs": len(train),
                     "val_pairs": len(val), "test_pairs": len(test), "world_size": ctx.world_size},
         )
+        if resumed is not None:
+            run_logger.truncate_after(int(resumed["step"]))
         logger.info("run %s: %d train / %d val / %d test pairs, %s parameters, %d process(es), wandb %s", run_dir,
                     len(train), len(val), len(test), f"{n_params:,}", ctx.world_size, mode)
     try:
@@ -164,6 +166,8 @@ def _run(config: EnergyConfig, run_dir: Path, dev: torch.device, ctx: Distribute
             (train.src, train.tgt), (val.src, val.tgt), (test.src, test.tgt), target_params=n_params,
             steps=total_steps, batch_size=config.batch_size, lr=config.learning_rate, seed=config.seed,
             mse_weight=config.mse_weight, cosine_weight=config.cosine_weight, weight_decay=config.weight_decay,
+            eval_every=config.eval_every, residual=config.residual, warmup_steps=config.warmup_steps,
+            grad_clip=config.grad_clip,
         ))
         table = format_results_table(results)
         _write_report(run_dir, config, results, table, n_params, train_seconds, result.best_step)
@@ -178,6 +182,16 @@ def _run(config: EnergyConfig, run_dir: Path, dev: torch.device, ctx: Distribute
         return RunOutcome(run_dir, results, table)
     finally:
         run_logger.finish()
+
+
+def _check_resume_config(saved: dict[str, Any], config: EnergyConfig) -> None:
+    """A resumed run must be the same run: only logging-type fields may change."""
+    current = config.to_dict()
+    changed = [f"{k}: run has {saved.get(k)!r}, now {current[k]!r}" for k in current
+               if k not in RESUME_MUTABLE_KEYS and saved.get(k) != current[k]]
+    if changed:
+        raise ValueError("--resume: the config differs from the run's, so it would not continue the same run "
+                         "(resume without --config/--set to use the run's own config): " + "; ".join(changed))
 
 
 def _resolve_resume(resume: str | Path) -> Path:

@@ -76,6 +76,22 @@ class RunLogger:
     def wandb_id(self) -> str | None:
         return None if self.wandb_run is None else self.wandb_run.id
 
+    def truncate_after(self, step: int) -> None:
+        """Drop ``metrics.jsonl`` rows past ``step``: a run resumed from a checkpoint at ``step``
+        logs those steps again, and a crashed run may have logged them already."""
+        path = None if self.run_dir is None else self.run_dir / "metrics.jsonl"
+        if path is None or not path.exists():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError):
+                pass  # a line cut short by a kill
+        path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        self._last_step = step
+
     def log(self, metrics: dict[str, float], step: int) -> None:
         if step < self._last_step:
             raise ValueError(f"step: must not go backwards ({step} < {self._last_step})")

@@ -82,6 +82,10 @@ class EnergyTrainer:
     ) -> None:
         self.config = config
         self.dist = distributed
+        if distributed.enabled and config.skip_nonfinite_steps:
+            # a skipped step would leave DDP's gradient reduction half done on the healthy ranks
+            raise ValueError("skip_nonfinite_steps: not supported with several processes; a non-finite "
+                             "step stops all ranks (after rank 0 writes last_good.pt)")
         self.device = get_device(device) if not isinstance(device, torch.device) else device
         self.processor = processor.to(self.device)
         self.model: torch.nn.Module = self.processor
@@ -198,7 +202,9 @@ class EnergyTrainer:
                 bar.set_postfix(loss=f"{last_loss:.4f}", flows=int(metrics.get("flows/mean_active_flows", 0)))
                 if self.step % cfg.log_every == 0 or self.step == stop:
                     self.run_logger.log({**metrics, "train/epoch": epoch + (within + 1) / per_epoch}, self.step)
-                if has_val and self.dist.is_main and (self.step % cfg.eval_every == 0 or self.step == stop):
+                # evaluate on the eval grid and at the very end; not at a --max-steps stop, so that a
+                # stopped-and-resumed run selects its best state from the same evaluations
+                if has_val and self.dist.is_main and (self.step % cfg.eval_every == 0 or self.step == total):
                     self._evaluate_and_keep_best(val_inputs, val_targets)
                 if self.run_dir is not None and (self.step % cfg.checkpoint_every == 0 or self.step == stop):
                     self.save_checkpoint(self.run_dir / "checkpoints" / "last.pt")
@@ -225,17 +231,26 @@ class EnergyTrainer:
                 pred = self.model(inputs).float()
         except FloatingPointError as err:  # NaN/inf flows: handled below like a NaN loss, never hidden
             bad = str(err)
+        loss: Tensor | None = None
         if pred is not None:
             loss = embedding_loss(pred, targets, self.config.mse_weight, self.config.cosine_weight)
             flow_steps = sum(self.processor.last_trace.active)
-            if self.dist.enabled:  # one all-reduce gives the global loss and flow-steps to every rank
+        if self.dist.enabled:
+            # One all-reduce gives every rank the global loss, the flow-steps and whether any rank's
+            # forward failed, so that all ranks take the same branch below (or collectives hang).
+            if loss is not None:
                 loss = loss * (inputs.size(0) * self.dist.world_size / global_batch)
-                totals = torch.stack([loss.detach(), loss.new_tensor(float(flow_steps))])
-                torch.distributed.all_reduce(totals)
-                loss_value = totals[0].item() / self.dist.world_size
-                flow_steps = int(totals[1].item())
-            else:
-                loss_value = loss.item()
+            zero = torch.zeros((), device=self.device)
+            totals = torch.stack([loss.detach() if loss is not None else zero, zero + flow_steps,
+                                  zero + (bad is not None)])
+            torch.distributed.all_reduce(totals)
+            loss_value = totals[0].item() / self.dist.world_size
+            flow_steps = int(totals[1].item())
+            if bad is None and totals[2].item() > 0:
+                bad = f"forward failed on {int(totals[2].item())} other rank(s) with non-finite flows"
+        elif loss is not None:
+            loss_value = loss.item()
+        if bad is None:
             if math.isfinite(loss_value):
                 loss.backward()
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.processor.parameters(), self.config.grad_clip))
@@ -361,9 +376,14 @@ class EnergyTrainer:
         extra = ckpt.get("extra") or {}
         self.best_val_loss, self.best_step = extra.get("best_val_loss"), extra.get("best_step")
         self.skipped_steps = int(extra.get("skipped_steps", 0))
+        # best.pt may be newer than this checkpoint (written at a later step before a crash): use it
+        # only if it is the best state this checkpoint knows; the resumed run re-creates a newer one.
         best_path = Path(path).with_name("best.pt")
+        self._best_state = None
         if self.best_step is not None and best_path.exists():
-            self._best_state = load_checkpoint(best_path)["model"]
+            best = load_checkpoint(best_path)
+            if best["step"] == self.best_step:
+                self._best_state = best["model"]
         return ckpt
 
 

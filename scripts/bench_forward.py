@@ -18,8 +18,9 @@ dz head is set so that all flows reach the output face in exactly ``--steps`` st
 gate keeps all energy and spawning is off. Lateral moves stay as initialised, so flows spread and
 share cells as in an untrained model.
 
-Memory: on CUDA the peak allocated memory; on CPU the bytes the autograd graph saves for backward
-(every tensor packed by ``saved_tensors_hooks``), which is what grows with a forward's size.
+Memory: on CUDA the peak allocated memory; on CPU the bytes of the distinct tensors the autograd
+graph saves for backward (``saved_tensors_hooks``, parameters excluded): the activation memory
+that grows with a forward's size.
 
 Usage::
 
@@ -92,18 +93,25 @@ def sync(device: torch.device) -> None:
 
 
 @contextmanager
-def saved_bytes_counter() -> Iterator[list[int]]:
+def saved_bytes_counter(params: list[torch.Tensor]) -> Iterator[list[int]]:
+    """Bytes of the distinct tensors autograd saves for backward, parameters excluded (they exist
+    anyway and are saved again at every step; counting them would inflate the activations)."""
     total = [0]
+    seen = {p.untyped_storage().data_ptr() for p in params}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        total[0] += t.numel() * t.element_size()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total[0] += t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield total
 
 
-def measure(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int, warmup: int) -> dict[str, float]:
+def measure(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int, warmup: int,
+            params: list[torch.Tensor] | None = None) -> dict[str, float]:
     """Median / min seconds of ``fn().backward()`` and its memory."""
     for _ in range(warmup):
         fn().backward()
@@ -119,7 +127,7 @@ def measure(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int, 
         fn().backward()
         mem = torch.cuda.max_memory_allocated(device)
     else:
-        with saved_bytes_counter() as counter:
+        with saved_bytes_counter(params or []) as counter:
             loss = fn()
         loss.backward()
         mem = counter[0]
@@ -173,7 +181,7 @@ def run(args: argparse.Namespace) -> dict:
         config = create_debug_config(lattice_width=w, lattice_height=h, lattice_depth=d,
                                      initial_flows_per_sample=args.flows, max_active_flows=max(args.flows, 100), **base)
         proc = build(config, args.steps, device)
-        row = measure(engine_fn(proc, args.batch, device), device, args.repeats, args.warmup)
+        row = measure(engine_fn(proc, args.batch, device), device, args.repeats, args.warmup, list(proc.parameters()))
         assert proc.last_trace.num_steps == args.steps
         results["lattice"].append({"lattice": f"{w}x{h}x{d}", "cells": w * h * d,
                                    "flows": args.flows * args.batch, **row})
@@ -182,7 +190,7 @@ def run(args: argparse.Namespace) -> dict:
     for k in args.flow_sweep:
         config = create_experiment_config(initial_flows_per_sample=k, max_active_flows=max(k, 500), **base)
         proc = build(config, args.steps, device)
-        row = measure(engine_fn(proc, args.batch, device), device, args.repeats, args.warmup)
+        row = measure(engine_fn(proc, args.batch, device), device, args.repeats, args.warmup, list(proc.parameters()))
         results["flows"].append({"lattice": "50x50x20", "flows": k * args.batch, **row})
         print(f"  flows {k * args.batch}: {row['median_ms']:.1f} ms", file=sys.stderr)
 
@@ -196,8 +204,8 @@ def run(args: argparse.Namespace) -> dict:
         engine, floor = engine_fn(proc, batch, device), carrier_fn(proc, flows, args.steps, device)
         e_rows, c_rows = [], []
         for _ in range(args.rounds):
-            e_rows.append(measure(engine, device, args.repeats, args.warmup))
-            c_rows.append(measure(floor, device, args.repeats, args.warmup))
+            e_rows.append(measure(engine, device, args.repeats, args.warmup, list(proc.parameters())))
+            c_rows.append(measure(floor, device, args.repeats, args.warmup, list(proc.parameters())))
         e_ms = statistics.median(r["median_ms"] for r in e_rows)
         c_ms = statistics.median(r["median_ms"] for r in c_rows)
         results["overhead"].append({
@@ -211,8 +219,8 @@ def run(args: argparse.Namespace) -> dict:
         config = PRESETS[name]().replace(**base)
         batch = args.dense_batch
         sparse, dense = build(config, args.steps, device), build(config, args.steps, device, cls=DenseReferenceProcessor)
-        s_row = measure(engine_fn(sparse, batch, device), device, args.dense_repeats, 1)
-        d_row = measure(engine_fn(dense, batch, device), device, args.dense_repeats, 1)
+        s_row = measure(engine_fn(sparse, batch, device), device, args.dense_repeats, 1, list(sparse.parameters()))
+        d_row = measure(engine_fn(dense, batch, device), device, args.dense_repeats, 1, list(dense.parameters()))
         results["dense"].append({
             "preset": name, "lattice": f"{config.lattice_width}x{config.lattice_height}x{config.lattice_depth}",
             "batch": batch, "flows": config.initial_flows_per_sample * batch, "sparse_ms": s_row["median_ms"],
@@ -228,7 +236,7 @@ def print_tables(res: dict) -> None:
     print(f"device {m['device']} ({m.get('gpu', m['machine'])}), torch {m['torch']}, threads {m['cpu_threads']}, "
           f"carrier {m['args']['carrier']} {m['args']['hidden']}x{m['args']['layers']}, steps {m['args']['steps']}, "
           f"median of {m['args']['repeats']}")
-    mem = "peak MiB" if m["device"].startswith("cuda") else "saved MiB"
+    mem = "peak MiB" if m["device"].startswith("cuda") else "activation MiB"
     if res["lattice"]:
         print(f"\n| lattice | cells | flows | fwd+bwd ms | {mem} |\n|---|---:|---:|---:|---:|")
         for r in res["lattice"]:

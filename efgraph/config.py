@@ -22,7 +22,8 @@ CARRIER_TYPES = ("gru", "lstm")
 AGGREGATIONS = ("mean", "sum")
 DATASETS = ("synthetic", "bible", "pairs", "text")
 # Fields a resumed run may change: they do not affect which batches it sees or what it computes.
-RESUME_MUTABLE_KEYS = ("log_every", "checkpoint_every", "wandb_project", "compile", "skip_nonfinite_steps")
+RESUME_MUTABLE_KEYS = ("log_every", "checkpoint_every", "wandb_project", "compile", "skip_nonfinite_steps",
+                       "memory_check")
 PRECISIONS = ("fp32", "bf16")
 
 # Fields that fix the shapes of the parameters or what the computation means: a checkpoint only
@@ -87,6 +88,7 @@ class EnergyConfig:
     checkpoint_every: int = 200
     precision: str = "fp32"  # fp32 | bf16 (autocast; the recurrent cell and positions stay fp32)
     compile: bool = False  # torch.compile the dense part of each step (dynamic shapes, one graph)
+    memory_check: bool = True  # refuse a config whose worst-case training step cannot fit the device
     skip_nonfinite_steps: bool = False  # skip (and count) a step with a NaN/inf loss or gradient instead of stopping
     seed: int = 0
     # --- data (used by scripts/train.py) -------------------------------------------------------

@@ -40,6 +40,7 @@ from efgraph.training.run_logger import RunLogger
 from efgraph.training.schedule import warmup_cosine_scheduler
 from efgraph.utils.device import get_device, memory_report
 from efgraph.utils.logging import DEBUG_CONVERGENCE, get_logger
+from efgraph.utils.memory import check_training_fits
 
 logger = get_logger(__name__)
 
@@ -87,6 +88,9 @@ class EnergyTrainer:
             raise ValueError("skip_nonfinite_steps: not supported with several processes; a non-finite "
                              "step stops all ranks (after rank 0 writes last_good.pt)")
         self.device = get_device(device) if not isinstance(device, torch.device) else device
+        if config.memory_check:  # refuse now rather than die of out-of-memory hours into the run
+            local_batch = math.ceil(config.batch_size / distributed.world_size)
+            check_training_fits(config, sum(p.numel() for p in processor.parameters()), self.device, local_batch)
         self.processor = processor.to(self.device)
         self.model: torch.nn.Module = self.processor
         if distributed.enabled:

@@ -67,7 +67,7 @@ def test_train_script_writes_the_run_folder_and_offline_wandb_run(tmp_path):
     run_file = find_run_file(run_dir)
     keys = logged_keys(run_file)
     for key in ["train/loss", "train/lr", "train/grad_norm", "perf/flow_steps_per_s", "memory/rss_mb",
-                "flows/mean_active_flows", "flows/mean_occupied_cells", "flows/spawned", "flows/died",
+                "flows/mean_active_flows", "flows/active_step_1", "flows/mean_occupied_cells", "flows/spawned", "flows/died",
                 "flows/energy_arrived_fraction", "flows/mean_initial_energy", "val/loss", "val/cosine",
                 "val/r_at_1", "landing/x/_type", "landing/energy/_type", "figures/flow_paths/_type",
                 "figures/flow_counts/_type", "test/results/_type", "summary:test/mlp/r_at_1", "summary:test/energy-flow/cosine"]:

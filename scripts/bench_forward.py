@@ -37,14 +37,14 @@ import platform
 import statistics
 import sys
 import time
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
 from efgraph import (EnergyConfig, EnergyLattice, FlowProcessor, SimpleNeuron, create_debug_config,
                      create_experiment_config, create_optimized_config)
 from efgraph.core.dense_reference import DenseReferenceProcessor
+from efgraph.utils.memory import saved_activation_bytes
 
 PRESETS = {"debug": create_debug_config, "experiment": create_experiment_config, "optimized": create_optimized_config}
 LATTICES = [(20, 20, 10), (35, 35, 15), (50, 50, 20), (75, 75, 35), (100, 100, 50)]
@@ -92,24 +92,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@contextmanager
-def saved_bytes_counter(params: list[torch.Tensor]) -> Iterator[list[int]]:
-    """Bytes of the distinct tensors autograd saves for backward, parameters excluded (they exist
-    anyway and are saved again at every step; counting them would inflate the activations)."""
-    total = [0]
-    seen = {p.untyped_storage().data_ptr() for p in params}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in seen:
-            seen.add(ptr)
-            total[0] += t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield total
-
-
 def measure(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int, warmup: int,
             params: list[torch.Tensor] | None = None) -> dict[str, float]:
     """Median / min seconds of ``fn().backward()`` and its memory."""
@@ -127,7 +109,7 @@ def measure(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int, 
         fn().backward()
         mem = torch.cuda.max_memory_allocated(device)
     else:
-        with saved_bytes_counter(params or []) as counter:
+        with saved_activation_bytes(params or []) as counter:
             loss = fn()
         loss.backward()
         mem = counter[0]

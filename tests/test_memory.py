@@ -8,7 +8,8 @@ import torch
 from conftest import build_processor, tiny_config
 from efgraph import EnergyTrainer, FlowProcessor, create_optimized_config
 from efgraph.utils import memory
-from efgraph.utils.memory import activation_bytes_per_flow_step, check_training_fits, estimate_training_memory
+from efgraph.utils.memory import (activation_bytes_per_flow_step, check_training_fits, estimate_training_memory,
+                                  saved_activation_bytes)
 
 
 def _measured_bytes_per_flow_step(config, batch=4) -> float:
@@ -20,17 +21,7 @@ def _measured_bytes_per_flow_step(config, batch=4) -> float:
         proc.carrier.displacement_head.bias[2] = -30.0  # one cell per step: D-1 steps
         proc.carrier.energy_head.weight.zero_()
         proc.carrier.energy_head.bias.fill_(30.0)  # nobody dies
-    seen = {p.untyped_storage().data_ptr() for p in proc.parameters()}
-    total = [0]
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in seen:
-            seen.add(ptr)
-            total[0] += t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_activation_bytes(proc.parameters()) as total:
         proc(torch.randn(batch, config.input_dim))
     flow_steps = batch * config.max_active_flows * (config.lattice_depth - 1)
     assert sum(proc.last_trace.active) == flow_steps

@@ -14,6 +14,8 @@ bounds the measured activations from above, within 2x).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +43,27 @@ class MemoryEstimate:
     @property
     def total_bytes(self) -> int:
         return self.parameter_bytes + self.optimizer_bytes + self.activation_bytes
+
+
+@contextmanager
+def saved_activation_bytes(params: Iterable[torch.Tensor] = ()) -> Iterator[list[int]]:
+    """Count the bytes of the distinct tensors autograd saves for backward inside the block.
+
+    Parameters are excluded (they exist anyway and are saved again at every step; counting them
+    would inflate the activations). Yields a one-element list holding the running total.
+    """
+    total = [0]
+    seen = {p.untyped_storage().data_ptr() for p in params}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total[0] += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield total
 
 
 def activation_bytes_per_flow_step(config: EnergyConfig) -> float:

@@ -153,7 +153,7 @@ class FlowProcessor(nn.Module):
                 )
             raise AssertionError(f"{state.num_flows} finite flows still active after D-1 steps: an engine bug")
 
-        landed = _cat_arrivals(arrivals, x.device, self.config.face_channels, x.dtype)
+        landed = _cat_arrivals(arrivals)
         if trace.paths is not None:
             trace.paths.append(
                 _path_record(landed.flow_id, landed.batch, _face_pos(landed.xy, self.config), landed.energy)
@@ -322,10 +322,9 @@ def _face_pos(xy: Tensor, config: EnergyConfig) -> Tensor:
     return torch.cat([xy, torch.full_like(xy[:, :1], config.lattice_depth - 1)], dim=1)
 
 
-def _cat_arrivals(arrivals: list[Arrivals], device: torch.device, channels: int, dtype: torch.dtype) -> Arrivals:
-    if not arrivals:  # unreachable with >= 1 initial flow, kept so collect always gets tensors
-        empty = torch.zeros(0, device=device, dtype=dtype)
-        return Arrivals(empty.long(), empty.view(0, 1).expand(0, 2), empty, empty.view(0, 1).expand(0, channels), empty.long())
+def _cat_arrivals(arrivals: list[Arrivals]) -> Arrivals:
+    """All arrivals of a forward; every forward runs >= 1 step (>= 1 flow, D >= 2), so the list is
+    never empty (a step with no arrival contributes empty tensors)."""
     return Arrivals(
         batch=torch.cat([a.batch for a in arrivals]),
         xy=torch.cat([a.xy for a in arrivals]),

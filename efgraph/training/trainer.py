@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 
 from efgraph.config import ARCHITECTURE_KEYS, EnergyConfig
 from efgraph.core.flow_processor import FlowProcessor
+from efgraph.core.trace import FlowTrace
 from efgraph.training.checkpoint import check_compatible, load_checkpoint, restore_rng_state, save_checkpoint
 from efgraph.training.distributed import SINGLE_PROCESS, DistributedContext
 from efgraph.training.metrics import embedding_loss, evaluate_predictions
@@ -314,25 +316,27 @@ class EnergyTrainer:
         raise FloatingPointError(f"step {step}: {what} (first non-finite: {culprit}){where}")
 
     # ---- evaluation ------------------------------------------------------------------------------
+    def _predict_batches(self, inputs: Tensor, batch_size: int | None) -> Iterator[tuple[Tensor, FlowTrace]]:
+        """Eval-mode predictions batch by batch, on the CPU, with each batch's flow trace."""
+        self.processor.eval()
+        bs = batch_size or max(self.config.batch_size, 64)
+        for i in range(0, inputs.size(0), bs):
+            with self._autocast():
+                pred = self.processor(self._to_device(inputs[i : i + bs])).float().cpu()
+            yield pred, self.processor.last_trace
+
     @torch.no_grad()
     def predict(self, inputs: Tensor, batch_size: int | None = None) -> Tensor:
         """``[N, input_dim]`` -> ``[N, output_dim]`` on the CPU, in eval mode, batch by batch."""
-        self.processor.eval()
-        bs = batch_size or max(self.config.batch_size, 64)
-        with self._autocast():
-            out = [self.processor(self._to_device(inputs[i : i + bs])).float().cpu() for i in range(0, inputs.size(0), bs)]
-        return torch.cat(out)
+        return torch.cat([pred for pred, _ in self._predict_batches(inputs, batch_size)])
 
     @torch.no_grad()
     def evaluate(self, inputs: Tensor, targets: Tensor, batch_size: int | None = None) -> dict[str, float]:
         """Loss, cosine, MSE, R@1 and mean flow statistics on held-out pairs."""
-        self.processor.eval()
-        bs = batch_size or max(self.config.batch_size, 64)
         preds, summaries = [], []
-        for i in range(0, inputs.size(0), bs):
-            with self._autocast():
-                preds.append(self.processor(self._to_device(inputs[i : i + bs])).float().cpu())
-            summaries.append(self.processor.last_trace.summary())
+        for pred, trace in self._predict_batches(inputs, batch_size):
+            preds.append(pred)
+            summaries.append(trace.summary())
         pred = torch.cat(preds)
         metrics = evaluate_predictions(pred, targets)
         metrics["loss"] = float(embedding_loss(pred, targets, self.config.mse_weight, self.config.cosine_weight))

@@ -32,7 +32,7 @@ ARCHITECTURE_KEYS = (
     "lattice_width", "lattice_height", "lattice_depth", "input_dim", "output_dim", "carrier_type",
     "carrier_hidden_dim", "carrier_num_layers", "child_rank", "message_dim", "position_frequencies",
     "neuron_hidden_dim", "neuron_output_dim", "aggregation", "injection_rank", "face_channels",
-    "readout_hidden_dim", "residual",
+    "readout_hidden_dim", "residual", "interaction_radius",
 )
 
 
@@ -58,6 +58,12 @@ class EnergyConfig:
     energy_threshold: float = 0.1
     spawn_threshold: float = 0.8
     max_lateral_step: float = 2.0
+    # a flow's neuron sees the flows of its own sample in the cells within this Chebyshev radius
+    # (3-D, in cells); 0 = only the flows of its own cell
+    interaction_radius: int = 1
+    # a dying flow sends a surrogate gradient ("had you lived, you would have deposited this"),
+    # so death is no gradient cliff; false = hard death with no gradient (an ablation)
+    survival_gradient: bool = True
     # --- carrier (shared recurrent cell) -------------------------------------------------------
     carrier_type: str = "gru"
     carrier_hidden_dim: int = 1024
@@ -74,6 +80,10 @@ class EnergyConfig:
     face_channels: int = 64
     readout_hidden_dim: int = 256
     residual: bool = False  # y = x + f(x); needs input_dim == output_dim
+    # initial value of the learned scalar gate on the flows' contribution to the output
+    # (y = [x +] gate * lattice(x) + bias): 0 scales the lattice in from zero, so silencing an
+    # untrained lattice is never the shortcut to a lower loss
+    output_gate_init: float = 0.0
     # --- training ------------------------------------------------------------------------------
     batch_size: int = 8
     learning_rate: float = 1e-4
@@ -90,7 +100,8 @@ class EnergyConfig:
     compile: bool = False  # torch.compile the dense part of each step (dynamic shapes, one graph)
     memory_check: bool = True  # refuse a config whose worst-case training step cannot fit the device
     skip_nonfinite_steps: bool = False  # skip (and count) a step with a NaN/inf loss or gradient instead of stopping
-    seed: int = 0
+    seed: int = 0  # model initialisation and batch order
+    data_seed: int = 0  # the train / validation / test split, kept apart so that seeds share one test set
     # --- data (used by scripts/train.py) -------------------------------------------------------
     dataset: str = "synthetic"  # synthetic | bible | pairs (embedding file) | text (text-pair file)
     data_path: str = ""  # the file for dataset=pairs or dataset=text
@@ -153,7 +164,8 @@ class EnergyConfig:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.lattice_depth < 2:
             raise ValueError(f"lattice_depth: must be >= 2 (an input and an output face), got {self.lattice_depth}")
-        for name in ["max_spawn_per_step", "warmup_steps", "seed", "max_pairs", "verses_per_book"]:
+        for name in ["max_spawn_per_step", "warmup_steps", "seed", "data_seed", "max_pairs", "verses_per_book",
+                     "interaction_radius"]:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         for name in ["energy_threshold", "spawn_threshold"]:

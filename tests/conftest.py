@@ -18,6 +18,9 @@ def tiny_config(**overrides) -> EnergyConfig:
         initial_flows_per_sample=4, max_active_flows=12, max_spawn_per_step=3,
         carrier_hidden_dim=16, carrier_num_layers=2, child_rank=4, face_channels=8, readout_hidden_dim=16,
         injection_rank=4, batch_size=3,
+        # the default gate starts at 0 (the lattice is scaled in); 1 lets every parameter's
+        # gradient be checked at initialisation
+        output_gate_init=1.0,
     )
     base.update(overrides)
     return create_debug_config(**base)

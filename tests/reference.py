@@ -54,17 +54,22 @@ def reference_step(proc: FlowProcessor, state: FlowState, batch_size: int, next_
         cells.setdefault(key, []).append(f)
     occupied = sorted(cells)
 
-    # 2. messages, aggregation, neuron
+    # 2. messages, aggregation over every flow of the sample within the radius, neuron
+    r = cfg.interaction_radius
     transformation = [None] * n
+    heard_by_flow = [0] * n
     for b, cz, cy, cx in occupied:
         members = cells[(b, cz, cy, cx)]
-        msgs = [proc.conv.lin(state.h[-1, f]) + state.energy[f] * proc.conv.energy_weight for f in members]
+        heard = [f for (b2, z2, y2, x2), fs in cells.items() for f in fs
+                 if b2 == b and max(abs(z2 - cz), abs(y2 - cy), abs(x2 - cx)) <= r]
+        msgs = [proc.conv.lin(state.h[-1, f]) + state.energy[f] * proc.conv.energy_weight for f in heard]
         agg = torch.stack(msgs).sum(0)
         if cfg.aggregation == "mean":
-            agg = agg / len(members)
+            agg = agg / len(heard)
         t = proc.neuron(torch.cat([agg, position_encoding(cfg, cx, cy, cz)]).unsqueeze(0))[0]
         for f in members:
             transformation[f] = t
+            heard_by_flow[f] = len(heard)
 
     # 3. carrier, flow by flow
     new_h, new_c, tops = [], [], []
@@ -79,7 +84,7 @@ def reference_step(proc: FlowProcessor, state: FlowState, batch_size: int, next_
         new_h.append(h1[:, 0])
         tops.append(out[0, 0])
 
-    # 4-5. heads, move, lifecycle
+    # 4-5. heads, move, next energy, lifecycle
     step = cfg.max_lateral_step
     moved, gated, score, child_off, status = [], [], [], [], []
     for f in range(n):
@@ -89,7 +94,7 @@ def reference_step(proc: FlowProcessor, state: FlowState, batch_size: int, next_
         y = reflect(pos[f][1] + math.tanh(float(d[1])) * step, cfg.lattice_height - 1)
         left = cfg.lattice_depth - 1 - pos[f][2]
         z = min(pos[f][2] + 1 + max(left - 1, 0) * torch.sigmoid(d[2]).item(), cfg.lattice_depth - 1)
-        e = energy[f] * torch.sigmoid(carrier.energy_head(tops[f])).item()
+        e = torch.sigmoid(carrier.energy_head(tops[f])).item()  # the carrier sets the next energy
         moved.append((x, y, z))
         gated.append(e)
         score.append(float(s[0]))
@@ -134,8 +139,10 @@ def reference_step(proc: FlowProcessor, state: FlowState, batch_size: int, next_
         arrivals=arrivals,
         num_spawned=len(spawners),
         num_died=status.count("died"),
-        energy_dissipated=sum(energy) - sum(gated),
+        energy_dissipated=sum(max(old - new, 0.0) for old, new in zip(energy, gated)),
+        energy_created=sum(max(new - old, 0.0) for old, new in zip(energy, gated)),
         energy_died=sum(g for g, s in zip(gated, status) if s == "died"),
+        neighbourhood_flows=sum(heard_by_flow),
     )
 
 

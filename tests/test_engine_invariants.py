@@ -8,6 +8,9 @@ import pytest
 import torch
 
 from conftest import build_processor, force_spawning, tiny_config
+from efgraph import create_debug_config
+from efgraph.core.flow_state import FlowState
+from reference import reference_step
 
 
 def _x(config, batch=3, seed=0):
@@ -83,27 +86,64 @@ def test_budgets_hold_per_sample_every_step_when_everyone_wants_to_spawn(max_act
     assert any_spawn == (max_spawn > 0 and max_active > 4)
 
 
-@pytest.mark.parametrize("spawning", [False, True])
-def test_energy_is_accounted_for_at_every_step(spawning):
-    overrides = dict(energy_threshold=0.001, spawn_threshold=0.002) if spawning else dict(energy_threshold=0.3)
-    config = tiny_config(lattice_depth=8, **overrides)
-    proc = build_processor(config)
-    if spawning:
-        force_spawning(proc)
-    else:
-        with torch.no_grad():
-            proc.carrier.energy_head.bias.fill_(0.5)  # a real gate: energy is dissipated and flows die
+def _state_from_rows(rows: list[dict], like: FlowState) -> FlowState:
+    """A FlowState built from the slow reference's per-flow rows (not from the engine's tensors)."""
+    if not rows:
+        return like.select(torch.zeros(0, dtype=torch.long))
+    return FlowState(
+        h=torch.stack([r["h"] for r in rows], dim=1),
+        c=None if rows[0]["c"] is None else torch.stack([r["c"] for r in rows], dim=1),
+        pos=torch.tensor([list(r["pos"]) for r in rows], dtype=torch.float32),
+        energy=torch.tensor([r["energy"] for r in rows], dtype=torch.float32),
+        batch=torch.tensor([r["batch"] for r in rows]),
+        flow_id=torch.tensor([r["flow_id"] for r in rows]),
+    )
+
+
+@pytest.mark.parametrize("regime", ["preset", "dying"])
+def test_energy_books_balance_at_every_step_recomputed_flow_by_flow(regime):
+    """injected + created == in flight + arrived + lost, with every term recomputed per flow by the
+    slow reference (its own arithmetic on per-flow energies), compared with the engine's trace."""
+    overrides = dict(lattice_depth=8, max_active_flows=20, max_spawn_per_step=4)
+    if regime == "dying":
+        overrides["energy_threshold"] = 0.5
+    config = tiny_config(**overrides)  # preset thresholds 0.1 / 0.8 unless dying
+    proc = build_processor(config, seed=3)
+    x = _x(config)
     with torch.no_grad():
-        proc.carrier.displacement_head.bias[2] = -3.0
-        proc(_x(config))
-    trace = proc.last_trace
-    injected = float(trace.energy_injected)
-    energy = trace.energy
-    assert energy.shape == (trace.num_steps, 3)
-    torch.testing.assert_close(energy.sum(dim=1), torch.full((trace.num_steps,), injected), rtol=1e-5, atol=1e-5)
-    assert float(energy[-1, 0]) == 0.0  # nothing in flight at the end
-    assert (energy[:, 2] > 0).all()  # the gate dissipates something every step
-    assert trace.total_spawned > 0 if spawning else trace.total_died > 0
+        proc.carrier.displacement_head.bias[2] = -3.0  # short jumps: many steps
+        if regime == "dying":  # next energies spread around the threshold
+            proc.carrier.energy_head.weight.mul_(20.0)
+            state = proc.inject(x)
+            logits = proc.advance(proc.cell_transformation(state).transformation, state.h, state.c,
+                                  state.pos, state.energy)[3].energy_logit
+            proc.carrier.energy_head.bias.sub_(logits.median())
+        proc(x)
+        engine_rows = proc.last_trace.energy
+        state = proc.inject(x)
+        injected = sum(state.energy.tolist())
+        created = arrived = lost = 0.0
+        rows, next_id, events = [], state.num_flows, {"spawned": 0, "died": 0, "created": 0.0}
+        while state.num_flows:
+            slow = reference_step(proc, state, x.size(0), next_id)
+            created += slow["energy_created"]
+            lost += slow["energy_dissipated"] + slow["energy_died"]
+            arrived += sum(a["energy"] for a in slow["arrivals"])
+            in_flight = sum(r["energy"] for r in slow["next"])
+            rows.append([in_flight, arrived, lost, created])
+            assert injected + created == pytest.approx(in_flight + arrived + lost, abs=1e-5)
+            events["spawned"] += slow["num_spawned"]
+            events["died"] += slow["num_died"]
+            events["created"] += slow["energy_created"]
+            next_id += slow["num_spawned"]
+            state = _state_from_rows(slow["next"], state)
+    torch.testing.assert_close(engine_rows, torch.tensor(rows), atol=1e-4, rtol=1e-5)
+    assert rows[-1][0] == 0.0  # nothing in flight at the end
+    assert events["created"] > 0  # the carrier raised some energies
+    if regime == "preset":
+        assert events["spawned"] > 0
+    else:
+        assert events["died"] > 0
 
 
 def test_spawning_conserves_energy_within_the_step():
@@ -114,10 +154,59 @@ def test_spawning_conserves_energy_within_the_step():
         state = proc.inject(_x(config))
         result = proc.step(state, 3, state.num_flows)
     assert result.num_spawned > 0
-    after_gate = state.energy.sum() - result.energy_dissipated - result.energy_died - result.energy_arrived
-    assert float(result.next_state.energy.sum()) == pytest.approx(float(after_gate), rel=1e-6)
+    set_by_carrier = (state.energy.sum() + result.energy_created - result.energy_dissipated
+                      - result.energy_died - result.energy_arrived)
+    assert float(result.next_state.energy.sum()) == pytest.approx(float(set_by_carrier), rel=1e-6)
     children = result.next_state.flow_id >= state.num_flows
     assert bool((result.next_state.energy[children] > 0).all())
+
+
+def _preset_processor(**overrides):
+    """The debug preset's thresholds and budgets (death 0.1, spawn 0.8, 10 spawns per step) with
+    small networks, untrained: the carrier's initial energies sit above the spawn threshold."""
+    config = create_debug_config(input_dim=12, output_dim=10, carrier_hidden_dim=32, carrier_num_layers=2,
+                                 child_rank=4, face_channels=8, readout_hidden_dim=16, **overrides)
+    assert (config.energy_threshold, config.spawn_threshold, config.max_spawn_per_step) == (0.1, 0.8, 10)
+    proc = build_processor(config, seed=0)
+    with torch.no_grad():
+        proc.carrier.displacement_head.bias[2] = -3.0  # short jumps: many steps
+    return config, proc
+
+
+def test_at_preset_thresholds_flows_spawn_again_and_again():
+    config, proc = _preset_processor()
+    with torch.no_grad():
+        state = proc.inject(_x(config, batch=4))
+        next_id, spawns_of = state.num_flows, {}
+        while state.num_flows:
+            result = proc.step(state, 4, next_id)
+            for fid in result.spawner_flow_id.tolist():
+                spawns_of[fid] = spawns_of.get(fid, 0) + 1
+            next_id += result.num_spawned
+            state = result.next_state
+    assert max(spawns_of.values()) >= 3  # one flow spawned in three different steps
+    assert any(fid >= 4 * config.initial_flows_per_sample for fid in spawns_of)  # children spawn too
+
+
+@pytest.mark.parametrize("budget", ["max_spawn_per_step", "max_active_flows"])
+def test_at_preset_thresholds_the_per_sample_budgets_bind(budget):
+    config, proc = _preset_processor(**({"max_active_flows": 30} if budget == "max_active_flows" else {}))
+    batch = 4
+    with torch.no_grad():
+        state = proc.inject(_x(config, batch=batch))
+        next_id, bound = state.num_flows, False
+        while state.num_flows:
+            result = proc.step(state, batch, next_id)
+            children = result.next_state.flow_id >= next_id
+            spawned = torch.bincount(result.next_state.batch[children], minlength=batch)
+            active = torch.bincount(result.next_state.batch, minlength=batch)
+            assert int(spawned.max()) <= config.max_spawn_per_step
+            assert int(active.max()) <= config.max_active_flows
+            limit = spawned if budget == "max_spawn_per_step" else active
+            bound |= bool((limit == getattr(config, budget)).any())
+            next_id += result.num_spawned
+            state = result.next_state
+    assert bound, f"{budget} never bound"
 
 
 def test_children_differ_from_their_parents():
@@ -160,12 +249,14 @@ def test_trace_holds_no_graph():
     trace = proc.last_trace
     assert not trace.energy.requires_grad and not trace.energy_injected.requires_grad
     summary = trace.summary()
-    assert 0.0 <= summary["energy_arrived_fraction"] <= 1.0
+    # energy that arrives was injected or created on the way
+    assert 0.0 <= summary["energy_arrived_fraction"] <= 1.0 + summary["energy_created_fraction"] + 1e-6
     assert summary["peak_active_flows"] >= summary["initial_flows"] == 12
 
 
-def test_output_of_a_sample_does_not_depend_on_its_batch():
-    config = tiny_config(energy_threshold=0.001, spawn_threshold=0.002)
+@pytest.mark.parametrize("radius", [0, 1, 2])
+def test_output_of_a_sample_does_not_depend_on_its_batch(radius):
+    config = tiny_config(energy_threshold=0.001, spawn_threshold=0.002, interaction_radius=radius)
     proc = build_processor(config)
     force_spawning(proc)
     x = _x(config, batch=3)

@@ -42,41 +42,54 @@ def _assert_step_equal(proc, state, batch_size, next_id):
         torch.testing.assert_close(arr.value[i], r["value"], atol=1e-5, rtol=1e-4)
     assert float(fast.energy_dissipated) == pytest.approx(slow["energy_dissipated"], abs=1e-5)
     assert float(fast.energy_died) == pytest.approx(slow["energy_died"], abs=1e-5)
+    assert float(fast.energy_created) == pytest.approx(slow["energy_created"], abs=1e-5)
+    assert float(fast.neighbourhood_flows) == slow["neighbourhood_flows"]
     return fast
 
 
 @pytest.mark.parametrize("carrier_type", ["gru", "lstm"])
 @pytest.mark.parametrize("aggregation", ["mean", "sum"])
 @pytest.mark.parametrize("spawning", [False, True])
-def test_every_step_of_a_forward_equals_the_reference(carrier_type, aggregation, spawning):
+@pytest.mark.parametrize("radius", [0, 1])
+def test_every_step_of_a_forward_equals_the_reference(carrier_type, aggregation, spawning, radius):
     overrides = dict(carrier_type=carrier_type, aggregation=aggregation, max_lateral_step=3.0,
-                     lattice_width=3, lattice_height=3)  # small face: flows share cells
+                     interaction_radius=radius, lattice_width=3, lattice_height=3)  # small face: flows share cells
     if spawning:
         overrides.update(energy_threshold=0.001, spawn_threshold=0.002)
+    else:
+        overrides.update(energy_threshold=0.5)  # energies set around 0.5: some flows die, some arrive
     config = tiny_config(**overrides)
     proc = build_processor(config, seed=1)
+    x = torch.randn(3, config.input_dim, generator=torch.Generator().manual_seed(2))
     if spawning:
         force_spawning(proc)
     else:
-        with torch.no_grad():  # start energies spread over (0, 1), halve per step, long jumps:
-            proc.lattice.energy_bias.fill_(-2.0)  # some flows die, some arrive
+        with torch.no_grad():  # start energies spread over (0, 1), long jumps,
+            proc.lattice.energy_bias.fill_(-2.0)
             proc.lattice.face_keys.mul_(5.0)
-            proc.carrier.energy_head.bias.fill_(0.0)
             proc.carrier.displacement_head.bias[2] = 2.0
-    x = torch.randn(3, config.input_dim, generator=torch.Generator().manual_seed(2))
+            # and next energies spread around the threshold 0.5: some flows die, some arrive
+            proc.carrier.energy_head.weight.mul_(20.0)
+            state = proc.inject(x)
+            logits = proc.advance(proc.cell_transformation(state).transformation, state.h, state.c,
+                                  state.pos, state.energy)[3].energy_logit
+            proc.carrier.energy_head.bias.sub_(logits.median())
     with torch.no_grad():
         state = proc.inject(x)
-        next_id, steps, shared = state.num_flows, 0, 0
+        next_id, steps, shared, heard_others = state.num_flows, 0, 0, 0.0
         seen = {"spawned": 0, "died": 0, "arrived": 0}
         while state.num_flows:
             fast = _assert_step_equal(proc, state, 3, next_id)
             shared += state.num_flows - fast.occupied_cell_id.numel()
+            heard_others += float(fast.neighbourhood_flows) - state.num_flows
             next_id += fast.num_spawned
             seen["spawned"] += fast.num_spawned
             seen["died"] += fast.num_died
             seen["arrived"] += fast.arrivals.batch.numel()
             state, steps = fast.next_state, steps + 1
     assert shared > 0, "the test lattice should put several flows in one cell"
+    if radius:  # flows of other cells were heard as well
+        assert heard_others > shared
     if spawning:
         assert seen["spawned"] > 0
     else:
@@ -84,7 +97,7 @@ def test_every_step_of_a_forward_equals_the_reference(carrier_type, aggregation,
 
 
 def test_output_face_scatter_equals_dense_reference():
-    config = tiny_config()
+    config = tiny_config(output_gate_init=0.7)
     proc = build_processor(config)
     g = torch.Generator().manual_seed(3)
     a = 40
@@ -106,7 +119,7 @@ def test_output_face_scatter_equals_dense_reference():
         assert float(dep.energy.sum()) == pytest.approx(float(energy.sum()), rel=1e-6)
         # readout over the hit cells equals the readout over the whole dense face (empty cells give 0)
         lat = proc.lattice
-        dense_y = lat.readout_out(torch.nn.functional.gelu(lat.readout_hidden(dense_v))).sum(dim=(1, 2)) + lat.readout_bias
+        dense_y = lat.output_gate * lat.readout_out(torch.nn.functional.gelu(lat.readout_hidden(dense_v))).sum(dim=(1, 2)) + lat.readout_bias
         torch.testing.assert_close(lat.read_out(dep, 3), dense_y, atol=1e-5, rtol=1e-5)
     # only hit cells are materialised
     assert dep.cell_id.numel() <= 4 * a

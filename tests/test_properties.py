@@ -32,6 +32,7 @@ def configs_and_inputs(draw):
         energy_threshold=energy_threshold, spawn_threshold=spawn_threshold,
         max_lateral_step=draw(st.floats(0.0, 4.0)), carrier_type=draw(st.sampled_from(["gru", "lstm"])),
         aggregation=draw(st.sampled_from(["mean", "sum"])), carrier_num_layers=draw(st.integers(1, 2)),
+        interaction_radius=draw(st.integers(0, 2)), survival_gradient=draw(st.booleans()),
     )
     batch = draw(st.integers(1, 4))
     scale = draw(st.floats(0.0, 100.0))
@@ -52,7 +53,7 @@ def test_any_valid_forward_keeps_every_invariant(case):
         batch_size = x.size(0)
         injected = float(state.energy.sum())
         created, ended, steps, next_id = state.num_flows, 0, 0, state.num_flows
-        arrived_energy = lost_energy = 0.0
+        arrived_energy = lost_energy = created_energy = 0.0
         while state.num_flows:
             result = proc.step(state, batch_size, next_id)
             steps += 1
@@ -72,8 +73,11 @@ def test_any_valid_forward_keeps_every_invariant(case):
             next_id += result.num_spawned
             arrived_energy += float(result.energy_arrived)
             lost_energy += float(result.energy_dissipated + result.energy_died)
+            created_energy += float(result.energy_created)
             in_flight = float(nxt.energy.sum())
-            assert injected == pytest.approx(in_flight + arrived_energy + lost_energy, rel=1e-5, abs=1e-5)
+            assert injected + created_energy == pytest.approx(in_flight + arrived_energy + lost_energy,
+                                                              rel=1e-5, abs=1e-5)
+            assert bool(((nxt.energy >= 0) & (nxt.energy <= 1)).all())  # bounded
             state = nxt
         assert steps <= config.lattice_depth - 1
         assert created == ended

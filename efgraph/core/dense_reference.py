@@ -1,32 +1,46 @@
 """`DenseReferenceProcessor`: the same model, but the neuron runs on *every* cell every step.
 
-This is what a dense lattice implementation costs: aggregation into all ``B * W * H * D`` cells
-and the neuron on each of them, occupied or not. Its outputs equal :class:`FlowProcessor`'s (no
-flow ever reads an empty cell), which the tests check; ``scripts/bench_forward.py`` times the two
-side by side to measure what "only occupied cells cost compute" buys.
+This is what a dense lattice implementation costs: the flows' messages are scattered into a dense
+``[B, D, H, W]`` grid, every cell's interaction neighbourhood is summed with a box convolution
+(``(2r+1)^3`` ones), and the neuron runs on each cell, occupied or not. Its outputs equal
+:class:`FlowProcessor`'s (no flow ever reads an empty cell), which the tests check;
+``scripts/bench_forward.py`` times the two side by side to measure what "only occupied cells cost
+compute" buys.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
-from efgraph.core.flow_processor import FlowProcessor
+from efgraph.core.flow_processor import CellStep, FlowProcessor
 from efgraph.core.flow_state import FlowState
 
 
 class DenseReferenceProcessor(FlowProcessor):
     """A :class:`FlowProcessor` whose step evaluates the neuron on the whole lattice."""
 
-    def cell_transformation(self, state: FlowState) -> tuple[Tensor, Tensor]:
-        lattice = self.lattice
-        cells_per_sample = self.config.num_cells
+    def cell_transformation(self, state: FlowState) -> CellStep:
+        lattice, cfg = self.lattice, self.config
         batch_size = int(state.batch.max()) + 1 if state.num_flows else 0
-        num_cells = batch_size * cells_per_sample
         cell_id = lattice.cell_id(state.batch, lattice.cell_coordinates(state.pos))
-        aggregated = self.conv(state.h[-1], state.energy, cell_id, num_cells)  # [B*W*H*D, message]
-        all_cells = torch.arange(cells_per_sample, device=cell_id.device)
+        msg = torch.addcmul(self.conv.lin(state.h[-1]), state.energy.unsqueeze(1), self.conv.energy_weight)
+        # [message sum | flow count] per cell of the dense lattice, ids ordered (sample, z, y, x)
+        rows = torch.cat([msg, torch.ones_like(msg[:, :1])], dim=1)
+        grid = torch.zeros(batch_size * cfg.num_cells, rows.size(1), dtype=rows.dtype, device=rows.device)
+        grid = grid.index_add(0, cell_id, rows)
+        grid = grid.view(batch_size, cfg.lattice_depth, cfg.lattice_height, cfg.lattice_width, -1).permute(0, 4, 1, 2, 3)
+        r = cfg.interaction_radius
+        channels = grid.size(1)
+        box = torch.ones(channels, 1, 2 * r + 1, 2 * r + 1, 2 * r + 1, dtype=grid.dtype, device=grid.device)
+        heard = F.conv3d(grid, box, padding=r, groups=channels)  # zero padding: nothing beyond the faces
+        heard = heard.permute(0, 2, 3, 4, 1).reshape(batch_size * cfg.num_cells, channels)
+        sums, counts = heard[:, :-1], heard[:, -1:]
+        aggregated = sums / counts.clamp(min=1.0) if cfg.aggregation == "mean" else sums
+        all_cells = torch.arange(cfg.num_cells, device=cell_id.device)
         _, coords = lattice.cell_from_id(all_cells)
         cell_pe = lattice.position_encoding(coords.to(state.pos.dtype)).repeat(batch_size, 1)
         transformation = self.neuron(torch.cat([aggregated, cell_pe], dim=1))  # every cell
-        return transformation.index_select(0, cell_id), torch.unique(cell_id)
+        return CellStep(transformation.index_select(0, cell_id), torch.unique(cell_id),
+                        counts.squeeze(1).index_select(0, cell_id).sum())

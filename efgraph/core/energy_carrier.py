@@ -10,9 +10,10 @@ from torch import Tensor, nn
 from efgraph.config import EnergyConfig
 
 # Initial biases, chosen so that an untrained model behaves sensibly (and tests are not flaky):
-# energy keeps ~97% per step, so flows live long enough to reach the output face; a jump covers
-# about half the remaining depth, so a forward takes ~log2(D) steps rather than D-1.
-ENERGY_GATE_INIT_BIAS = 3.5
+# the carrier sets energies near sigmoid(2) = 0.88, above the preset spawn threshold (0.8), so an
+# untrained lattice lives, spawns and reaches the output face; a jump covers about half the
+# remaining depth, so a forward takes ~log2(D) steps rather than D-1.
+ENERGY_INIT_BIAS = 2.0
 DZ_INIT_BIAS = 0.0
 
 
@@ -23,7 +24,9 @@ class CarrierHeads:
     Attributes:
         dxy: ``[F, 2]`` lateral move in cells, within ``+-max_lateral_step``.
         dz_fraction: ``[F]`` in (0, 1): jump length beyond one cell, as a fraction of the depth left.
-        energy_gate: ``[F]`` in (0, 1): fraction of energy kept this step (the rest is dissipated).
+        energy_logit: ``[F]``: the carrier *sets* the flow's next energy to ``sigmoid(energy_logit)``,
+            so energy can rise as well as fall and stays in (0, 1); a flow that was split by a
+            spawn can climb back above ``spawn_threshold`` and spawn again.
         spawn_score: ``[F]`` logit; a flow may spawn when it is > 0, and ``sigmoid(score) / 2``
             of its energy goes to the child (so the score also gets a gradient).
         child_dxy: ``[F, 2]`` the child's lateral offset from its parent.
@@ -31,7 +34,7 @@ class CarrierHeads:
 
     dxy: Tensor
     dz_fraction: Tensor
-    energy_gate: Tensor
+    energy_logit: Tensor
     spawn_score: Tensor
     child_dxy: Tensor
 
@@ -40,8 +43,8 @@ class EnergyCarrier(nn.Module):
     """A GRU or LSTM (``carrier_hidden_dim`` x ``carrier_num_layers``) shared by all flows.
 
     Every step, all flows go through *one* batched recurrent call (a sequence of length 1 of F
-    flows), then through small linear heads on the top layer's output: displacement, energy
-    gate, spawn and value (what the flow deposits on arrival).
+    flows), then through small linear heads on the top layer's output: displacement, next energy,
+    spawn and value (what the flow deposits on arrival).
 
     Args:
         config: carrier_type, carrier_hidden_dim, carrier_num_layers, neuron_output_dim,
@@ -80,7 +83,7 @@ class EnergyCarrier(nn.Module):
         for module in self.children():
             module.reset_parameters()
         with torch.no_grad():
-            self.energy_head.bias.fill_(ENERGY_GATE_INIT_BIAS)
+            self.energy_head.bias.fill_(ENERGY_INIT_BIAS)
             self.displacement_head.bias[2] = DZ_INIT_BIAS
 
     # ---- state -----------------------------------------------------------------------------------
@@ -127,7 +130,7 @@ class EnergyCarrier(nn.Module):
         return CarrierHeads(
             dxy=torch.tanh(disp[:, :2]) * step,
             dz_fraction=torch.sigmoid(disp[:, 2]),
-            energy_gate=torch.sigmoid(self.energy_head(top).squeeze(1)),
+            energy_logit=self.energy_head(top).squeeze(1),
             spawn_score=spawn[:, 0],
             child_dxy=torch.tanh(spawn[:, 1:]) * step,
         )

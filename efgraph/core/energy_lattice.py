@@ -97,9 +97,10 @@ class EnergyLattice(nn.Module):
     keeps the top ``initial_flows_per_sample`` cells, and gives each flow the energy
     ``sigmoid(amplitude + b)``.
 
-    Readout (``read_out``) runs a bias-free two-layer MLP on every hit face cell and sums per
-    sample, plus a bias: a cell with no deposit contributes exactly zero, so the output is
-    continuous in the bilinear weights.
+    Readout (``read_out``) runs a bias-free two-layer MLP on every hit face cell, sums per
+    sample, scales by a learned gate (initialised to ``output_gate_init``) and adds a bias: a
+    cell with no deposit contributes exactly zero, so the output is continuous in the bilinear
+    weights.
     """
 
     def __init__(self, config: EnergyConfig) -> None:
@@ -111,6 +112,7 @@ class EnergyLattice(nn.Module):
         self.register_buffer("round_offset", torch.tensor([0.5, 0.5, 0.0]), persistent=False)
         self.register_buffer("id_stride", torch.tensor([1, self.width, self.width * self.height]), persistent=False)
         self.register_buffer("face_upper", torch.tensor([self.width - 1.0, self.height - 1.0]), persistent=False)
+        self.register_buffer("cell_bounds", torch.tensor([self.width, self.height, self.depth]), persistent=False)
         # injection
         self.input_query = nn.Linear(config.input_dim, config.injection_rank)
         self.face_keys = nn.Parameter(torch.empty(config.face_cells, config.injection_rank))
@@ -120,6 +122,8 @@ class EnergyLattice(nn.Module):
         self.readout_hidden = nn.Linear(config.face_channels, config.readout_hidden_dim, bias=False)
         self.readout_out = nn.Linear(config.readout_hidden_dim, config.output_dim, bias=False)
         self.readout_bias = nn.Parameter(torch.empty(config.output_dim))
+        # learned scalar on the flows' contribution; starting at 0 scales the lattice in from zero
+        self.output_gate = nn.Parameter(torch.empty(()))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -130,6 +134,7 @@ class EnergyLattice(nn.Module):
         self.readout_hidden.reset_parameters()
         self.readout_out.reset_parameters()
         nn.init.zeros_(self.readout_bias)
+        nn.init.constant_(self.output_gate, self.config.output_gate_init)
 
     # ---- geometry ------------------------------------------------------------------------------
     def cell_coordinates(self, pos: Tensor) -> Tensor:
@@ -239,7 +244,7 @@ class EnergyLattice(nn.Module):
         )
 
     def read_out(self, deposit: FaceDeposit, batch_size: int) -> Tensor:
-        """``FaceDeposit`` -> ``[B, output_dim]``: per-cell MLP, summed per sample, plus a bias.
+        """``FaceDeposit`` -> ``[B, output_dim]``: per-cell MLP, summed per sample, gated, plus a bias.
 
         ``sum_c W_2 GELU(W_1 f_c) = W_2 sum_c GELU(W_1 f_c)``: the second layer is linear and
         bias-free, so the sum over cells is taken in the hidden space and ``W_2`` runs on B rows
@@ -247,4 +252,4 @@ class EnergyLattice(nn.Module):
         """
         per_cell = nn.functional.gelu(self.readout_hidden(deposit.values))
         summed = scatter(per_cell, deposit.batch, dim=0, dim_size=batch_size, reduce="sum")
-        return self.readout_out(summed) + self.readout_bias
+        return self.output_gate * self.readout_out(summed) + self.readout_bias

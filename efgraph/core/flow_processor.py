@@ -3,14 +3,20 @@
 A step, for all F active flows of the batch at once (no Python loop over flows):
 
 1. *Occupied cells*: cell id = (sample, cell) compacted with ``torch.unique`` -> C cells.
-2. *Message passing* flows -> cells (:class:`FlowToCellConv`), the :class:`SimpleNeuron` on the
-   C occupied cells, each flow gathers its cell's transformation.
+2. *Message passing* flows -> occupied cells within ``interaction_radius`` of each flow's cell
+   (:class:`FlowToCellConv` over :func:`neighbourhood_edges`), the :class:`SimpleNeuron` on the
+   C occupied cells, each flow gathers its own cell's transformation.
 3. *Carrier*: one recurrent call over the F flows, then the heads.
 4. *Move*: lateral move reflected at the faces, ``dz >= 1`` and never past the output face.
-5. *Lifecycle*: gate the energy (the dissipated part is counted as lost); a flow under
-   ``energy_threshold`` dies; a flow on the output face arrives; the rest continue, and those
+5. *Lifecycle*: the carrier *sets* each flow's energy (``sigmoid`` of its energy head, so it can
+   rise as well as fall; a rise is booked as created energy, a fall as dissipated); a flow under
+   ``energy_threshold`` dies (with ``survival_gradient`` it still sends a surrogate gradient, see
+   :mod:`efgraph.core.survival`); a flow on the output face arrives; the rest continue, and those
    above ``spawn_threshold`` with a positive spawn score spawn a child that takes part of their
-   energy, within the per-sample budgets ``max_spawn_per_step`` and ``max_active_flows``.
+   energy, within the per-sample budgets ``max_spawn_per_step`` and ``max_active_flows``. A parent
+   whose energy the carrier raises again spawns again.
+
+Energy books, at every step: ``injected + created = in flight + arrived + lost``.
 
 Because every continuing flow advances at least one cell in z, a forward ends within D-1 steps.
 """
@@ -27,8 +33,9 @@ from efgraph.core.budget import keep_top_per_group
 from efgraph.core.energy_carrier import CarrierHeads, EnergyCarrier
 from efgraph.core.energy_lattice import EnergyLattice
 from efgraph.core.flow_state import FlowState
-from efgraph.core.message_passing import FlowToCellConv
+from efgraph.core.message_passing import FlowToCellConv, neighbourhood_edges, neighbourhood_offsets
 from efgraph.core.simple_neuron import SimpleNeuron
+from efgraph.core.survival import survival_phantom_energy
 from efgraph.core.trace import FlowTrace
 from efgraph.utils.logging import DEBUG_ENERGY, DEBUG_SPAWN, get_logger
 
@@ -55,9 +62,23 @@ class StepResult:
     occupied_cell_id: Tensor  # [C] sorted ids of the occupied cells
     num_spawned: int
     num_died: int
-    energy_dissipated: Tensor  # scalar: removed by the energy gate
+    energy_dissipated: Tensor  # scalar: sum of the falls of energy the carrier set
+    energy_created: Tensor  # scalar: sum of the rises of energy the carrier set
     energy_died: Tensor  # scalar: carried away by flows that died
     energy_arrived: Tensor  # scalar
+    neighbourhood_flows: Tensor  # scalar: sum over flows of the flows in their interaction neighbourhood
+    spawner_flow_id: Tensor  # [S] ids of the flows that spawned a child this step
+    # dying flows as zero-energy deposits that carry the survival gradient (None without it)
+    phantoms: Arrivals | None = None
+
+
+@dataclass
+class CellStep:
+    """Result of the cell part of a step (occupied cells, message passing, neuron)."""
+
+    transformation: Tensor  # [F, neuron_output_dim] the transformation of each flow's cell
+    occupied_cell_id: Tensor  # [C] sorted ids of the occupied cells
+    neighbourhood_flows: Tensor  # scalar: sum over flows of the flows their cell's neuron heard
 
 
 class FlowProcessor(nn.Module):
@@ -84,6 +105,7 @@ class FlowProcessor(nn.Module):
         self.neuron = neuron
         self.carrier = EnergyCarrier(config)
         self.conv = FlowToCellConv(config.carrier_hidden_dim, config.message_dim, config.aggregation)
+        self.register_buffer("neighbour_offsets", neighbourhood_offsets(config.interaction_radius), persistent=False)
         self.record_paths = False
         self.last_trace: FlowTrace | None = None
         # dynamic=True: the number of flows changes every step; fullgraph: no silent graph breaks.
@@ -126,7 +148,9 @@ class FlowProcessor(nn.Module):
         )
         next_id = state.num_flows
         arrivals: list[Arrivals] = []
-        lost = arrived = torch.zeros((), device=x.device)
+        phantoms: list[Arrivals] = []
+        zero = torch.zeros((), device=x.device)
+        lost = arrived = created = zero
         for _ in range(self.config.lattice_depth - 1):
             if state.num_flows == 0:
                 break
@@ -135,14 +159,18 @@ class FlowProcessor(nn.Module):
             result = self.step(state, batch_size, next_id)
             next_id += result.num_spawned
             arrivals.append(result.arrivals)
+            if result.phantoms is not None:
+                phantoms.append(result.phantoms)
             lost = lost + (result.energy_dissipated + result.energy_died).detach()
             arrived = arrived + result.energy_arrived.detach()
+            created = created + result.energy_created.detach()
             trace.active.append(state.num_flows)
             trace.occupied.append(result.occupied_cell_id.numel())
             trace.spawned.append(result.num_spawned)
             trace.died.append(result.num_died)
             trace.arrived.append(result.arrivals.batch.numel())
-            trace.energy_rows.append(torch.stack([result.next_state.energy.detach().sum(), arrived, lost]))
+            trace.energy_rows.append(torch.stack([result.next_state.energy.detach().sum(), arrived, lost, created]))
+            trace.neighbourhood_rows.append(result.neighbourhood_flows.detach())
             state = result.next_state
         if state.num_flows:
             # dz >= 1 per step ends every finite flow by now; NaN positions never arrive or die.
@@ -159,7 +187,10 @@ class FlowProcessor(nn.Module):
                 _path_record(landed.flow_id, landed.batch, _face_pos(landed.xy, self.config), landed.energy)
             )
         self.last_trace = trace
-        deposit = self.lattice.collect_output_energy(landed.batch, landed.xy, landed.energy, landed.value, batch_size)
+        # phantoms deposit exactly zero (forward unchanged) but carry the survival gradient
+        deposited = _cat_arrivals(arrivals + phantoms) if phantoms else landed
+        deposit = self.lattice.collect_output_energy(deposited.batch, deposited.xy, deposited.energy,
+                                                     deposited.value, batch_size)
         y = self.lattice.read_out(deposit, batch_size)
         return x + y if self.config.residual else y
 
@@ -190,10 +221,10 @@ class FlowProcessor(nn.Module):
             next_id: first flow id to give a child.
         """
         cfg = self.config
-        # 1-2. occupied cells (compaction), message passing, neuron
-        transformation, occupied = self.cell_transformation(state)
-        # 3-4. carrier, heads, move, energy gate: dense, compiled as one graph when config.compile
-        top, h, c, heads, pos, energy = self._advance(transformation, state.h, state.c, state.pos, state.energy)
+        # 1-2. occupied cells (compaction), message passing over the neighbourhoods, neuron
+        cells = self.cell_transformation(state)
+        # 3-4. carrier, heads, move, next energy: dense, compiled as one graph when config.compile
+        top, h, c, heads, pos, energy = self._advance(cells.transformation, state.h, state.c, state.pos, state.energy)
         # 5. lifecycle (compaction)
         died = energy < cfg.energy_threshold
         arrived = ~died & (pos[:, 2] >= cfg.lattice_depth - 1)
@@ -217,44 +248,60 @@ class FlowProcessor(nn.Module):
             children = self._children(moved, parent_idx, child_energy, heads.child_dxy, next_id)
             next_state = FlowState.cat([next_state, children])
 
-        arrivals = Arrivals(
-            batch=state.batch.index_select(0, arrived_idx),
-            xy=pos.index_select(0, arrived_idx)[:, :2],
-            energy=energy.index_select(0, arrived_idx),
-            value=self.carrier.value(top.index_select(0, arrived_idx)),
-            flow_id=state.flow_id.index_select(0, arrived_idx),
-        )
+        arrivals = self._arrivals(arrived_idx, state, pos, energy, top)
         num_spawned = parent_idx.numel()
         num_died = state.num_flows - alive_idx.numel() - arrived_idx.numel()
+        phantoms = None
+        if cfg.survival_gradient and num_died and torch.is_grad_enabled():
+            died_idx = died.nonzero().flatten()
+            phantoms = self._arrivals(died_idx, state, pos, energy, top)
+            phantoms.energy = survival_phantom_energy(heads.energy_logit.index_select(0, died_idx), cfg.energy_threshold)
         if logger.isEnabledFor(DEBUG_SPAWN):
             logger.log(DEBUG_SPAWN, "step: %d flows, %d spawned, %d died, %d arrived",
                        state.num_flows, num_spawned, num_died, arrived_idx.numel())
         if logger.isEnabledFor(DEBUG_ENERGY):
             logger.log(DEBUG_ENERGY, "step: mean energy %.4f, min %.4f", float(energy.detach().mean()), float(energy.detach().min()))
+        # bookkeeping only: detached, so it adds nothing to the autograd graph
+        change = energy.detach() - state.energy.detach()
         return StepResult(
             next_state=next_state,
             arrivals=arrivals,
-            occupied_cell_id=occupied,
+            occupied_cell_id=cells.occupied_cell_id,
             num_spawned=num_spawned,
             num_died=num_died,
-            # bookkeeping only: detached, so it adds nothing to the autograd graph
-            energy_dissipated=(state.energy.detach() - energy.detach()).sum(),
+            energy_dissipated=(-change).clamp(min=0).sum(),
+            energy_created=change.clamp(min=0).sum(),
             energy_died=(energy.detach() * died).sum(),
             energy_arrived=(energy.detach() * arrived).sum(),
+            neighbourhood_flows=cells.neighbourhood_flows,
+            spawner_flow_id=state.flow_id.index_select(0, parent_idx),
+            phantoms=phantoms,
+        )
+
+    def _arrivals(self, idx: Tensor, state: FlowState, pos: Tensor, energy: Tensor, top: Tensor) -> Arrivals:
+        """The flows at ``idx`` as deposits on the output face at their new (x, y)."""
+        return Arrivals(
+            batch=state.batch.index_select(0, idx),
+            xy=pos.index_select(0, idx)[:, :2],
+            energy=energy.index_select(0, idx),
+            value=self.carrier.value(top.index_select(0, idx)),
+            flow_id=state.flow_id.index_select(0, idx),
         )
 
     def advance(
         self, transformation: Tensor, h: Tensor, c: Tensor | None, pos: Tensor, energy: Tensor
     ) -> tuple[Tensor, Tensor, Tensor | None, CarrierHeads, Tensor, Tensor]:
-        """The dense part of a step: carrier call, heads, move and energy gate (no compaction).
+        """The dense part of a step: carrier call, heads, move and next energy (no compaction).
 
-        Returns ``(top [F, H], h, c, heads, new pos [F, 3], gated energy [F])``.
+        Returns ``(top [F, H], h, c, heads, new pos [F, 3], next energy [F])``; the carrier sets
+        the next energy, ``sigmoid(energy_logit)``, in fp32 even under autocast (the books and
+        the thresholds read it).
         """
         step_input = torch.cat([transformation, energy.unsqueeze(1), self.lattice.position_encoding(pos)], dim=1)
         top, h, c = self.carrier.step(step_input, h, c)
         heads = self.carrier.heads(top)
         new_pos = self.lattice.move(pos, heads.dxy, heads.dz_fraction)
-        return top, h, c, heads, new_pos, energy * heads.energy_gate
+        return top, h, c, heads, new_pos, torch.sigmoid(heads.energy_logit.float())
 
     def _advance(self, *args: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None, CarrierHeads, Tensor, Tensor]:
         if self._compiled_advance is None:
@@ -263,21 +310,28 @@ class FlowProcessor(nn.Module):
         with torch._dynamo.config.patch(allow_rnn=True):
             return self._compiled_advance(self, *args)
 
-    def cell_transformation(self, state: FlowState) -> tuple[Tensor, Tensor]:
+    def cell_transformation(self, state: FlowState) -> CellStep:
         """The neuron's transformation for every flow, computed on the occupied cells only.
 
-        Returns:
-            ``[F, neuron_output_dim]`` transformation of each flow's cell, and the sorted ids of
-            the C occupied cells ``[C]``.
+        Each occupied cell aggregates the messages of the flows of its sample within
+        ``interaction_radius`` cells, runs the neuron once, and every flow reads its own cell's
+        result (see :class:`CellStep`).
         """
         lattice = self.lattice
-        cell_id = lattice.cell_id(state.batch, lattice.cell_coordinates(state.pos))
+        cell = lattice.cell_coordinates(state.pos)
+        cell_id = lattice.cell_id(state.batch, cell)
         occupied, cell_index = torch.unique(cell_id, return_inverse=True)
         _, occupied_cell = lattice.cell_from_id(occupied)
-        aggregated = self.conv(state.h[-1], state.energy, cell_index, occupied.numel())
+        edges = neighbourhood_edges(cell, state.batch, occupied, cell_index, self.neighbour_offsets,
+                                    lattice.cell_bounds, lattice.cell_id)
+        num_cells = occupied.numel()
+        aggregated = self.conv(state.h[-1], state.energy, edges, num_cells)
         cell_pe = lattice.position_encoding(occupied_cell.to(state.pos.dtype))
         transformation = self.neuron(torch.cat([aggregated, cell_pe], dim=1)).index_select(0, cell_index)
-        return transformation, occupied
+        # flows each cell heard = its in-degree; summed over the flows reading that cell
+        heard = torch.zeros(num_cells, device=edges.device).index_add_(
+            0, edges[1], torch.ones(edges.size(1), device=edges.device))
+        return CellStep(transformation, occupied, heard.index_select(0, cell_index).sum())
 
     def _choose_spawners(
         self, alive: Tensor, alive_idx: Tensor, energy: Tensor, score: Tensor, batch: Tensor, batch_size: int

@@ -1,21 +1,82 @@
-"""`FlowToCellConv`: one message-passing step from flows to the cells they occupy."""
+"""Message passing from flows to the occupied cells of their interaction neighbourhood.
+
+Two pieces: :func:`neighbourhood_edges` builds the bipartite graph *flows -> occupied cells* in
+which a flow is linked to every occupied cell of its own sample within ``interaction_radius``
+cells (Chebyshev distance, in 3-D) of its own cell; :class:`FlowToCellConv` is the PyG
+``MessagePassing`` layer that aggregates the flows' messages over that graph. With radius 0 a
+cell only hears the flows inside it (each flow has one edge); with radius r >= 1 flows of one
+sample that come near each other exchange information through the neuron of each other's cells.
+
+Neighbours are found without a spatial index: cell ids are integers ordered by (sample, z, y, x),
+the occupied ids are sorted (they come from ``torch.unique``), so "is cell n occupied, and which
+row is it?" is one ``searchsorted`` per (flow, offset). Offsets that leave the lattice are masked
+out before the look-up, so a neighbourhood never wraps around a face or reaches another sample.
+"""
 
 from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 from torch_geometric.nn import MessagePassing
-from torch_geometric.utils import scatter
+
+
+def neighbourhood_offsets(radius: int) -> Tensor:
+    """All ``(2r+1)^3`` integer offsets ``[K, 3]`` (dx, dy, dz) with ``max(|d|) <= radius``."""
+    if radius < 0:
+        raise ValueError(f"interaction_radius: must be >= 0, got {radius}")
+    steps = range(-radius, radius + 1)
+    return torch.tensor(list(itertools.product(steps, steps, steps)), dtype=torch.long)
+
+
+def neighbourhood_edges(
+    flow_cell: Tensor,
+    flow_batch: Tensor,
+    occupied_id: Tensor,
+    cell_index: Tensor,
+    offsets: Tensor,
+    lattice_size: Tensor,
+    id_of: Callable[[Tensor, Tensor], Tensor],
+) -> Tensor:
+    """Edges ``[2, E]`` (flow row, occupied-cell row) of the interaction graph.
+
+    Args:
+        flow_cell: ``[F, 3]`` int64 cell (x, y, z) of each flow.
+        flow_batch: ``[F]`` sample of each flow.
+        occupied_id: ``[C]`` sorted ids of the occupied cells.
+        cell_index: ``[F]`` row of each flow's own cell in ``occupied_id``.
+        offsets: ``[K, 3]`` from :func:`neighbourhood_offsets`.
+        lattice_size: ``[3]`` int64 (W, H, D).
+        id_of: ``(batch [N], cell [N, 3]) -> id [N]``, the lattice's cell id.
+
+    Returns:
+        ``[2, E]`` int64: row 0 the flow, row 1 the occupied cell it sends to. Every flow has an
+        edge to its own cell; E = sum over occupied cells of the flows in their neighbourhood.
+    """
+    num_flows = flow_cell.size(0)
+    if offsets.size(0) == 1:  # radius 0: only the own cell, no look-up needed
+        return torch.stack([torch.arange(num_flows, device=flow_cell.device), cell_index])
+    neighbour = flow_cell.unsqueeze(1) + offsets.unsqueeze(0)  # [F, K, 3]
+    inside = (neighbour >= 0).all(dim=2) & (neighbour < lattice_size).all(dim=2)  # [F, K]
+    k = offsets.size(0)
+    neighbour_id = id_of(flow_batch.repeat_interleave(k), neighbour.reshape(-1, 3)).view(num_flows, k)
+    row = torch.searchsorted(occupied_id, neighbour_id).clamp(max=occupied_id.numel() - 1)
+    hit = inside & (occupied_id.index_select(0, row.flatten()).view_as(row) == neighbour_id)
+    flow = torch.arange(num_flows, device=flow_cell.device).unsqueeze(1).expand_as(row)
+    return torch.stack([flow[hit], row[hit]])
 
 
 class FlowToCellConv(MessagePassing):
-    r"""Aggregate flow messages into their occupied cells on the bipartite graph flows -> cells.
+    r"""Aggregate flow messages into occupied cells over the interaction graph.
 
     .. math::
-        \bar m_c = \operatorname*{AGG}_{f \,:\, \mathrm{cell}(f) = c} W h_f + e_f w_e + b
+        \bar m_c = \operatorname*{AGG}_{f \,:\, \|\mathrm{cell}(f) - c\|_\infty \le r} W h_f + e_f w_e + b
 
-    with AGG = mean or sum (``config.aggregation``). Each flow has exactly one edge, to its cell,
-    so the graph has F edges and C target nodes, and only occupied cells exist in it.
+    with AGG = mean or sum (``config.aggregation``), taken over the flows of the same sample whose
+    cell lies within ``r = interaction_radius`` cells of ``c`` (``c`` itself included). The graph
+    is bipartite flows -> occupied cells (``size=(F, C)``), so only occupied cells exist in it.
 
     Args:
         hidden_dim: carrier hidden size H (messages read the top layer's state).
@@ -23,13 +84,12 @@ class FlowToCellConv(MessagePassing):
         aggregation: ``"mean"`` or ``"sum"``.
 
     Shapes:
-        input: flow state ``[F, H]``, energy ``[F]``, cell index ``[F]`` in ``[0, C)``, ``C``.
+        input: flow state ``[F, H]``, energy ``[F]``, ``edge_index [2, E]`` (flow, cell), ``C``.
         output: ``[C, message_dim]``.
     """
 
     def __init__(self, hidden_dim: int, message_dim: int, aggregation: str = "mean") -> None:
-        super().__init__(aggr=aggregation)
-        self.aggregation = aggregation
+        super().__init__(aggr=aggregation, flow="source_to_target")
         self.lin = nn.Linear(hidden_dim, message_dim)
         self.energy_weight = nn.Parameter(torch.empty(message_dim))
         self.reset_parameters()
@@ -39,17 +99,12 @@ class FlowToCellConv(MessagePassing):
         self.lin.reset_parameters()
         nn.init.uniform_(self.energy_weight, -1.0, 1.0)
 
-    def forward(self, flow_h: Tensor, energy: Tensor, cell_index: Tensor, num_cells: int) -> Tensor:
-        # Project on the F flows before propagating: with one edge per flow the projection would
-        # cost the same per edge, but this keeps the gathered rows narrow (message_dim, not H).
-        # The energy enters as its own column (W [h, e] = W_h h + e w_e) to avoid copying h.
+    def forward(self, flow_h: Tensor, energy: Tensor, edge_index: Tensor, num_cells: int) -> Tensor:
+        # Project on the F flows before propagating: a flow has up to (2r+1)^3 edges, and the
+        # gathered rows are then message_dim wide instead of H. The energy enters as its own
+        # column (W [h, e] = W_h h + e w_e) so that h is never copied.
         msg = torch.addcmul(self.lin(flow_h), energy.unsqueeze(1), self.energy_weight)
-        num_flows = msg.size(0)
-        edge_index = torch.stack([torch.arange(num_flows, device=msg.device), cell_index])
-        return self.propagate(edge_index, x=(msg, None), size=(num_flows, num_cells))
+        return self.propagate(edge_index, x=(msg, None), size=(msg.size(0), num_cells))
 
     def message(self, x_j: Tensor) -> Tensor:
         return x_j
-
-    def aggregate(self, inputs: Tensor, index: Tensor, ptr: Tensor | None = None, dim_size: int | None = None) -> Tensor:
-        return scatter(inputs, index, dim=0, dim_size=dim_size, reduce=self.aggregation)

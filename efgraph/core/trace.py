@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-ENERGY_COLUMNS = ("energy_in_flight", "energy_arrived", "energy_lost")
+ENERGY_COLUMNS = ("energy_in_flight", "energy_arrived", "energy_lost", "energy_created")
 
 
 @dataclass
@@ -20,8 +20,9 @@ class FlowTrace:
     """Per-step record of a forward over a batch.
 
     Lists hold one entry per executed step. ``energy`` rows are *cumulative* at the end of the
-    step: in flight, arrived at the output face, lost (dissipated by the gate or carried away by
-    dying flows), so ``energy_injected == in_flight + arrived + lost`` at every step.
+    step: in flight, arrived at the output face, lost (falls of energy set by the carrier, and
+    the energy of dying flows) and created (rises of energy set by the carrier), so
+    ``energy_injected + created == in_flight + arrived + lost`` at every step.
     """
 
     batch_size: int
@@ -32,7 +33,9 @@ class FlowTrace:
     spawned: list[int] = field(default_factory=list)
     died: list[int] = field(default_factory=list)
     arrived: list[int] = field(default_factory=list)
-    energy_rows: list[Tensor] = field(default_factory=list)  # each [3], detached
+    energy_rows: list[Tensor] = field(default_factory=list)  # each [4], detached
+    # each a detached scalar: sum over the step's flows of the flows in their interaction neighbourhood
+    neighbourhood_rows: list[Tensor] = field(default_factory=list)
     # when recorded: one dict per step (flows at its start) plus one for the arrivals, each with
     # CPU tensors flow_id [N], batch [N], pos [N, 3], energy [N]
     paths: list[dict[str, Tensor]] | None = None
@@ -43,10 +46,16 @@ class FlowTrace:
 
     @property
     def energy(self) -> Tensor:
-        """``[S, 3]`` cumulative (in flight, arrived, lost) after each step."""
+        """``[S, 4]`` cumulative (in flight, arrived, lost, created) after each step."""
         if not self.energy_rows:
-            return torch.zeros(0, 3)
+            return torch.zeros(0, len(ENERGY_COLUMNS))
         return torch.stack(self.energy_rows)
+
+    @property
+    def neighbourhood_flows(self) -> list[float]:
+        """Per step: mean number of flows in a flow's interaction neighbourhood (itself included)."""
+        sums = torch.stack(self.neighbourhood_rows).tolist() if self.neighbourhood_rows else []
+        return [s / max(n, 1) for s, n in zip(sums, self.active)]
 
     @property
     def total_spawned(self) -> int:
@@ -63,7 +72,9 @@ class FlowTrace:
     def summary(self) -> dict[str, float]:
         """Scalars for logging: totals, peak flows, fraction of injected energy that arrived."""
         injected = float(self.energy_injected)
-        final = self.energy[-1].tolist() if self.energy_rows else [injected, 0.0, 0.0]
+        final = self.energy[-1].tolist() if self.energy_rows else [injected, 0.0, 0.0, 0.0]
+        heard = float(torch.stack(self.neighbourhood_rows).sum()) if self.neighbourhood_rows else 0.0
+        flow_steps = sum(self.active)
         return {
             "steps": float(self.num_steps),
             "initial_flows": float(self.initial_flows),
@@ -73,9 +84,14 @@ class FlowTrace:
             "spawned": float(self.total_spawned),
             "died": float(self.total_died),
             "arrived": float(self.total_arrived),
+            "arrived_per_sample": self.total_arrived / self.batch_size,
+            "spawned_per_sample": self.total_spawned / self.batch_size,
+            # flow-weighted: the mean, over flow-steps, of the flows a flow's neuron heard
+            "neighbourhood_flows": heard / flow_steps if flow_steps else 0.0,
             "energy_injected": injected,
             "energy_arrived_fraction": final[1] / injected if injected > 0 else 0.0,
             "energy_lost_fraction": final[2] / injected if injected > 0 else 0.0,
+            "energy_created_fraction": final[3] / injected if injected > 0 else 0.0,
             "mean_initial_energy": injected / max(self.initial_flows, 1),
         }
 
@@ -88,6 +104,7 @@ class FlowTrace:
             "spawned": list(self.spawned),
             "died": list(self.died),
             "arrived": list(self.arrived),
+            "neighbourhood_flows": self.neighbourhood_flows,
         }
         for i, name in enumerate(ENERGY_COLUMNS):
             out[name] = [row[i] for row in energy]

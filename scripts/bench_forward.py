@@ -14,8 +14,8 @@ Three tables, each row the median of ``--repeats`` timed forward+backward passes
    is small (``--dense-batch``) so that the dense lattice fits in memory.
 
 To compare like with like, every engine run is pinned to the same number of steps and flows: the
-dz head is set so that all flows reach the output face in exactly ``--steps`` steps, the energy
-gate keeps all energy and spawning is off. Lateral moves stay as initialised, so flows spread and
+dz head is set so that all flows reach the output face in exactly ``--steps`` steps, the carrier
+sets every energy to 1 (nobody dies) and spawning is off. Lateral moves stay as initialised, so flows spread and
 share cells as in an untrained model.
 
 Memory: on CUDA the peak allocated memory; on CPU the bytes of the distinct tensors the autograd
@@ -142,7 +142,7 @@ def carrier_fn(proc: FlowProcessor, num_flows: int, steps: int, device: torch.de
         for s in range(steps):
             top, h, c = carrier.step(inputs[s], h, c)
             heads = carrier.heads(top)
-            loss = loss + heads.dxy.sum() + heads.dz_fraction.sum() + heads.energy_gate.sum() + heads.spawn_score.sum()
+            loss = loss + heads.dxy.sum() + heads.dz_fraction.sum() + heads.energy_logit.sum() + heads.spawn_score.sum()
         return loss + carrier.value(top).sum()
 
     return run

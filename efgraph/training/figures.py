@@ -71,10 +71,11 @@ def landing_figure(trace: FlowTrace, config: EnergyConfig, path: str | Path) -> 
 
 
 def flow_counts_figure(trace: FlowTrace, path: str | Path) -> Path:
-    """Per lattice step: active flows, occupied cells, spawned, died, arrived; and the energy split."""
+    """Per lattice step: active flows, occupied cells, spawned, died, arrived; the energy books;
+    and how many flows a flow's neuron hears (its interaction neighbourhood)."""
     counts = trace.as_dict()
     steps = list(range(1, trace.num_steps + 1))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     for key, style in [("active", "-o"), ("occupied", "--o"), ("spawned", "-^"), ("died", "-x"), ("arrived", "-s")]:
         axes[0].plot(steps, counts[key], style, label=key, ms=4)
     for ax in axes:
@@ -83,12 +84,16 @@ def flow_counts_figure(trace: FlowTrace, path: str | Path) -> Path:
     axes[0].set_title(f"flows per step (batch of {trace.batch_size})")
     axes[0].legend(fontsize=8)
     injected = float(trace.energy_injected) or 1.0
-    for key in ("energy_in_flight", "energy_arrived", "energy_lost"):
+    for key in ("energy_in_flight", "energy_arrived", "energy_lost", "energy_created"):
         axes[1].plot(steps, [v / injected for v in counts[key]], "-o", ms=4, label=key.replace("energy_", ""))
-    axes[1].set_ylim(0, 1.02)
+    axes[1].set_ylim(bottom=0)
     axes[1].set_xlabel("lattice step")
-    axes[1].set_title("fraction of injected energy")
+    axes[1].set_title("cumulative energy / injected")
     axes[1].legend(fontsize=8)
+    axes[2].plot(steps, counts["neighbourhood_flows"], "-o", ms=4)
+    axes[2].set_ylim(bottom=0)
+    axes[2].set_xlabel("lattice step")
+    axes[2].set_title("flows per interaction neighbourhood")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

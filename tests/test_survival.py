@@ -1,0 +1,80 @@
+"""Death without a gradient cliff: the dead-lattice mechanism (issue 11) and the survival gradient.
+
+Mechanism: a flow under ``energy_threshold`` leaves the active set, so nothing it would have done
+is computed and no gradient reaches the parameters that made it die. When *every* flow dies before
+the output face, the output is ``x + readout_bias`` whatever the lattice's parameters are: every
+other gradient is exactly zero and the optimiser can never leave that state. The survival
+gradient (:mod:`efgraph.core.survival`) lets dying flows send a surrogate gradient with no change
+to the forward.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import build_processor, tiny_config
+
+
+def _dead_processor(survival: bool, seed: int = 0):
+    """A residual model whose flows all die in their first step (next energy ~ sigmoid(-4) = 0.018)."""
+    config = tiny_config(input_dim=10, output_dim=10, residual=True, survival_gradient=survival,
+                         max_active_flows=8, max_spawn_per_step=2)
+    proc = build_processor(config, seed=seed)
+    with torch.no_grad():
+        proc.carrier.energy_head.bias.fill_(-4.0)
+    return config, proc
+
+
+def _teacher_batches(seed: int, steps: int, batch: int = 32):
+    """Residual teacher pairs (x, x + tanh(x W)): a task the lattice can help with."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(256, 10, generator=g)
+    teacher = torch.randn(10, 10, generator=g) * 0.5
+    for _ in range(steps):
+        xb = x[torch.randint(0, 256, (batch,), generator=g)]
+        yield xb, xb + torch.tanh(xb @ teacher)
+
+
+def test_a_dead_lattice_outputs_x_plus_bias_and_sends_no_gradient_without_the_survival_gradient():
+    config, proc = _dead_processor(survival=False)
+    x, target = next(_teacher_batches(0, 1))
+    y = proc(x)
+    assert proc.last_trace.total_arrived == 0 and proc.last_trace.total_died == proc.last_trace.initial_flows
+    torch.testing.assert_close(y, x + proc.lattice.readout_bias)
+    torch.nn.functional.mse_loss(y, target).backward()
+    alive = [name for name, p in proc.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert alive == ["lattice.readout_bias"]
+
+
+def test_the_survival_gradient_changes_no_output_and_reaches_the_energy_head():
+    x, target = next(_teacher_batches(0, 1))
+    grads, outputs = {}, {}
+    for survival in (False, True):
+        _, proc = _dead_processor(survival)
+        with torch.no_grad():  # half alive: the forward must be identical with and without phantoms
+            proc.carrier.energy_head.weight.mul_(30.0)
+            proc.carrier.energy_head.bias.fill_(-1.5)
+        y = proc(x)
+        assert 0 < proc.last_trace.total_died < proc.last_trace.initial_flows + proc.last_trace.total_spawned
+        torch.nn.functional.mse_loss(y, target).backward()
+        outputs[survival], grads[survival] = y.detach(), proc.carrier.energy_head.bias.grad.clone()
+    assert torch.equal(outputs[False], outputs[True])
+    assert not torch.equal(grads[False], grads[True])
+
+
+@pytest.mark.parametrize("survival", [False, True])
+def test_training_recovers_from_a_dead_lattice_only_with_the_survival_gradient(survival):
+    _, proc = _dead_processor(survival, seed=2)
+    opt = torch.optim.AdamW(proc.parameters(), lr=3e-3)
+    arrivals = []
+    for x, target in _teacher_batches(2, 60):
+        loss = torch.nn.functional.mse_loss(proc(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        arrivals.append(proc.last_trace.total_arrived)
+    if survival:
+        assert sum(arrivals[-10:]) > 0, f"still dead after 60 steps: {arrivals}"
+    else:
+        assert sum(arrivals) == 0  # absorbing: nothing ever arrives again

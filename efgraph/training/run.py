@@ -62,7 +62,8 @@ def load_pairs(config: EnergyConfig, progress: bool = True) -> EmbeddingPairs:
     limit = config.max_pairs or None
     model = config.embedding_model or None
     if config.dataset == "synthetic":
-        pairs = make_teacher_pairs(config.synthetic_pairs, config.input_dim, config.output_dim, seed=config.seed)
+        # the teacher is part of the data: fixed by data_seed, so model seeds share one data set
+        pairs = make_teacher_pairs(config.synthetic_pairs, config.input_dim, config.output_dim, seed=config.data_seed)
     elif config.dataset == "bible":
         pairs = load_bible_pairs(config.source_version, config.target_version, max_verses=limit, model=model,
                                  verses_per_book=config.verses_per_book or None, progress=progress)
@@ -82,9 +83,13 @@ def load_pairs(config: EnergyConfig, progress: bool = True) -> EmbeddingPairs:
 
 
 def make_run_split(config: EnergyConfig, pairs: EmbeddingPairs) -> Split:
-    """Deterministic split; by group (e.g. Bible book) when the pairs carry groups."""
+    """Deterministic split; by group (e.g. Bible book) when the pairs carry groups.
+
+    Fixed by ``config.data_seed``, not ``config.seed``: runs that differ only in their model seed
+    are scored on the same test pairs, so their spread is the model's and not the split's.
+    """
     fractions = (1.0 - config.val_fraction - config.test_fraction, config.val_fraction, config.test_fraction)
-    return make_split(len(pairs), groups=pairs.groups, fractions=fractions, seed=config.seed)
+    return make_split(len(pairs), groups=pairs.groups, fractions=fractions, seed=config.data_seed)
 
 
 def run_training(

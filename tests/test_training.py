@@ -62,8 +62,9 @@ def test_resumed_run_ends_with_the_same_parameters(tmp_path):
     straight.train(train_x, train_y, val_inputs=val_x, val_targets=val_y)
 
     first = fresh(tmp_path / "b")
-    first.train(train_x, train_y, val_inputs=val_x, val_targets=val_y, max_steps=7)  # mid-epoch, off-interval
-    assert first.step == 7
+    # mid-epoch, off the checkpoint and evaluation grids, after one evaluation (step 10)
+    first.train(train_x, train_y, val_inputs=val_x, val_targets=val_y, max_steps=12)
+    assert first.step == 12
     torch.manual_seed(12345)  # a resumed process starts with other RNG state: the checkpoint restores it
     second = EnergyTrainer(FlowProcessor.from_config(config), config, run_dir=tmp_path / "b", progress=False)
     second.train(train_x, train_y, val_inputs=val_x, val_targets=val_y, resume_from=tmp_path / "b/checkpoints/last.pt")
@@ -71,6 +72,7 @@ def test_resumed_run_ends_with_the_same_parameters(tmp_path):
     for (name, a), (_, b) in zip(straight.processor.state_dict().items(), second.processor.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name} differs after resume")
     assert second.best_step == straight.best_step
+    assert second.evaluations == straight.evaluations  # the history before the stop came back with the checkpoint
     # the best checkpoint of the run loads as a ready model
     model = load_model(tmp_path / "b")
     assert not model.training

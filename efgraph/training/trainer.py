@@ -424,7 +424,9 @@ class EnergyTrainer:
     def save_checkpoint(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
         run_state = {
             "best_val_loss": self.best_val_loss, "best_step": self.best_step,
-            "wandb_id": self.run_logger.wandb_id, "skipped_steps": self.skipped_steps, **(extra or {}),
+            "wandb_id": self.run_logger.wandb_id, "skipped_steps": self.skipped_steps,
+            # the validation history, so a resumed run still knows its earlier (and final) evaluations
+            "evaluations": self.evaluations, **(extra or {}),
         }
         return save_checkpoint(
             path, model=self.processor, optimizer=self.optimizer, scheduler=self.scheduler, step=self.step,
@@ -445,6 +447,8 @@ class EnergyTrainer:
         extra = ckpt.get("extra") or {}
         self.best_val_loss, self.best_step = extra.get("best_val_loss"), extra.get("best_step")
         self.skipped_steps = int(extra.get("skipped_steps", 0))
+        # checkpoints written before the history was saved have none; past this step it is not this run's
+        self.evaluations = [dict(e) for e in extra.get("evaluations", []) if e["step"] <= self.step]
         # best.pt may be newer than this checkpoint (written at a later step before a crash): use it
         # only if it is the best state this checkpoint knows; the resumed run re-creates a newer one.
         best_path = Path(path).with_name("best.pt")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, train_script_command
+from efgraph.training.metrics import load_pair_scores
 from efgraph.training.run_logger import resolve_wandb_mode
 from efgraph.utils.wandb_files import find_run_file, logged_history, logged_keys
 
@@ -60,6 +61,16 @@ def test_train_script_writes_the_run_folder_and_offline_wandb_run(tmp_path):
     assert set(results["test"]) == {"energy-flow", "identity", "ridge", "mlp"}
     for metrics in results["test"].values():
         assert set(metrics) == {"cosine", "mse", "r_at_1"}
+    # the selected state's validation metrics, the last evaluation (96 pairs / 16 x 2 epochs), the test dynamics
+    assert results["validation"]["step"] == results["best_step"]
+    assert results["final_validation"]["step"] == 12
+    assert results["test_dynamics"]["flows_arrived_per_sample"] >= 0
+    assert set(results["test_dynamics"]) >= {"flows_energy_arrived_fraction", "flows_spawned_per_sample", "flows_steps"}
+    per_pair = load_pair_scores(run_dir / "test_pairs.npz")  # the per-pair scores behind the table
+    assert set(per_pair) == set(results["test"])
+    for name, scores in per_pair.items():
+        assert scores["cosine"].mean() == pytest.approx(results["test"][name]["cosine"], abs=1e-5)
+        assert scores["hit"].mean() == pytest.approx(results["test"][name]["r_at_1"])
     for name in ["config.yaml", "split.json", "metrics.jsonl", "results.md", "flow_paths.png", "landing.png", "flow_counts.png",
                  "checkpoints/best.pt", "checkpoints/last.pt", "model/model.safetensors", "model/config.yaml"]:
         assert (run_dir / name).exists(), name

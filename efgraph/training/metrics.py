@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from efgraph.data._atomic import atomic_write
+
 # Norm floor for cosine similarity: a zero row gets cosine 0 instead of NaN.
 _COS_EPS = 1e-8
 
@@ -163,10 +165,11 @@ def save_pair_scores(path: str | Path, scores: dict[str, dict[str, np.ndarray]])
             raise ValueError(f"scores[{model!r}]: cosine and hit must be equal-length 1-D arrays")
         arrays[f"{model}/cosine"] = np.asarray(per_pair["cosine"], dtype=np.float64)
         arrays[f"{model}/hit"] = np.asarray(per_pair["hit"], dtype=bool)
-    path = Path(path)
-    with open(path, "wb") as fh:  # a file object: np.savez would append ".npz" to a bare name
-        np.savez(fh, **arrays)
-    return path
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.savez would append ".npz" to a bare name
+            np.savez(fh, **arrays)
+
+    return atomic_write(path, write)  # never a half-written file for a later reader
 
 
 def load_pair_scores(path: str | Path) -> dict[str, dict[str, np.ndarray]]:

@@ -389,8 +389,10 @@ class EnergyTrainer:
             ``cosine``, ``mse``, ``r_at_1``, and the dynamics as ``flows_<key>``:
             ``arrived_per_sample`` and ``spawned_per_sample`` (flows that reached the output face /
             were spawned, per input), ``energy_arrived_fraction``, ``mean_active_flows`` and
-            ``steps`` (averaged over the pairs), plus ``neighbourhood_flows`` and
-            ``energy_created_fraction`` when the engine's trace reports them.
+            ``steps`` (the trace's per-batch values averaged with batch-size weights; note that
+            ``mean_active_flows`` counts a whole evaluation batch, as the trace does), plus
+            ``neighbourhood_flows`` and ``energy_created_fraction`` when the engine's trace
+            reports them.
         """
         preds: list[Tensor] = []
         summaries: list[dict[str, float]] = []

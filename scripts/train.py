@@ -36,7 +36,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="W&B logging: online needs an API key and falls back to offline without one; "
                         "auto = online if a key is configured, else offline (default)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--seed", type=int, help="random seed (overrides the config's seed)")
+    p.add_argument("--seed", type=int, help="model seed: initialisation and batch order (overrides the config's seed)")
+    p.add_argument("--data-seed", type=int,
+                   help="data seed: the train/validation/test split and the synthetic teacher (overrides the "
+                        "config's data_seed); keep it fixed to compare model seeds on one test set")
     p.add_argument("--max-steps", type=int, help="stop after this global step; resume later with --resume")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--log-level", default="INFO", help="INFO, DEBUG, DEBUG_ENERGY, DEBUG_SPAWN, DEBUG_CONVERGENCE")
@@ -57,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     config = EnergyConfig.from_yaml(config_path).with_overrides(args.overrides)
     if args.seed is not None:
         config = config.replace(seed=args.seed)
+    if args.data_seed is not None:
+        config = config.replace(data_seed=args.data_seed)
     if not args.resume and (run_dir / "checkpoints").exists():
         raise SystemExit(f"--output-dir: {run_dir} already holds a run; continue it with --resume {run_dir} "
                          "or choose another folder")

@@ -9,6 +9,7 @@ from torch import nn
 from efgraph.training.baselines import (
     IdentityBaseline,
     MLPBaseline,
+    ResidualRidgeBaseline,
     RidgeBaseline,
     format_results_table,
     mlp_hidden_for_params,
@@ -94,6 +95,46 @@ def test_ridge_picks_the_alpha_with_lowest_validation_loss() -> None:
     assert chosen.alpha_ != grid[0]  # the search mattered here
     for a in grid:
         assert chosen.val_losses_[a] == pytest.approx(refit_losses[a], rel=1e-5)
+
+
+def _near_identity_data(n: int, d: int, seed: int):
+    """``y = x + x @ small + shift + noise``: a residual model's kind of task."""
+    g = torch.Generator().manual_seed(seed)
+    small, shift = 0.3 * torch.randn(d, d, generator=g) / d**0.5, 0.2 * torch.randn(d, generator=g)
+    x = torch.randn(n, d, generator=g)
+    return x, x + x @ small + shift + 0.3 * torch.randn(n, d, generator=g)
+
+
+def test_residual_ridge_is_ridge_on_the_residual_plus_the_input() -> None:
+    x, y = _near_identity_data(80, 6, seed=4)
+    xv = torch.randn(20, 6, generator=torch.Generator().manual_seed(5))
+    residual = ResidualRidgeBaseline(alpha=3.0, alphas=None).fit(x, y)
+    on_residual = RidgeBaseline(alpha=3.0, alphas=None).fit(x, y - x)
+    assert residual.name == "residual-ridge" and residual.num_parameters == 6 * 6 + 6
+    torch.testing.assert_close(residual.predict(xv), xv + on_residual.predict(xv))
+    # heavy shrinkage leaves identity plus the mean residual (plain ridge would leave the mean target)
+    shrunk = ResidualRidgeBaseline(alpha=1e12, alphas=None).fit(x, y)
+    torch.testing.assert_close(shrunk.predict(xv), xv + (y - x).mean(0), atol=1e-4, rtol=0)
+
+
+def test_residual_ridge_selects_alpha_on_the_full_prediction_and_beats_identity() -> None:
+    x, y = _near_identity_data(200, 12, seed=6)
+    (xt, yt), (xv, yv) = (x[:40], y[:40]), (x[40:], y[40:])  # few rows: shrinkage matters
+    grid = [1e-3, 1.0, 30.0, 1e3]
+    chosen = ResidualRidgeBaseline(alphas=grid).fit(xt, yt, xv, yv)
+    full_losses = {  # loss of src + ridge(src) against the target, as the test will score it
+        a: embedding_loss(xv + RidgeBaseline(alpha=a, alphas=None).fit(xt, yt - xt).predict(xv), yv, 1.0, 1.0).item()
+        for a in grid
+    }
+    for a in grid:
+        assert chosen.val_losses_[a] == pytest.approx(full_losses[a], rel=1e-5)
+    assert chosen.alpha_ == min(full_losses, key=full_losses.get)
+    identity_loss = embedding_loss(xv, yv, 1.0, 1.0).item()
+    plain = RidgeBaseline(alphas=grid).fit(xt, yt, xv, yv)
+    assert chosen.val_losses_[chosen.alpha_] < identity_loss
+    assert chosen.val_losses_[chosen.alpha_] < plain.val_losses_[plain.alpha_]
+    with pytest.raises(ValueError, match="residual-ridge.*widths"):
+        ResidualRidgeBaseline().fit(xt, yt[:, :5])
 
 
 def test_ridge_rejects_non_positive_alpha() -> None:
@@ -189,6 +230,12 @@ def test_run_baselines_scores_each_baseline_on_test() -> None:
     narrow = lambda split: (split[0], split[1][:, :5])  # noqa: E731
     results = run_baselines(narrow(train), narrow(val), narrow(test), **kwargs)
     assert list(results) == ["ridge", "mlp"]
+
+    # A residual model is compared with the residual ridge beside the ridge, and a residual MLP.
+    results = run_baselines(train, val, test, **kwargs, residual=True)
+    assert list(results) == ["identity", "ridge", "residual-ridge", "residual-mlp"]
+    expected = ResidualRidgeBaseline().fit(*train, *val).predict(test[0])
+    assert results["residual-ridge"] == pytest.approx(evaluate_predictions(expected, test[1]))
 
 
 def test_format_results_table() -> None:

@@ -81,3 +81,15 @@ def test_debug_levels_log_only_when_enabled(caplog):
         proc(x)
     levels = {r.levelname for r in caplog.records}
     assert {"DEBUG_ENERGY", "DEBUG_SPAWN"} <= levels
+
+
+def test_bible_full_is_bible_on_every_verse_with_a_shorter_schedule():
+    """bible-full.yaml must stay the bible.yaml model: only the data size and the schedule differ."""
+    import yaml
+
+    main = yaml.safe_load((CONFIG_DIR / "bible.yaml").read_text())
+    full = yaml.safe_load((CONFIG_DIR / "bible-full.yaml").read_text())
+    assert set(full) == set(main)
+    differing = {k for k in main if main[k] != full[k]}
+    assert differing == {"verses_per_book", "epochs", "eval_every"}
+    assert (full["verses_per_book"], full["epochs"], full["eval_every"]) == (0, 3, 200)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -124,3 +125,23 @@ def test_non_finite_values_are_rejected() -> None:
         evaluate_predictions(pred, torch.randn(3, 2))
     with pytest.raises(ValueError, match=r"^target: "):
         evaluate_predictions(torch.randn(3, 2), torch.full((3, 2), float("inf")))
+
+
+def test_pair_scores_average_to_the_metrics_and_round_trip_through_npz(tmp_path) -> None:
+    from efgraph.training.metrics import load_pair_scores, pair_scores, save_pair_scores
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(40, 6, generator=g)
+    pred = target + 1.5 * torch.randn(40, 6, generator=g)  # noisy: some hits, some misses
+    per_pair = pair_scores(pred, target, chunk_size=7)
+    metrics = evaluate_predictions(pred, target)
+    assert per_pair["cosine"].shape == per_pair["hit"].shape == (40,)
+    assert per_pair["hit"].dtype == bool and 0 < per_pair["hit"].sum() < 40
+    assert per_pair["cosine"].mean() == pytest.approx(metrics["cosine"], abs=1e-6)
+    assert per_pair["hit"].mean() == pytest.approx(metrics["r_at_1"])
+    path = save_pair_scores(tmp_path / "pairs.npz", {"energy-flow": per_pair, "ridge": pair_scores(target, target)})
+    back = load_pair_scores(path)
+    assert set(back) == {"energy-flow", "ridge"} and back["ridge"]["hit"].all()
+    np.testing.assert_array_equal(back["energy-flow"]["cosine"], per_pair["cosine"])
+    with pytest.raises(ValueError, match="'a/b'"):
+        save_pair_scores(tmp_path / "bad.npz", {"a/b": per_pair})

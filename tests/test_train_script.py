@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, train_script_command
+from efgraph.training.metrics import load_pair_scores
 from efgraph.training.run_logger import resolve_wandb_mode
 from efgraph.utils.wandb_files import find_run_file, logged_history, logged_keys
 
@@ -60,6 +61,16 @@ def test_train_script_writes_the_run_folder_and_offline_wandb_run(tmp_path):
     assert set(results["test"]) == {"energy-flow", "identity", "ridge", "mlp"}
     for metrics in results["test"].values():
         assert set(metrics) == {"cosine", "mse", "r_at_1"}
+    # the selected state's validation metrics, the last evaluation (96 pairs / 16 x 2 epochs), the test dynamics
+    assert results["validation"]["step"] == results["best_step"]
+    assert results["final_validation"]["step"] == 12
+    assert results["test_dynamics"]["flows_arrived_per_sample"] >= 0
+    assert set(results["test_dynamics"]) >= {"flows_energy_arrived_fraction", "flows_spawned_per_sample", "flows_steps"}
+    per_pair = load_pair_scores(run_dir / "test_pairs.npz")  # the per-pair scores behind the table
+    assert set(per_pair) == set(results["test"])
+    for name, scores in per_pair.items():
+        assert scores["cosine"].mean() == pytest.approx(results["test"][name]["cosine"], abs=1e-5)
+        assert scores["hit"].mean() == pytest.approx(results["test"][name]["r_at_1"])
     for name in ["config.yaml", "split.json", "metrics.jsonl", "results.md", "flow_paths.png", "landing.png", "flow_counts.png",
                  "checkpoints/best.pt", "checkpoints/last.pt", "model/model.safetensors", "model/config.yaml"]:
         assert (run_dir / name).exists(), name
@@ -107,7 +118,7 @@ def test_train_script_resumes_a_stopped_run(tmp_path):
 def test_train_script_help_documents_every_flag():
     proc = subprocess.run([sys.executable, str(ROOT / "scripts/train.py"), "--help"], capture_output=True, text=True)
     assert proc.returncode == 0
-    for flag in ["--config", "--set", "--resume", "--wandb-mode", "--device", "--seed", "--output-dir", "--max-steps"]:
+    for flag in ["--config", "--set", "--resume", "--wandb-mode", "--device", "--seed", "--data-seed", "--output-dir", "--max-steps"]:
         assert flag in proc.stdout
 
 
@@ -120,3 +131,30 @@ def test_train_script_rejects_a_width_mismatch(tmp_path):
     proc = _train(tmp_path / "run", "--wandb-mode", "disabled", "--set", "dataset=pairs", "--set", f"data_path={data}")
     assert proc.returncode != 0
     assert "output_dim: config says 12 but the target embeddings are 9 wide" in proc.stderr
+
+
+def test_data_seed_alone_fixes_the_split(tmp_path):
+    """Model seeds share one split (and one synthetic teacher); only --data-seed changes them."""
+    runs = {"a": [], "b": ["--seed", "1"], "c": ["--seed", "1", "--data-seed", "3"]}
+    for name, extra in runs.items():
+        proc = _train(tmp_path / name, "--wandb-mode", "disabled", "--max-steps", "1", *extra)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    split = {name: (tmp_path / name / "split.json").read_text() for name in runs}
+    assert split["a"] == split["b"]
+    assert split["c"] != split["a"]
+    import yaml
+
+    saved = yaml.safe_load((tmp_path / "c" / "config.yaml").read_text())
+    assert (saved["seed"], saved["data_seed"]) == (1, 3)
+
+
+def test_synthetic_pairs_follow_the_data_seed_not_the_model_seed():
+    import torch
+
+    from efgraph.config import EnergyConfig
+    from efgraph.training.run import load_pairs
+
+    base = EnergyConfig(dataset="synthetic", synthetic_pairs=20, input_dim=6, output_dim=6)
+    same = load_pairs(base.replace(seed=5), progress=False)
+    assert torch.equal(load_pairs(base, progress=False).tgt, same.tgt)
+    assert not torch.equal(load_pairs(base.replace(data_seed=1), progress=False).tgt, same.tgt)

@@ -62,8 +62,9 @@ def test_resumed_run_ends_with_the_same_parameters(tmp_path):
     straight.train(train_x, train_y, val_inputs=val_x, val_targets=val_y)
 
     first = fresh(tmp_path / "b")
-    first.train(train_x, train_y, val_inputs=val_x, val_targets=val_y, max_steps=7)  # mid-epoch, off-interval
-    assert first.step == 7
+    # mid-epoch, off the checkpoint and evaluation grids, after one evaluation (step 10)
+    first.train(train_x, train_y, val_inputs=val_x, val_targets=val_y, max_steps=12)
+    assert first.step == 12
     torch.manual_seed(12345)  # a resumed process starts with other RNG state: the checkpoint restores it
     second = EnergyTrainer(FlowProcessor.from_config(config), config, run_dir=tmp_path / "b", progress=False)
     second.train(train_x, train_y, val_inputs=val_x, val_targets=val_y, resume_from=tmp_path / "b/checkpoints/last.pt")
@@ -71,6 +72,7 @@ def test_resumed_run_ends_with_the_same_parameters(tmp_path):
     for (name, a), (_, b) in zip(straight.processor.state_dict().items(), second.processor.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name} differs after resume")
     assert second.best_step == straight.best_step
+    assert second.evaluations == straight.evaluations  # the history before the stop came back with the checkpoint
     # the best checkpoint of the run loads as a ready model
     model = load_model(tmp_path / "b")
     assert not model.training
@@ -169,3 +171,60 @@ def test_a_second_train_call_continues_the_run_and_its_schedule():
     assert twice.optimizer.param_groups[0]["lr"] == pytest.approx(once.optimizer.param_groups[0]["lr"])
     twice.train(train_x, train_y, epochs=2)  # nothing left to do: a no-op, not a restart
     assert twice.step == 2 * per_epoch
+
+
+def _set_energy_gate(proc: FlowProcessor, bias: float) -> None:
+    """Every flow keeps (bias >> 0) or loses (bias << 0) its energy at every step, whatever its state."""
+    with torch.no_grad():
+        proc.carrier.energy_head.weight.zero_()
+        proc.carrier.energy_head.bias.fill_(bias)
+
+
+def test_dead_run_alarm_warns_and_alerts_once_per_episode_without_arrivals(tmp_path, caplog):
+    import json
+    import logging
+
+    train_x, train_y, val_x, val_y = _teacher(n=80)  # 40 training pairs: 5 steps per epoch
+    config = _config(batch_size=8, eval_every=3, log_every=1, survival_gradient=False)
+    torch.manual_seed(0)
+    trainer = EnergyTrainer(FlowProcessor.from_config(config), config, run_dir=tmp_path, progress=False)
+    data = dict(val_inputs=val_x, val_targets=val_y)
+    _set_energy_gate(trainer.processor, -30.0)  # every flow dies at its first step
+    with caplog.at_level(logging.WARNING, logger="efgraph"):
+        trainer.train(train_x, train_y, epochs=2, **data)  # steps 1-10, dead: one alarm, at step 3
+        assert trainer.zero_arrival_steps == 10
+        assert trainer.evaluations[-1]["flows_arrived_per_sample"] == 0.0
+        _set_energy_gate(trainer.processor, 6.0)  # flows keep their energy and reach the output face
+        trainer.train(train_x, train_y, epochs=3, **data)  # steps 11-15: arrivals end the episode
+        assert trainer.zero_arrival_steps == 0
+        assert trainer.evaluations[-1]["flows_arrived_per_sample"] > 0
+        _set_energy_gate(trainer.processor, -30.0)
+        trainer.train(train_x, train_y, epochs=4, **data)  # steps 16-20: a second episode, alarm at 18
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "dead run" in r.getMessage()]
+    assert len(warnings) == 2
+    assert "step 3:" in warnings[0] and "step 18:" in warnings[1]
+    assert "every flow dies before the output face: the lattice contributes nothing" in warnings[0]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "alert" in r] == [3, 18]
+    assert all(r["alert"]["level"] == "WARN" for r in rows if "alert" in r)
+    counts = {r["step"]: r["flows/zero_arrival_steps"] for r in rows if "flows/zero_arrival_steps" in r}
+    assert [counts[s] for s in (1, 3, 10, 11, 15, 16, 20)] == [1, 3, 10, 0, 0, 1, 5]
+
+
+def test_evaluate_reports_the_flow_dynamics_per_sample():
+    train_x, train_y, val_x, val_y = _teacher(n=80)
+    config = _config(batch_size=8)
+    torch.manual_seed(0)
+    trainer = EnergyTrainer(FlowProcessor.from_config(config), config, progress=False)
+    _set_energy_gate(trainer.processor, 6.0)  # nobody dies: every flow arrives
+    metrics, pred = trainer.evaluate_with_predictions(val_x, val_y, batch_size=16)  # 40 pairs: 16 + 16 + 8
+    assert pred.shape == val_y.shape
+    assert metrics == trainer.evaluate(val_x, val_y, batch_size=16)
+    for key in ("arrived_per_sample", "spawned_per_sample", "energy_arrived_fraction", "mean_active_flows", "steps"):
+        assert math.isfinite(metrics[f"flows_{key}"]), key
+    assert metrics["flows_arrived_per_sample"] >= config.initial_flows_per_sample  # spawned children arrive too
+    assert 1 <= metrics["flows_steps"] <= config.lattice_depth - 1
+    # the batching is not part of the answer
+    other = trainer.evaluate(val_x, val_y, batch_size=7)
+    for key in ("flows_arrived_per_sample", "flows_spawned_per_sample", "flows_steps"):
+        assert other[key] == pytest.approx(metrics[key])

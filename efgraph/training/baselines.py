@@ -5,6 +5,8 @@ same data:
 
 * :class:`IdentityBaseline` -- predict the source embedding itself (only when widths match);
 * :class:`RidgeBaseline` -- the best *linear* map (with bias), in closed form;
+* :class:`ResidualRidgeBaseline` -- ``x + W x + b``, ridge on the residual ``tgt - src`` (only
+  when widths match): the linear counterpart of a residual model, which starts at the identity;
 * :class:`MLPBaseline` -- a one-hidden-layer MLP with (about) the model's parameter count, trained
   on the model's own loss (:func:`~efgraph.training.metrics.embedding_loss`).
 
@@ -188,7 +190,7 @@ class RidgeBaseline:
 
         # float64: the Gram matrix of 10k embeddings is badly conditioned for small alpha.
         x = train_src.double()
-        y = train_tgt.double()
+        y = self._regression_target(train_src, train_tgt).double()
         x_mean = x.mean(dim=0)  # [D_in]
         y_mean = y.mean(dim=0)  # [D_out]
         xc = x - x_mean
@@ -217,13 +219,47 @@ class RidgeBaseline:
         self.weight, self.bias = solve(self.alpha_)
         return self
 
-    def predict(self, src: Tensor) -> Tensor:
-        """``[N, D_in]`` -> ``[N, D_out]`` in the dtype of ``src`` (computed in float64)."""
+    def _regression_target(self, train_src: Tensor, train_tgt: Tensor) -> Tensor:
+        """What the linear map is fitted to: ``[N, D_out]``, here the target itself."""
+        return train_tgt
+
+    def _linear(self, src: Tensor) -> Tensor:
+        """``src @ W + b`` in float64: ``[N, D_in]`` -> ``[N, D_out]``."""
         if self.weight is None:
-            raise RuntimeError("ridge baseline: call fit() before predict()")
+            raise RuntimeError(f"{self.name} baseline: call fit() before predict()")
         if src.dim() != 2 or src.shape[1] != self.weight.shape[0]:
             raise ValueError(f"src: expected shape [N, {self.weight.shape[0]}], got {tuple(src.shape)}")
-        return (src.double() @ self.weight + self.bias).to(src.dtype)
+        return src.double() @ self.weight + self.bias
+
+    def predict(self, src: Tensor) -> Tensor:
+        """``[N, D_in]`` -> ``[N, D_out]`` in the dtype of ``src`` (computed in float64)."""
+        return self._linear(src).to(src.dtype)
+
+
+class ResidualRidgeBaseline(RidgeBaseline):
+    """``tgt ~ src + src @ W + b``: ridge regression on the residual ``tgt - src``.
+
+    The baseline for a residual model (``y = x + f(x)``): at large ``alpha`` it shrinks to
+    "identity plus the mean residual" instead of "the mean target", so it is never worse than a
+    near-identity map for lack of the skip connection. ``alpha`` is chosen exactly as in
+    :class:`RidgeBaseline` -- the lowest validation :func:`embedding_loss` of the *full*
+    prediction ``src + src @ W + b`` against the target -- so the selection sees the same numbers
+    the test does. Needs ``D_in == D_out``.
+    """
+
+    name = "residual-ridge"
+
+    def _regression_target(self, train_src: Tensor, train_tgt: Tensor) -> Tensor:
+        if train_src.shape[1] != train_tgt.shape[1]:
+            raise ValueError(
+                f"residual-ridge baseline needs equal source and target widths, got source width "
+                f"{train_src.shape[1]} and target width {train_tgt.shape[1]}"
+            )
+        return train_tgt.double() - train_src.double()
+
+    def predict(self, src: Tensor) -> Tensor:
+        """``[N, D]`` -> ``src + src @ W + b`` in the dtype of ``src`` (computed in float64)."""
+        return (src.double() + self._linear(src)).to(src.dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -421,6 +457,52 @@ class MLPBaseline:
 
 
 # ------------------------------------------------------------------------------------------------
+def fit_baselines(
+    train: Split,
+    val: Split | None,
+    *,
+    target_params: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    mse_weight: float,
+    cosine_weight: float,
+    weight_decay: float = 0.01,
+    eval_every: int = 100,
+    residual: bool = False,
+    warmup_steps: int = 0,
+    grad_clip: float | None = None,
+) -> list[Baseline]:
+    """Fit every applicable baseline on ``train``, selecting on ``val``; see :func:`run_baselines`.
+
+    Returns:
+        The fitted baselines in the order identity (widths match), ridge, residual-ridge (with
+        ``residual``), then the MLP (``mlp`` or ``residual-mlp``).
+    """
+    train_src, train_tgt = train
+    _check_split(train_src, train_tgt, "train")
+    val_src, val_tgt = val if val is not None else (None, None)
+
+    baselines: list[Baseline] = []
+    if train_src.shape[1] == train_tgt.shape[1]:
+        baselines.append(IdentityBaseline())
+    baselines.append(RidgeBaseline(mse_weight=mse_weight, cosine_weight=cosine_weight))
+    if residual:
+        baselines.append(ResidualRidgeBaseline(mse_weight=mse_weight, cosine_weight=cosine_weight))
+    baselines.append(
+        MLPBaseline(
+            target_params=target_params, steps=steps, batch_size=batch_size, lr=lr,
+            weight_decay=weight_decay, seed=seed, mse_weight=mse_weight,
+            cosine_weight=cosine_weight, eval_every=eval_every, residual=residual,
+            warmup_steps=warmup_steps, grad_clip=grad_clip,
+        )
+    )
+    for baseline in baselines:
+        baseline.fit(train_src, train_tgt, val_src, val_tgt)
+    return baselines
+
+
 def run_baselines(
     train: Split,
     val: Split | None,
@@ -442,38 +524,25 @@ def run_baselines(
     """Fit every applicable baseline on ``train`` (selecting on ``val``) and score it on ``test``.
 
     Identity is included only when source and target widths match. Ridge selects its alpha on
-    ``val``; the MLP gets ``target_params`` parameters (pass the model's count) and keeps its best
-    validation checkpoint; with ``residual`` it predicts ``x + MLP(x)`` like a residual model, and
-    it follows the same warm-up + cosine schedule and clipping. ``val`` may be ``None`` (ridge then uses alpha = 1, the MLP its final
-    weights), but then nothing is selected on held-out data.
+    ``val``; with ``residual`` the residual ridge (``x + W x + b``) is fitted beside it. The MLP
+    gets ``target_params`` parameters (pass the model's count) and keeps its best validation
+    checkpoint; with ``residual`` it predicts ``x + MLP(x)`` like a residual model, and it follows
+    the same warm-up + cosine schedule and clipping. ``val`` may be ``None`` (ridge then uses
+    alpha = 1, the MLP its final weights), but then nothing is selected on held-out data.
 
     Returns:
-        ``{"identity"?: metrics, "ridge": metrics, "mlp" or "residual-mlp": metrics}`` with the metrics of
+        ``{"identity"?: metrics, "ridge": metrics, "residual-ridge"?: metrics, "mlp" or
+        "residual-mlp": metrics}`` with the metrics of
         :func:`~efgraph.training.metrics.evaluate_predictions` on ``test``, in that order.
     """
-    train_src, train_tgt = train
     test_src, test_tgt = test
-    _check_split(train_src, train_tgt, "train")
     _check_split(test_src, test_tgt, "test")
-    val_src, val_tgt = val if val is not None else (None, None)
-
-    baselines: list[Baseline] = []
-    if train_src.shape[1] == train_tgt.shape[1]:
-        baselines.append(IdentityBaseline())
-    baselines.append(RidgeBaseline(mse_weight=mse_weight, cosine_weight=cosine_weight))
-    baselines.append(
-        MLPBaseline(
-            target_params=target_params, steps=steps, batch_size=batch_size, lr=lr,
-            weight_decay=weight_decay, seed=seed, mse_weight=mse_weight,
-            cosine_weight=cosine_weight, eval_every=eval_every, residual=residual,
-            warmup_steps=warmup_steps, grad_clip=grad_clip,
-        )
+    baselines = fit_baselines(
+        train, val, target_params=target_params, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+        mse_weight=mse_weight, cosine_weight=cosine_weight, weight_decay=weight_decay, eval_every=eval_every,
+        residual=residual, warmup_steps=warmup_steps, grad_clip=grad_clip,
     )
-    results: dict[str, dict[str, float]] = {}
-    for baseline in baselines:
-        baseline.fit(train_src, train_tgt, val_src, val_tgt)
-        results[baseline.name] = evaluate_predictions(baseline.predict(test_src), test_tgt)
-    return results
+    return {b.name: evaluate_predictions(b.predict(test_src), test_tgt) for b in baselines}
 
 
 def format_results_table(results: dict[str, dict[str, float]]) -> str:

@@ -8,9 +8,14 @@ Shapes: ``B`` / ``N`` rows (samples), ``D`` embedding width.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from efgraph.data._atomic import atomic_write
 
 # Norm floor for cosine similarity: a zero row gets cosine 0 instead of NaN.
 _COS_EPS = 1e-8
@@ -82,21 +87,33 @@ def evaluate_predictions(pred: Tensor, target: Tensor, chunk_size: int | None = 
         ValueError: naming ``pred`` or ``target`` if either is not a finite, floating ``[N, D]``
             tensor, or if their shapes or devices differ.
     """
+    pred, target = _scoring_pair(pred, target)
+    n = pred.shape[0]
+
+    mse = F.mse_loss(pred, target).item()
+    cosine = F.cosine_similarity(pred, target, dim=-1, eps=_COS_EPS).mean().item()
+    hits = _retrieval_hits(pred, target, chunk_size)
+    return {"cosine": cosine, "mse": mse, "r_at_1": int(hits.sum().item()) / n}
+
+
+def _scoring_pair(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Check a ``[N, D]`` pair for scoring and promote it to at least float32."""
     _check_pair(pred, target)
     for name, value in (("pred", pred), ("target", target)):
         # A NaN would silently turn into a miss (NaN > x is False); better to say so.
         if not bool(torch.isfinite(value).all()):
             raise ValueError(f"{name}: contains NaN or infinite values")
-
     # Half-precision dot products over D = 768 lose enough to flip close retrieval calls.
     dtype = torch.promote_types(torch.promote_types(pred.dtype, target.dtype), torch.float32)
-    pred = pred.to(dtype)
-    target = target.to(dtype)
+    return pred.to(dtype), target.to(dtype)
+
+
+def _retrieval_hits(pred: Tensor, target: Tensor, chunk_size: int | None) -> Tensor:
+    """``[N]`` bool: target ``i`` is strictly the most cosine-similar target row to ``pred[i]``.
+
+    ``pred`` and ``target`` are ``[N, D]`` of one floating dtype (already checked).
+    """
     n = pred.shape[0]
-
-    mse = F.mse_loss(pred, target).item()
-    cosine = F.cosine_similarity(pred, target, dim=-1, eps=_COS_EPS).mean().item()
-
     if chunk_size is None:
         chunk_size = max(1, _MAX_SIM_ELEMENTS // n)
     elif chunk_size < 1:
@@ -104,7 +121,7 @@ def evaluate_predictions(pred: Tensor, target: Tensor, chunk_size: int | None = 
 
     # One normalized copy of the gallery ([N, D]); predictions are normalized chunk by chunk.
     gallery = F.normalize(target, dim=-1, eps=_COS_EPS)
-    hits = 0
+    hits = []
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
         queries = F.normalize(pred[start:stop], dim=-1, eps=_COS_EPS)
@@ -114,6 +131,52 @@ def evaluate_predictions(pred: Tensor, target: Tensor, chunk_size: int | None = 
         true_score = sims[rows, cols].clone()  # [c]
         sims[rows, cols] = float("-inf")  # exclude the true target from the competitors
         best_other = sims.max(dim=1).values  # [c]; -inf when N == 1
-        hits += int((true_score > best_other).sum().item())
+        hits.append(true_score > best_other)
+    return torch.cat(hits)
 
-    return {"cosine": cosine, "mse": mse, "r_at_1": hits / n}
+
+@torch.no_grad()
+def pair_scores(pred: Tensor, target: Tensor, chunk_size: int | None = None) -> dict[str, np.ndarray]:
+    """Per-pair scores behind :func:`evaluate_predictions`, for paired comparisons of models.
+
+    Args:
+        pred, target: ``[N, D]`` as in :func:`evaluate_predictions` (same checks).
+
+    Returns:
+        ``{"cosine": [N] float64, "hit": [N] bool}`` on the CPU: the cosine of each prediction
+        with its target and whether it is an R@1 hit. Their means are the ``cosine`` and
+        ``r_at_1`` of :func:`evaluate_predictions` on the same rows.
+    """
+    pred, target = _scoring_pair(pred, target)
+    cosine = F.cosine_similarity(pred, target, dim=-1, eps=_COS_EPS)
+    hits = _retrieval_hits(pred, target, chunk_size)
+    return {"cosine": cosine.double().cpu().numpy(), "hit": hits.cpu().numpy()}
+
+
+def save_pair_scores(path: str | Path, scores: dict[str, dict[str, np.ndarray]]) -> Path:
+    """Write ``{model: pair_scores(...)}`` to ``path`` (``.npz``, keys ``"<model>/cosine"``, ``"<model>/hit"``)."""
+    arrays: dict[str, np.ndarray] = {}
+    for model, per_pair in scores.items():
+        if set(per_pair) != {"cosine", "hit"}:
+            raise ValueError(f"scores[{model!r}]: expected keys cosine and hit, got {sorted(per_pair)}")
+        if "/" in model:
+            raise ValueError(f"scores: model name {model!r} must not contain '/'")
+        if per_pair["cosine"].shape != per_pair["hit"].shape or per_pair["cosine"].ndim != 1:
+            raise ValueError(f"scores[{model!r}]: cosine and hit must be equal-length 1-D arrays")
+        arrays[f"{model}/cosine"] = np.asarray(per_pair["cosine"], dtype=np.float64)
+        arrays[f"{model}/hit"] = np.asarray(per_pair["hit"], dtype=bool)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.savez would append ".npz" to a bare name
+            np.savez(fh, **arrays)
+
+    return atomic_write(path, write)  # never a half-written file for a later reader
+
+
+def load_pair_scores(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
+    """Read what :func:`save_pair_scores` wrote: ``{model: {"cosine": [N], "hit": [N]}}``."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    with np.load(path) as data:
+        for key in data.files:
+            model, _, what = key.rpartition("/")
+            out.setdefault(model, {})[what] = data[key]
+    return out

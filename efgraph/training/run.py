@@ -9,8 +9,10 @@ Run folder layout::
     RUN_DIR/split.json         the train / validation / test indices
     RUN_DIR/metrics.jsonl      every logged step
     RUN_DIR/checkpoints/       last.pt, best.pt (weights_only-loadable)
-    RUN_DIR/results.json       test metrics of the model and the baselines
-    RUN_DIR/results.md         the same as a Markdown table
+    RUN_DIR/results.json       test metrics of the model and the baselines, the validation metrics
+                               of the selected state and of the last evaluation, the test dynamics
+    RUN_DIR/results.md         the test metrics as a Markdown table
+    RUN_DIR/test_pairs.npz     per test pair and model: cosine and R@1 hit (see metrics.save_pair_scores)
     RUN_DIR/flow_paths.png, RUN_DIR/landing.png, RUN_DIR/flow_counts.png
     RUN_DIR/model/             model.safetensors + config.yaml (see efgraph.load_model)
 """
@@ -18,6 +20,7 @@ Run folder layout::
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -30,12 +33,14 @@ import torch
 from efgraph.config import RESUME_MUTABLE_KEYS, EnergyConfig
 from efgraph.core.flow_processor import FlowProcessor
 from efgraph.data import EmbeddingPairs, Split, load_bible_pairs, load_embedding_pairs, load_text_pairs, make_teacher_pairs
+from efgraph.data._atomic import atomic_write
 from efgraph.data.split import make_split
 from efgraph.model_io import export_model
-from efgraph.training.baselines import format_results_table, run_baselines
+from efgraph.training.baselines import fit_baselines, format_results_table
 from efgraph.training.checkpoint import load_checkpoint
 from efgraph.training.distributed import DistributedContext, init_distributed, local_device, shutdown_distributed
 from efgraph.training.figures import flow_counts_figure, flow_paths_figure, landing_arrays, landing_figure
+from efgraph.training.metrics import evaluate_predictions, pair_scores, save_pair_scores
 from efgraph.training.run_logger import RunLogger, resolve_wandb_mode
 from efgraph.training.trainer import EnergyTrainer
 from efgraph.utils.device import get_device
@@ -44,11 +49,27 @@ from efgraph.utils.logging import get_logger
 logger = get_logger(__name__)
 
 
+TEST_METRICS = ("cosine", "mse", "r_at_1")
+
+
 @dataclass
 class RunOutcome:
+    """What a run produced; empty ``results`` and ``table`` when it stopped before its last step."""
+
     run_dir: Path
     results: dict[str, dict[str, float]]
     table: str
+
+
+@dataclass(frozen=True)
+class WandbRunInfo:
+    """How a run is filed in W&B: display ``name`` (default: the run folder's name), ``group``
+    (e.g. a study), ``job_type`` (e.g. a study variant) and ``tags``."""
+
+    name: str | None = None
+    group: str | None = None
+    job_type: str | None = None
+    tags: tuple[str, ...] = ()
 
 
 def seed_everything(seed: int) -> None:
@@ -62,7 +83,8 @@ def load_pairs(config: EnergyConfig, progress: bool = True) -> EmbeddingPairs:
     limit = config.max_pairs or None
     model = config.embedding_model or None
     if config.dataset == "synthetic":
-        pairs = make_teacher_pairs(config.synthetic_pairs, config.input_dim, config.output_dim, seed=config.seed)
+        # the teacher is part of the data: fixed by data_seed, so model seeds share one data set
+        pairs = make_teacher_pairs(config.synthetic_pairs, config.input_dim, config.output_dim, seed=config.data_seed)
     elif config.dataset == "bible":
         pairs = load_bible_pairs(config.source_version, config.target_version, max_verses=limit, model=model,
                                  verses_per_book=config.verses_per_book or None, progress=progress)
@@ -82,9 +104,26 @@ def load_pairs(config: EnergyConfig, progress: bool = True) -> EmbeddingPairs:
 
 
 def make_run_split(config: EnergyConfig, pairs: EmbeddingPairs) -> Split:
-    """Deterministic split; by group (e.g. Bible book) when the pairs carry groups."""
+    """Deterministic split; by group (e.g. Bible book) when the pairs carry groups.
+
+    Fixed by ``config.data_seed``, not ``config.seed``: runs that differ only in their model seed
+    are scored on the same test pairs, so their spread is the model's and not the split's.
+    """
     fractions = (1.0 - config.val_fraction - config.test_fraction, config.val_fraction, config.test_fraction)
-    return make_split(len(pairs), groups=pairs.groups, fractions=fractions, seed=config.seed)
+    return make_split(len(pairs), groups=pairs.groups, fractions=fractions, seed=config.data_seed)
+
+
+def baseline_options(config: EnergyConfig, num_train: int, num_parameters: int) -> dict[str, Any]:
+    """Keyword arguments of :func:`~efgraph.training.baselines.fit_baselines` for a model trained
+    with ``config`` on ``num_train`` pairs: the MLP gets the model's parameter count, optimizer
+    steps, batch size, learning rate, schedule, clipping, loss and seed."""
+    steps = config.epochs * math.ceil(num_train / config.batch_size)  # as EnergyTrainer counts them
+    return dict(
+        target_params=num_parameters, steps=steps, batch_size=config.batch_size, lr=config.learning_rate,
+        seed=config.seed, mse_weight=config.mse_weight, cosine_weight=config.cosine_weight,
+        weight_decay=config.weight_decay, eval_every=config.eval_every, residual=config.residual,
+        warmup_steps=config.warmup_steps, grad_clip=config.grad_clip,
+    )
 
 
 def run_training(
@@ -96,28 +135,42 @@ def run_training(
     resume: str | Path | None = None,
     progress: bool = True,
     max_steps: int | None = None,
+    pairs: EmbeddingPairs | None = None,
+    baselines: bool = True,
+    wandb_info: WandbRunInfo = WandbRunInfo(),
 ) -> RunOutcome:
-    """Train, evaluate against baselines on the held-out test split, and write the run folder."""
+    """Train, evaluate against baselines on the held-out test split, and write the run folder.
+
+    Args:
+        pairs: the data, already loaded (as :func:`load_pairs` would load it for ``config``),
+            e.g. by a study that trains many runs on it; ``None`` loads it here.
+        baselines: fit and score the baselines on this run's split (a study fits them once per
+            seed instead of once per run).
+        wandb_info: W&B run name, group, job type and tags.
+    """
     run_dir = Path(run_dir)
     dev = get_device(device)
     ctx = init_distributed(dev)
     try:
-        return _run(config, run_dir, local_device(dev, ctx), ctx, wandb_mode, resume, progress, max_steps)
+        return _run(config, run_dir, local_device(dev, ctx), ctx, wandb_mode=wandb_mode, resume=resume,
+                    progress=progress, max_steps=max_steps, pairs=pairs, with_baselines=baselines,
+                    wandb_info=wandb_info)
     finally:
         shutdown_distributed(ctx)
 
 
-def _run(config: EnergyConfig, run_dir: Path, dev: torch.device, ctx: DistributedContext, wandb_mode: str,
-         resume: str | Path | None, progress: bool, max_steps: int | None) -> RunOutcome:
+def _run(config: EnergyConfig, run_dir: Path, dev: torch.device, ctx: DistributedContext, *, wandb_mode: str,
+         resume: str | Path | None, progress: bool, max_steps: int | None, pairs: EmbeddingPairs | None,
+         with_baselines: bool, wandb_info: WandbRunInfo) -> RunOutcome:
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     resume_path = _resolve_resume(resume) if resume is not None else None
 
     # rank 0 embeds (and caches) first; the other ranks then read the cache
-    if ctx.is_main:
+    if pairs is None and ctx.is_main:
         pairs = load_pairs(config, progress=progress)
     ctx.barrier()
-    if not ctx.is_main:
+    if pairs is None:
         pairs = load_pairs(config, progress=False)
     resumed = load_checkpoint(resume_path) if resume_path is not None else None  # read once, used below
     if resumed is not None:
@@ -142,9 +195,10 @@ def _run(config: EnergyConfig, run_dir: Path, dev: torch.device, ctx: Distribute
         run_id = (resumed.get("extra") or {}).get("wandb_id") if resumed is not None else None
         mode = resolve_wandb_mode(wandb_mode)
         run_logger = RunLogger.create(
-            run_dir, mode=mode, project=config.wandb_project, run_id=run_id, name=run_dir.name,
+            run_dir, mode=mode, project=config.wandb_project, run_id=run_id, name=wandb_info.name or run_dir.name,
             config={**config.to_dict(), "num_parameters": n_params, "train_pairs": len(train),
                     "val_pairs": len(val), "test_pairs": len(test), "world_size": ctx.world_size},
+            group=wandb_info.group, job_type=wandb_info.job_type, tags=wandb_info.tags,
         )
         if resumed is not None:
             run_logger.truncate_after(int(resumed["step"]))
@@ -161,16 +215,18 @@ def _run(config: EnergyConfig, run_dir: Path, dev: torch.device, ctx: Distribute
         if result.steps < total_steps or not ctx.is_main:  # stopped on purpose, or not the reporting rank
             return RunOutcome(run_dir, {}, "")
         trainer.restore_best()
-        results: dict[str, dict[str, float]] = {"energy-flow": _test_metrics(trainer, test)}
-        results.update(run_baselines(
-            (train.src, train.tgt), (val.src, val.tgt), (test.src, test.tgt), target_params=n_params,
-            steps=total_steps, batch_size=config.batch_size, lr=config.learning_rate, seed=config.seed,
-            mse_weight=config.mse_weight, cosine_weight=config.cosine_weight, weight_decay=config.weight_decay,
-            eval_every=config.eval_every, residual=config.residual, warmup_steps=config.warmup_steps,
-            grad_clip=config.grad_clip,
-        ))
+        # the test split is read once, by the selected state; nothing below chooses anything on it
+        test_metrics, test_pred = trainer.evaluate_with_predictions(test.src, test.tgt)
+        results: dict[str, dict[str, float]] = {"energy-flow": {k: test_metrics[k] for k in TEST_METRICS}}
+        per_pair = {"energy-flow": pair_scores(test_pred, test.tgt)}
+        if with_baselines:
+            for baseline in fit_baselines((train.src, train.tgt), (val.src, val.tgt),
+                                          **baseline_options(config, len(train), n_params)):
+                pred = baseline.predict(test.src)
+                results[baseline.name] = evaluate_predictions(pred, test.tgt)
+                per_pair[baseline.name] = pair_scores(pred, test.tgt)
+        save_pair_scores(run_dir / "test_pairs.npz", per_pair)
         table = format_results_table(results)
-        _write_report(run_dir, config, results, table, n_params, train_seconds, result.best_step)
         _figures(trainer, test, config, run_dir, run_logger, result.steps)
         run_logger.log_table("test/results", ["model", "cosine", "mse", "r_at_1"],
                              [[name, r["cosine"], r["mse"], r["r_at_1"]] for name, r in results.items()], result.steps)
@@ -178,7 +234,17 @@ def _run(config: EnergyConfig, run_dir: Path, dev: torch.device, ctx: Distribute
         export_model(trainer.processor, run_dir / "model")
         best = run_dir / "checkpoints" / "best.pt"
         if best.exists():
-            run_logger.log_artifact(best, name=f"{run_dir.name}-best", kind="model")
+            run_logger.log_artifact(best, name=f"{wandb_info.name or run_dir.name}-best", kind="model")
+        evaluations = {e["step"]: e for e in result.evaluations}
+        # written last: a run folder with results.json is complete (a study skips it on a rerun)
+        _write_report(run_dir, config, results, table, n_params, train_seconds, result.best_step, extra={
+            # validation metrics of the state the test scores (model selection happens here only);
+            # None only for a run resumed from a checkpoint older than the saved validation history
+            "validation": evaluations.get(result.best_step),
+            # the evaluation at the last step: with flows_arrived_per_sample 0 the run ended dead
+            "final_validation": evaluations.get(total_steps),
+            "test_dynamics": {k: v for k, v in test_metrics.items() if k.startswith("flows_")},
+        })
         return RunOutcome(run_dir, results, table)
     finally:
         run_logger.finish()
@@ -203,18 +269,16 @@ def _resolve_resume(resume: str | Path) -> Path:
     return path
 
 
-def _test_metrics(trainer: EnergyTrainer, test: EmbeddingPairs) -> dict[str, float]:
-    metrics = trainer.evaluate(test.src, test.tgt)
-    return {k: metrics[k] for k in ("cosine", "mse", "r_at_1")}
-
-
 def _write_report(run_dir: Path, config: EnergyConfig, results: dict[str, dict[str, float]], table: str,
-                  n_params: int, train_seconds: float, best_step: int | None) -> None:
+                  n_params: int, train_seconds: float, best_step: int | None, extra: dict[str, Any]) -> None:
     payload: dict[str, Any] = {"test": results, "num_parameters": n_params, "train_seconds": train_seconds,
-                               "best_step": best_step, "dataset": config.dataset}
-    (run_dir / "results.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    header = (f"# Test split: model vs baselines\n\ndataset `{config.dataset}`, {n_params:,} model parameters "
-              f"(the MLP baseline has as many), {train_seconds:.0f} s of training, best step {best_step}\n\n")
+                               "best_step": best_step, "dataset": config.dataset, **extra}
+    # atomic: a study takes an existing results.json as a finished run, so it must never be half written
+    atomic_write(run_dir / "results.json",
+                 lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8"))
+    mlp = " (the MLP baseline has as many)" if len(results) > 1 else ""
+    header = (f"# Test split: model vs baselines\n\ndataset `{config.dataset}`, {n_params:,} model parameters"
+              f"{mlp}, {train_seconds:.0f} s of training, best step {best_step}\n\n")
     (run_dir / "results.md").write_text(header + table + "\n", encoding="utf-8")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import netrc
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,16 +60,22 @@ class RunLogger:
     @classmethod
     def create(
         cls, run_dir: str | Path, *, mode: str, project: str, config: dict[str, Any], name: str | None = None,
-        run_id: str | None = None,
+        run_id: str | None = None, group: str | None = None, job_type: str | None = None,
+        tags: Sequence[str] = (),
     ) -> "RunLogger":
-        """Start W&B in ``mode`` (already resolved) in ``run_dir``; resume ``run_id`` when given."""
+        """Start W&B in ``mode`` (already resolved) in ``run_dir``; resume ``run_id`` when given.
+
+        ``group``, ``job_type`` and ``tags`` organise runs in the W&B UI: a study gives all its
+        runs one group and each variant its own job type, so runs can be grouped by variant.
+        """
         if mode == "disabled":
             return cls(run_dir, None)
         import wandb
 
         run = wandb.init(
             project=project, name=name, config=config, dir=str(run_dir), mode=mode, id=run_id,
-            resume="allow" if run_id else None, settings=wandb.Settings(console="off", silent=True),
+            resume="allow" if run_id else None, group=group, job_type=job_type, tags=list(tags) or None,
+            settings=wandb.Settings(console="off", silent=True),
         )
         return cls(run_dir, run)
 
@@ -101,6 +108,34 @@ class RunLogger:
                 fh.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
+
+    def alert(self, title: str, text: str, *, step: int | None = None) -> None:
+        """Raise a warning-level alert about the run.
+
+        With a W&B run it is a ``run.alert`` at level WARN (online: mailed / posted as the W&B
+        user's alert settings say; offline: kept in the run file and sent by ``wandb sync``).
+        Without one nothing is sent. Either way the alert is a row of ``metrics.jsonl``,
+        ``{"step": step, "alert": {"title", "text", "level"}}``, at ``step`` (default: the last
+        logged step), so the run folder records it too.
+
+        Raises:
+            ValueError: if ``title`` is empty or 64 characters or longer (W&B's limit), or
+                ``step`` goes back past the last logged step.
+        """
+        if not title or len(title) >= 64:
+            raise ValueError(f"title: must be 1 to 63 characters (a W&B alert title), got {len(title)}: {title!r}")
+        step = self._last_step if step is None else step
+        if step < self._last_step:
+            raise ValueError(f"step: must not go backwards ({step} < {self._last_step})")
+        self._last_step = step
+        if self.run_dir is not None:
+            row = {"step": step, "alert": {"title": title, "text": text, "level": "WARN"}}
+            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+        if self.wandb_run is not None:
+            import wandb
+
+            self.wandb_run.alert(title=title, text=text, level=wandb.AlertLevel.WARN)
 
     def log_histograms(self, values: dict[str, Any], step: int) -> None:
         """``values``: name -> 1-D array-like; W&B histograms (locally, figures cover them)."""

@@ -16,6 +16,12 @@ A non-finite loss or gradient stops training with ``FloatingPointError`` naming 
 went bad first, after writing ``checkpoints/last_good.pt`` (the parameters before that step); with
 ``config.skip_nonfinite_steps`` the step's update is dropped instead and counted in
 ``train/skipped_steps``.
+
+Dead-run alarm: ``flows/zero_arrival_steps`` counts the consecutive training steps whose forward
+had no flow reach the output face. When it reaches ``eval_every`` the run is most likely dead --
+every flow dies before the output face, so the lattice contributes nothing to the prediction --
+and the trainer logs a warning and raises a W&B alert (:meth:`RunLogger.alert`), once until
+arrivals come back.
 """
 
 from __future__ import annotations
@@ -117,6 +123,10 @@ class EnergyTrainer:
         self.evaluations: list[dict[str, float]] = []
         self._steps_per_epoch = 0
         self.skipped_steps = 0
+        # dead-run alarm: consecutive training steps without arrivals (since this process started)
+        self.zero_arrival_steps = 0
+        self._dead_alarm_raised = False
+        self._last_step_arrivals: float | None = None  # flows that arrived in the last step's forward
 
     # ---- data checks -----------------------------------------------------------------------------
     def _check_pairs(self, src: Tensor, tgt: Tensor, what: str) -> None:
@@ -203,11 +213,15 @@ class EnergyTrainer:
                 idx = order[within * cfg.batch_size : (within + 1) * cfg.batch_size]
                 metrics = self.train_step(input_embeddings[idx], target_embeddings[idx])
                 self.step += 1
+                self._watch_arrivals()
+                metrics["flows/zero_arrival_steps"] = float(self.zero_arrival_steps)
                 last_loss = metrics["train/loss"]
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.4f}", flows=int(metrics.get("flows/mean_active_flows", 0)))
                 if self.step % cfg.log_every == 0 or self.step == stop:
                     self.run_logger.log({**metrics, "train/epoch": epoch + (within + 1) / per_epoch}, self.step)
+                if self.zero_arrival_steps == cfg.eval_every:  # exactly once per episode without arrivals
+                    self._raise_dead_alarm()
                 # evaluate on the eval grid and at the very end; not at a --max-steps stop, so that a
                 # stopped-and-resumed run selects its best state from the same evaluations
                 if has_val and self.dist.is_main and (self.step % cfg.eval_every == 0 or self.step == total):
@@ -217,6 +231,27 @@ class EnergyTrainer:
         finally:
             bar.close()
         return TrainResult(self.step, self.best_step, self.best_val_loss, list(self.evaluations), last_loss)
+
+    def _watch_arrivals(self) -> None:
+        """Count this step in ``zero_arrival_steps`` (or reset it) from the last forward's arrivals."""
+        if self._last_step_arrivals is None:  # no forward result (a skipped non-finite step): no evidence
+            return
+        if self._last_step_arrivals > 0:
+            self.zero_arrival_steps, self._dead_alarm_raised = 0, False
+        else:
+            self.zero_arrival_steps += 1
+
+    def _raise_dead_alarm(self) -> None:
+        """Warn (log and W&B alert) that no flow has arrived for ``eval_every`` steps in a row."""
+        if self._dead_alarm_raised or not self.dist.is_main:
+            return
+        self._dead_alarm_raised = True
+        output = "the input plus the readout's bias" if self.config.residual else "the readout's bias"
+        text = (f"step {self.step}: no flow reached the output face in {self.zero_arrival_steps} consecutive "
+                f"training steps; every flow dies before the output face: the lattice contributes nothing and "
+                f"the prediction is {output}. Check the energy head, energy_threshold and lattice_depth.")
+        logger.warning("dead run: %s", text)
+        self.run_logger.alert("efgraph: dead run (no flow arrives)", text, step=self.step)
 
     def train_step(self, inputs: Tensor, targets: Tensor) -> dict[str, float]:
         """One optimisation step on a (global) batch; returns its metrics."""
@@ -231,6 +266,7 @@ class EnergyTrainer:
         pred: Tensor | None = None
         loss_value = grad_norm = float("nan")
         flow_steps = 0
+        arrivals: float | None = None
         self.optimizer.zero_grad(set_to_none=True)
         try:
             with self._autocast():
@@ -241,6 +277,7 @@ class EnergyTrainer:
         if pred is not None:
             loss = embedding_loss(pred, targets, self.config.mse_weight, self.config.cosine_weight)
             flow_steps = sum(self.processor.last_trace.active)
+            arrivals = float(self.processor.last_trace.total_arrived)
         if self.dist.enabled:
             # One all-reduce gives every rank the global loss, the flow-steps and whether any rank's
             # forward failed, so that all ranks take the same branch below (or collectives hang).
@@ -248,14 +285,17 @@ class EnergyTrainer:
                 loss = loss * (inputs.size(0) * self.dist.world_size / global_batch)
             zero = torch.zeros((), device=self.device)
             totals = torch.stack([loss.detach() if loss is not None else zero, zero + flow_steps,
-                                  zero + (bad is not None)])
+                                  zero + (bad is not None), zero + (arrivals or 0.0)])
             torch.distributed.all_reduce(totals)
             loss_value = totals[0].item() / self.dist.world_size
             flow_steps = int(totals[1].item())
             if bad is None and totals[2].item() > 0:
                 bad = f"forward failed on {int(totals[2].item())} other rank(s) with non-finite flows"
+            # the dead-run alarm judges the global batch: a rank whose shard had no arrivals is not a dead run
+            arrivals = None if bad is not None else totals[3].item()
         elif loss is not None:
             loss_value = loss.item()
+        self._last_step_arrivals = arrivals
         if bad is None:
             if math.isfinite(loss_value):
                 loss.backward()
@@ -332,17 +372,38 @@ class EnergyTrainer:
 
     @torch.no_grad()
     def evaluate(self, inputs: Tensor, targets: Tensor, batch_size: int | None = None) -> dict[str, float]:
-        """Loss, cosine, MSE, R@1 and mean flow statistics on held-out pairs."""
-        preds, summaries = [], []
+        """Loss, cosine, MSE, R@1 and the flow dynamics on held-out pairs (see :meth:`evaluate_with_predictions`)."""
+        return self.evaluate_with_predictions(inputs, targets, batch_size)[0]
+
+    @torch.no_grad()
+    def evaluate_with_predictions(
+        self, inputs: Tensor, targets: Tensor, batch_size: int | None = None
+    ) -> tuple[dict[str, float], Tensor]:
+        """Metrics on held-out pairs and the predictions they were computed from.
+
+        Args:
+            inputs: ``[N, input_dim]``; targets: ``[N, output_dim]``.
+
+        Returns:
+            ``(metrics, predictions [N, output_dim] on the CPU)``. ``metrics``: ``loss``,
+            ``cosine``, ``mse``, ``r_at_1``, and the dynamics as ``flows_<key>``:
+            ``arrived_per_sample`` and ``spawned_per_sample`` (flows that reached the output face /
+            were spawned, per input), ``energy_arrived_fraction``, ``mean_active_flows`` and
+            ``steps`` (the trace's per-batch values averaged with batch-size weights; note that
+            ``mean_active_flows`` counts a whole evaluation batch, as the trace does), plus
+            ``neighbourhood_flows`` and ``energy_created_fraction`` when the engine's trace
+            reports them.
+        """
+        preds: list[Tensor] = []
+        summaries: list[dict[str, float]] = []
         for pred, trace in self._predict_batches(inputs, batch_size):
             preds.append(pred)
             summaries.append(trace.summary())
         pred = torch.cat(preds)
         metrics = evaluate_predictions(pred, targets)
         metrics["loss"] = float(embedding_loss(pred, targets, self.config.mse_weight, self.config.cosine_weight))
-        for key in ("energy_arrived_fraction", "mean_active_flows", "spawned", "died", "steps"):
-            metrics[f"flows_{key}"] = sum(s[key] for s in summaries) / len(summaries)
-        return metrics
+        metrics.update(_flow_dynamics(summaries, [p.size(0) for p in preds]))
+        return metrics, pred
 
     def _evaluate_and_keep_best(self, val_inputs: Tensor, val_targets: Tensor) -> None:
         metrics = self.evaluate(val_inputs, val_targets)
@@ -365,7 +426,9 @@ class EnergyTrainer:
     def save_checkpoint(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
         run_state = {
             "best_val_loss": self.best_val_loss, "best_step": self.best_step,
-            "wandb_id": self.run_logger.wandb_id, "skipped_steps": self.skipped_steps, **(extra or {}),
+            "wandb_id": self.run_logger.wandb_id, "skipped_steps": self.skipped_steps,
+            # the validation history, so a resumed run still knows its earlier (and final) evaluations
+            "evaluations": self.evaluations, **(extra or {}),
         }
         return save_checkpoint(
             path, model=self.processor, optimizer=self.optimizer, scheduler=self.scheduler, step=self.step,
@@ -386,6 +449,8 @@ class EnergyTrainer:
         extra = ckpt.get("extra") or {}
         self.best_val_loss, self.best_step = extra.get("best_val_loss"), extra.get("best_step")
         self.skipped_steps = int(extra.get("skipped_steps", 0))
+        # checkpoints written before the history was saved have none; past this step it is not this run's
+        self.evaluations = [dict(e) for e in extra.get("evaluations", []) if e["step"] <= self.step]
         # best.pt may be newer than this checkpoint (written at a later step before a crash): use it
         # only if it is the best state this checkpoint knows; the resumed run re-creates a newer one.
         best_path = Path(path).with_name("best.pt")
@@ -395,6 +460,29 @@ class EnergyTrainer:
             if best["step"] == self.best_step:
                 self._best_state = best["model"]
         return ckpt
+
+
+# Per-batch trace means, averaged over the pairs (batch-size weighted) by evaluate().
+EVAL_MEAN_KEYS = ("energy_arrived_fraction", "mean_active_flows", "steps")
+# Trace means that engines with an interaction neighbourhood (interaction_radius) report; averaged
+# the same way when present, so an evaluation never invents a value the engine did not measure.
+EVAL_OPTIONAL_MEAN_KEYS = ("neighbourhood_flows", "energy_created_fraction")
+
+
+def _flow_dynamics(summaries: list[dict[str, float]], sizes: list[int]) -> dict[str, float]:
+    """``flows_<key>`` over a split from per-batch :meth:`FlowTrace.summary` dicts and batch sizes.
+
+    Counts become per-sample rates from the batch totals (exact over the split), and per-batch
+    means are weighted by batch size, so a short last batch counts for its samples only.
+    """
+    n = sum(sizes)
+    out = {
+        "flows_arrived_per_sample": sum(s["arrived"] for s in summaries) / n,
+        "flows_spawned_per_sample": sum(s["spawned"] for s in summaries) / n,
+    }
+    for key in EVAL_MEAN_KEYS + tuple(k for k in EVAL_OPTIONAL_MEAN_KEYS if k in summaries[0]):
+        out[f"flows_{key}"] = sum(s[key] * b for s, b in zip(summaries, sizes)) / n
+    return out
 
 
 def _first_nonfinite(model: torch.nn.Module, pred: Tensor | None) -> str:

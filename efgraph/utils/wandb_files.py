@@ -89,6 +89,25 @@ def logged_keys(path: str | Path) -> set[str]:
     return keys
 
 
+def logged_alerts(path: str | Path) -> list[dict[str, str]]:
+    """Every ``run.alert`` of the run, in order: ``{"title", "text", "level"}``."""
+    return [{"title": r.alert.title, "text": r.alert.text, "level": r.alert.level}
+            for r in iter_records(path) if r.WhichOneof("record_type") == "alert"]
+
+
+def run_grouping(path: str | Path) -> dict[str, Any]:
+    """How the run is filed in the W&B UI: ``{"name", "group", "job_type", "tags"}`` (last run record)."""
+    info: dict[str, Any] = {}
+    for record in iter_records(path):
+        if record.WhichOneof("record_type") == "run":
+            run = record.run
+            info = {"name": run.display_name, "group": run.run_group, "job_type": run.job_type,
+                    "tags": list(run.tags)}
+    if not info:
+        raise ValueError(f"{path}: no run record")
+    return info
+
+
 def find_run_file(run_dir: str | Path) -> Path:
     """The ``.wandb`` file of the (single, latest) W&B run under ``run_dir/wandb``."""
     files = sorted(Path(run_dir).glob("wandb/*run-*/run-*.wandb"), key=lambda p: p.stat().st_mtime)

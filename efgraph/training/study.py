@@ -1,0 +1,569 @@
+"""A study: named variants of one config x model seeds, on one split, against shared baselines.
+
+Each (variant, seed) is an ordinary run of :func:`~efgraph.training.run.run_training` (its own run
+folder and W&B run, grouped by the study's name, with the variant as job type), trained on the
+same pairs and the same split (fixed by ``data_seed``). The baselines are fitted once per seed, not
+once per variant; the MLP gets the parameter count of the *base* config (the full model, which no
+variant changes).
+
+Layout of the output folder::
+
+    OUT/study_config.yaml          the base config (a rerun must use the same one)
+    OUT/split.json                 the one split of every run
+    OUT/baselines/seed<k>/         results.json (test and validation metrics) + test_pairs.npz
+    OUT/<variant>/seed<k>/         a run folder (results.json, test_pairs.npz, checkpoints, ...)
+    OUT/study.json                 every run's numbers, the summary and the bootstrap
+    OUT/study.md                   the same as Markdown tables (see :func:`format_study_table`)
+
+Resumable: a run folder with ``results.json`` is read, not retrained; one with only
+``checkpoints/last.pt`` is resumed; baselines likewise. Variants may be added on a rerun.
+
+Model selection happens on validation only: every run keeps its best-validation state and reads
+the test split once, with that state. Variants should be compared on the validation columns; the
+test columns and the bootstrap are the final report.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from efgraph.config import RESUME_MUTABLE_KEYS, EnergyConfig
+from efgraph.core.flow_processor import FlowProcessor
+from efgraph.data import EmbeddingPairs, Split
+from efgraph.data._atomic import atomic_write
+from efgraph.training.baselines import fit_baselines
+from efgraph.training.metrics import evaluate_predictions, load_pair_scores, pair_scores, save_pair_scores
+from efgraph.training.run import WandbRunInfo, baseline_options, load_pairs, make_run_split, run_training
+
+# Config fields that decide the pairs or the split: shared by every run of a study, so a variant
+# may not set them (use --set for all runs).
+DATA_KEYS = ("dataset", "data_path", "source_version", "target_version", "max_pairs", "verses_per_book",
+             "synthetic_pairs", "embedding_model", "val_fraction", "test_fraction", "data_seed", "input_dim",
+             "output_dim")
+BASELINES_DIR = "baselines"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+TEST_METRICS = ("cosine", "mse", "r_at_1")
+# flows_<key> of a run's test evaluation shown in the table: (key, column header)
+DYNAMICS_COLUMNS = (("energy_arrived_fraction", "energy arriving"), ("spawned_per_sample", "spawns / sample"),
+                    ("neighbourhood_flows", "flows / neighbourhood"))
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named set of config overrides (``key=value`` strings) trained with each of ``seeds``."""
+
+    name: str
+    overrides: tuple[str, ...]
+    seeds: tuple[int, ...]
+
+
+# ---- command-line specs ----------------------------------------------------------------------------
+def parse_variant(spec: str) -> tuple[str, list[str]]:
+    """``"NAME[:key=value,key=value]"`` -> ``(NAME, ["key=value", ...])``.
+
+    Raises:
+        ValueError: naming ``--variant`` and the spec, for a bad name or an item without ``=``.
+    """
+    name, _, rest = spec.partition(":")
+    name = name.strip()
+    _check_name(name, f"--variant {spec!r}")
+    items = [item.strip() for item in rest.split(",") if item.strip()] if rest else []
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--variant {spec!r}: {item!r} is not key=value")
+    return name, items
+
+
+def parse_variant_seeds(spec: str) -> tuple[str, list[int]]:
+    """``"NAME=0,1,2"`` -> ``(NAME, [0, 1, 2])``.
+
+    Raises:
+        ValueError: naming ``--variant-seeds`` and the spec, unless it is a name, ``=`` and a
+            comma-separated list of distinct integers >= 0.
+    """
+    name, eq, rest = spec.partition("=")
+    name = name.strip()
+    try:
+        seeds = [int(s) for s in rest.split(",") if s.strip()] if eq else []
+    except ValueError:
+        seeds = []
+    if not name or not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--variant-seeds {spec!r}: expected NAME=SEED,SEED,... with distinct seeds >= 0, "
+                         f"e.g. full=0,1,2,3,4")
+    return name, seeds
+
+
+def _check_name(name: str, what: str) -> None:
+    if not _NAME.match(name):
+        raise ValueError(f"{what}: name {name!r} must start with a letter or digit and hold only letters, "
+                         "digits, '.', '_' and '-' (it names a folder)")
+    if name == BASELINES_DIR:
+        raise ValueError(f"{what}: {BASELINES_DIR!r} is reserved for the baselines' folder")
+
+
+def build_variants(
+    base: EnergyConfig, specs: Sequence[str], seeds: Sequence[int], variant_seeds: Sequence[str] = ()
+) -> list[Variant]:
+    """Variants from ``--variant`` specs (none: one variant ``full`` with no overrides).
+
+    Every variant runs ``seeds`` unless ``variant_seeds`` (``NAME=S,S``) names it. Each variant's
+    config is built here, so a bad override fails before anything trains.
+
+    Raises:
+        ValueError: naming the variant for a duplicate name, an override of ``seed`` (that is
+            what the seeds are for), of a data or split field (see :data:`DATA_KEYS`; use
+            ``--set`` for all runs), or an unknown / invalid field; naming ``--seeds`` or
+            ``--variant-seeds`` for bad seeds or a seed list of an unknown variant.
+    """
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds: expected distinct seeds >= 0, got {list(seeds)}")
+    parsed = [parse_variant(spec) for spec in specs] or [("full", [])]
+    names = [name for name, _ in parsed]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"--variant: duplicate name(s) {duplicates}")
+    per_variant: dict[str, list[int]] = {}
+    for spec in variant_seeds:
+        name, own = parse_variant_seeds(spec)
+        if name not in names:
+            raise ValueError(f"--variant-seeds {spec!r}: no variant named {name!r} (variants: {names})")
+        per_variant[name] = own
+    variants = []
+    for name, overrides in parsed:
+        keys = [item.split("=", 1)[0].strip() for item in overrides]
+        if "seed" in keys:
+            raise ValueError(f"--variant {name}: seed is set by --seeds / --variant-seeds, not by a variant")
+        try:
+            config = base.with_overrides(overrides)
+        except ValueError as err:
+            raise ValueError(f"--variant {name}: {err}") from None
+        changed = [k for k in DATA_KEYS if getattr(config, k) != getattr(base, k)]
+        if changed:
+            raise ValueError(f"--variant {name}: {changed} change the data or the split, which all runs of a study "
+                             "share; set them for every run with --set")
+        variants.append(Variant(name, tuple(overrides), tuple(per_variant.get(name, seeds))))
+    return variants
+
+
+def variant_config(base: EnergyConfig, variant: Variant, seed: int) -> EnergyConfig:
+    """The config of one run: the base, the variant's overrides, then the seed."""
+    return base.with_overrides(list(variant.overrides)).replace(seed=seed)
+
+
+# ---- statistics ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BootstrapCI:
+    """Mean paired difference ``mean(a - b)`` and its bootstrap percentile interval."""
+
+    diff: float
+    low: float
+    high: float
+
+
+def paired_bootstrap_ci(
+    a: np.ndarray, b: np.ndarray, *, resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> BootstrapCI:
+    """Percentile bootstrap CI of ``mean(a - b)`` over paired items (e.g. test pairs).
+
+    Items are resampled with replacement, the *same* items for ``a`` and ``b`` (paired), so the
+    interval reflects which pairs were drawn for the test, not the spread between the two models.
+
+    Args:
+        a, b: ``[N]`` per-item scores of two models on the same items (e.g. cosine, or R@1 hits
+            as 0/1 or as a fraction of seeds).
+        resamples: number of bootstrap resamples (>= 1).
+        seed: seeds the resampling, so a report is reproducible.
+        level: coverage of the interval, in (0, 1).
+
+    Raises:
+        ValueError: naming the argument for mismatched or empty arrays, non-finite values, or
+            ``resamples`` / ``level`` out of range.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.ndim != 1 or a.shape != b.shape or a.size == 0:
+        raise ValueError(f"a, b: expected two non-empty 1-D arrays of one length, got shapes {a.shape} and {b.shape}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("a, b: contain NaN or infinite values")
+    if resamples < 1:
+        raise ValueError(f"resamples: must be >= 1, got {resamples}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level: must be in (0, 1), got {level}")
+    diff = a - b
+    n = diff.size
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    chunk = max(1, (1 << 22) // n)  # at most ~4M drawn indices at a time
+    for start in range(0, resamples, chunk):
+        stop = min(start + chunk, resamples)
+        means[start:stop] = diff[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return BootstrapCI(float(diff.mean()), float(low), float(high))
+
+
+def mean_std(values: Sequence[float]) -> dict[str, float | None]:
+    """``{"mean", "std"}`` over seeds; ``std`` is the sample std (ddof 1), ``None`` for one value."""
+    arr = np.asarray(values, dtype=np.float64)
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else None}
+
+
+def summarize(runs: list[dict[str, Any]], baselines: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Mean and std over seeds per variant and per baseline.
+
+    Args:
+        runs: one record per (variant, seed): ``variant``, ``test`` and ``validation`` metric
+            dicts, ``test_dynamics`` (``flows_<key>``) and ``dead``.
+        baselines: one record per (baseline, seed): ``model``, ``test``, ``validation``.
+
+    Returns:
+        ``{"variants": {name: stats}, "baselines": {name: stats}}`` in first-seen order. Stats:
+        ``runs``, ``test_<metric>`` and ``val_cosine`` as :func:`mean_std`; variants also have
+        ``<dynamics key>`` (``None`` when the runs' engine did not report it) and ``dead_runs``.
+    """
+    def stats(records: list[dict[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {"runs": len(records)}
+        for metric in TEST_METRICS:
+            out[f"test_{metric}"] = mean_std([r["test"][metric] for r in records])
+        out["val_cosine"] = mean_std([r["validation"]["cosine"] for r in records])
+        return out
+
+    variants: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        variants.setdefault(run["variant"], []).append(run)
+    models: dict[str, list[dict[str, Any]]] = {}
+    for record in baselines:
+        models.setdefault(record["model"], []).append(record)
+    summary: dict[str, dict[str, Any]] = {"variants": {}, "baselines": {}}
+    for name, records in variants.items():
+        entry = stats(records)
+        for key, _ in DYNAMICS_COLUMNS:
+            values = [r["test_dynamics"].get(f"flows_{key}") for r in records]
+            # a key the engine does not report is missing from every run; say so rather than invent 0
+            entry[key] = mean_std(values) if all(v is not None for v in values) else None
+        entry["dead_runs"] = sum(bool(r["dead"]) for r in records)
+        summary["variants"][name] = entry
+    for name, records in models.items():
+        summary["baselines"][name] = stats(records)
+    return summary
+
+
+def bootstrap_against_best_baseline(
+    summary: dict[str, dict[str, Any]],
+    run_pairs: dict[str, list[dict[str, np.ndarray]]],
+    baseline_pairs: dict[str, list[dict[str, np.ndarray]]],
+    *,
+    resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """Each variant minus the best baseline (highest mean test cosine), paired over test pairs.
+
+    Args:
+        summary: from :func:`summarize`.
+        run_pairs: variant -> one :func:`~efgraph.training.metrics.pair_scores` dict per seed.
+        baseline_pairs: baseline -> one per seed.
+
+    Per-pair scores are first averaged over each model's seeds (a hit becomes the fraction of
+    seeds that hit), then :func:`paired_bootstrap_ci` gives the difference in cosine and R@1.
+
+    Returns:
+        ``{"against", "resamples", "seed", "level", "variants": {name: {"cosine": ci,
+        "r_at_1": ci}}}`` with each ``ci`` a dict of :class:`BootstrapCI`.
+    """
+    if not summary["baselines"]:
+        raise ValueError("baselines: none to compare with")
+    best = max(summary["baselines"], key=lambda name: summary["baselines"][name]["test_cosine"]["mean"])
+
+    def seed_mean(per_seed: list[dict[str, np.ndarray]], what: str) -> np.ndarray:
+        lengths = {len(p[what]) for p in per_seed}
+        if len(lengths) != 1:
+            raise ValueError(f"test pairs: seeds were scored on different numbers of pairs {sorted(lengths)}")
+        return np.mean([p[what].astype(np.float64) for p in per_seed], axis=0)
+
+    reference = {what: seed_mean(baseline_pairs[best], what) for what in ("cosine", "hit")}
+    out: dict[str, Any] = {"against": best, "resamples": resamples, "seed": seed, "level": level, "variants": {}}
+    for name, per_seed in run_pairs.items():
+        out["variants"][name] = {
+            metric: asdict(paired_bootstrap_ci(seed_mean(per_seed, what), reference[what], resamples=resamples,
+                                               seed=seed, level=level))
+            for metric, what in (("cosine", "cosine"), ("r_at_1", "hit"))
+        }
+    return out
+
+
+# ---- the table -------------------------------------------------------------------------------------
+def _fmt(stat: dict[str, float | None] | None, spec: str) -> str:
+    if stat is None:
+        return "n/a"
+    if stat["std"] is None:
+        return format(stat["mean"], spec)
+    return f"{format(stat['mean'], spec)} ± {format(stat['std'], spec)}"
+
+
+def format_study_table(study: dict[str, Any]) -> str:
+    """Markdown report of a study (the payload of ``study.json``)."""
+    split = study["split"]
+    lines = [
+        f"# Study `{study['name']}`",
+        "",
+        f"Config `{study['config_path']}`; {split['train']} train / {split['validation']} validation / "
+        f"{split['test']} test pairs, one split for every run (data_seed {split['data_seed']}). "
+        f"The MLP baselines have the full model's {study['num_parameters']:,} parameters.",
+        "",
+        "**Compare variants on the validation column.** Every run keeps its best-validation state and reads the "
+        "test split once, with that state (no selection on test); the test columns are the final report. "
+        "Mean ± std over seeds; the dynamics are measured on the test split; a run is dead when its last "
+        "evaluation saw no flow arrive.",
+        "",
+        "| model | seeds | val cosine | test cosine | test MSE | test R@1 | "
+        + " | ".join(header for _, header in DYNAMICS_COLUMNS) + " | dead runs |",
+        "|---|---|---:|---:|---:|---:|" + "---:|" * len(DYNAMICS_COLUMNS) + "---:|",
+    ]
+    seeds = {v["name"]: v["seeds"] for v in study["variants"]}
+
+    def row(label: str, stats: dict[str, Any], seed_list: Sequence[int], extra: list[str]) -> str:
+        cells = [label, ",".join(map(str, seed_list)), _fmt(stats["val_cosine"], ".4f"),
+                 _fmt(stats["test_cosine"], ".4f"), _fmt(stats["test_mse"], ".4g"), _fmt(stats["test_r_at_1"], ".4f"),
+                 *extra]
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    for name, stats in study["summary"]["variants"].items():
+        dynamics = [_fmt(stats[key], ".3g") for key, _ in DYNAMICS_COLUMNS]
+        lines.append(row(name, stats, seeds[name], [*dynamics, f"{stats['dead_runs']}/{stats['runs']}"]))
+    for name, stats in study["summary"]["baselines"].items():
+        lines.append(row(f"{name} (baseline)", stats, study["baseline_seeds"], ["–"] * (len(DYNAMICS_COLUMNS) + 1)))
+
+    boot = study["bootstrap"]
+    lines += [
+        "",
+        f"## Difference to the best baseline, `{boot['against']}` (highest mean test cosine)",
+        "",
+        f"Paired bootstrap over the {split['test']} test pairs ({boot['resamples']} resamples, seed {boot['seed']}), "
+        f"per-pair scores averaged over each model's seeds; {boot['level']:.0%} percentile intervals. An "
+        "interval above 0 means the variant beats the baseline on this test set.",
+        "",
+        f"| variant | Δ cosine | {boot['level']:.0%} CI | Δ R@1 | {boot['level']:.0%} CI |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, cis in boot["variants"].items():
+        cos, r1 = cis["cosine"], cis["r_at_1"]
+        lines.append(f"| {name} | {cos['diff']:+.4f} | [{cos['low']:+.4f}, {cos['high']:+.4f}] | "
+                     f"{r1['diff']:+.4f} | [{r1['low']:+.4f}, {r1['high']:+.4f}] |")
+    return "\n".join(lines) + "\n"
+
+
+# ---- running ---------------------------------------------------------------------------------------
+def run_study(
+    base: EnergyConfig,
+    variants: Sequence[Variant],
+    output_dir: str | Path,
+    *,
+    name: str | None = None,
+    config_path: str | None = None,
+    wandb_mode: str = "auto",
+    device: str | None = None,
+    progress: bool = True,
+    report: Callable[[str], None] = print,
+    bootstrap_resamples: int = 1000,
+    bootstrap_seed: int = 0,
+) -> dict[str, Any]:
+    """Train every (variant, seed) and the baselines of every seed, then write study.json / study.md.
+
+    Args:
+        base: the config every variant starts from (data, split and the full model).
+        variants: from :func:`build_variants`.
+        output_dir: the study folder (see the module docstring); may hold an earlier, partial run
+            of the same study, which is continued.
+        name: the study's name and W&B group (default: the folder's name).
+        config_path: where ``base`` came from, for the report.
+        report: receives one progress line per step (which run, elapsed time).
+
+    Returns:
+        The ``study.json`` payload.
+
+    Raises:
+        ValueError: when ``output_dir`` holds a study of another base config or split, or a run
+            folder whose config is not the one this study would train there.
+    """
+    out = Path(output_dir)
+    name = name or out.resolve().name
+    _check_name(name, "study name")
+    if not variants:
+        raise ValueError("variants: at least one")
+    start = time.perf_counter()
+
+    def say(message: str) -> None:
+        report(f"[study {name} {_clock(time.perf_counter() - start)}] {message}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    _check_or_write_base(out / "study_config.yaml", base)
+    say("loading the data")
+    pairs = load_pairs(base, progress=progress)
+    split = _check_or_write_split(out / "split.json", make_run_split(base, pairs))
+    train, val, test = split.apply(pairs)
+    if val is None or test is None:
+        raise ValueError("val_fraction, test_fraction: the split left the validation or test part empty")
+    num_parameters = sum(p.numel() for p in FlowProcessor.from_config(base).parameters())
+
+    seeds = sorted({s for v in variants for s in v.seeds})
+    baseline_records: list[dict[str, Any]] = []
+    baseline_pairs: dict[str, list[dict[str, np.ndarray]]] = {}
+    for seed in seeds:
+        folder = out / BASELINES_DIR / f"seed{seed}"
+        if (folder / "results.json").exists():
+            say(f"baselines seed {seed}: done already, reading {folder}")
+        else:
+            say(f"baselines seed {seed}: fitting")
+            _fit_baselines(base.replace(seed=seed), train, val, test, num_parameters, folder)
+        saved = json.loads((folder / "results.json").read_text(encoding="utf-8"))
+        for model, metrics in saved["test"].items():
+            baseline_records.append({"model": model, "seed": seed, "test": metrics,
+                                     "validation": saved["validation"][model]})
+        for model, scores in load_pair_scores(folder / "test_pairs.npz").items():
+            baseline_pairs.setdefault(model, []).append(scores)
+
+    todo = [(v, s) for v in variants for s in v.seeds]
+    runs: list[dict[str, Any]] = []
+    run_pairs: dict[str, list[dict[str, np.ndarray]]] = {}
+    for i, (variant, seed) in enumerate(todo, 1):
+        config = variant_config(base, variant, seed)
+        run_dir = out / variant.name / f"seed{seed}"
+        label = f"run {i}/{len(todo)} {variant.name} seed {seed}"
+        _check_run_config(run_dir, config)
+        if (run_dir / "results.json").exists():
+            say(f"{label}: done already, reading {run_dir}")
+        else:
+            resume = run_dir if (run_dir / "checkpoints" / "last.pt").exists() else None
+            if resume is None and (run_dir / "metrics.jsonl").exists():
+                # a run killed before its first checkpoint starts over: drop its metric rows
+                (run_dir / "metrics.jsonl").unlink()
+            say(f"{label}: {'resuming' if resume else 'training'} in {run_dir}")
+            run_start = time.perf_counter()
+            run_training(
+                config, run_dir, wandb_mode=wandb_mode, device=device, resume=resume, progress=progress,
+                pairs=pairs, baselines=False,
+                wandb_info=WandbRunInfo(name=f"{name}-{variant.name}-seed{seed}", group=name, job_type=variant.name,
+                                        tags=(variant.name, f"seed{seed}")),
+            )
+            say(f"{label}: trained in {_clock(time.perf_counter() - run_start)}")
+        if Split.from_json(run_dir / "split.json") != split:
+            raise ValueError(f"{run_dir}/split.json: differs from the study's split {out / 'split.json'}")
+        record = _run_record(run_dir, variant.name, seed)
+        runs.append(record)
+        run_pairs.setdefault(variant.name, []).append(load_pair_scores(run_dir / "test_pairs.npz")["energy-flow"])
+        say(f"{label}: val cosine {record['validation']['cosine']:.4f}, test cosine {record['test']['cosine']:.4f}"
+            f"{', DEAD (no flow arrives)' if record['dead'] else ''}")
+
+    summary = summarize(runs, baseline_records)
+    study: dict[str, Any] = {
+        "name": name,
+        "config_path": config_path,
+        "base_config": base.to_dict(),
+        "variants": [{"name": v.name, "overrides": list(v.overrides), "seeds": list(v.seeds)} for v in variants],
+        "baseline_seeds": seeds,
+        "split": {"data_seed": base.data_seed, "train": len(train), "validation": len(val), "test": len(test)},
+        "num_parameters": num_parameters,
+        "runs": runs,
+        "baselines": baseline_records,
+        "summary": summary,
+        "bootstrap": bootstrap_against_best_baseline(summary, run_pairs, baseline_pairs,
+                                                     resamples=bootstrap_resamples, seed=bootstrap_seed),
+        "elapsed_seconds": time.perf_counter() - start,
+    }
+    atomic_write(out / "study.json", lambda tmp: tmp.write_text(json.dumps(study, indent=2) + "\n", encoding="utf-8"))
+    table = format_study_table(study)
+    atomic_write(out / "study.md", lambda tmp: tmp.write_text(table, encoding="utf-8"))
+    say(f"wrote {out / 'study.md'} and {out / 'study.json'}")
+    return study
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
+def _check_or_write_base(path: Path, base: EnergyConfig) -> None:
+    """Refuse to continue a study folder that was started with another base config."""
+    if path.exists():
+        saved = EnergyConfig.from_yaml(path).to_dict()
+        changed = [f"{k}: study has {saved[k]!r}, now {v!r}" for k, v in base.to_dict().items()
+                   if k not in RESUME_MUTABLE_KEYS and saved[k] != v]
+        if changed:
+            raise ValueError(f"--config/--set: {path.parent} holds a study of another base config ("
+                             + "; ".join(changed) + "); use another --output-dir")
+    else:
+        base.to_yaml(path)
+
+
+def _check_or_write_split(path: Path, split: Split) -> Split:
+    if path.exists():
+        if Split.from_json(path) != split:
+            raise ValueError(f"{path}: the study's saved split differs from the one the data gives now")
+    else:
+        split.to_json(path)
+    return split
+
+
+def _check_run_config(run_dir: Path, config: EnergyConfig) -> None:
+    """A run folder from an earlier session must hold this run's config, or reading it would lie."""
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return
+    saved = EnergyConfig.from_yaml(path).to_dict()
+    changed = [f"{k}: folder has {saved[k]!r}, study wants {v!r}" for k, v in config.to_dict().items()
+               if k not in RESUME_MUTABLE_KEYS and saved[k] != v]
+    if changed:
+        raise ValueError(f"{run_dir}: holds a run of another config (" + "; ".join(changed)
+                         + "); remove the folder or use another --output-dir")
+
+
+def _fit_baselines(config: EnergyConfig, train: EmbeddingPairs, val: EmbeddingPairs, test: EmbeddingPairs,
+                   num_parameters: int, folder: Path) -> None:
+    """Fit the baselines of one seed and write their validation and test scores to ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"seed": config.seed, "test": {}, "validation": {}, "num_parameters": {}}
+    per_pair: dict[str, dict[str, np.ndarray]] = {}
+    for baseline in fit_baselines((train.src, train.tgt), (val.src, val.tgt),
+                                  **baseline_options(config, len(train), num_parameters)):
+        pred = baseline.predict(test.src)
+        results["test"][baseline.name] = evaluate_predictions(pred, test.tgt)
+        results["validation"][baseline.name] = evaluate_predictions(baseline.predict(val.src), val.tgt)
+        results["num_parameters"][baseline.name] = baseline.num_parameters
+        per_pair[baseline.name] = pair_scores(pred, test.tgt)
+    save_pair_scores(folder / "test_pairs.npz", per_pair)
+    # written last: its presence marks the seed's baselines as done
+    atomic_write(folder / "results.json",
+                 lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8"))
+
+
+def _run_record(run_dir: Path, variant: str, seed: int) -> dict[str, Any]:
+    """What the study keeps of a finished run folder."""
+    path = run_dir / "results.json"
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("validation", "final_validation"):
+        if saved.get(key) is None:  # only a run resumed from a checkpoint older than the saved history
+            raise ValueError(f"{path}: no {key!r} metrics (written by an older efgraph); remove {run_dir} "
+                             "to train it again")
+    final = saved["final_validation"]
+    return {
+        "variant": variant,
+        "seed": seed,
+        "run_dir": str(run_dir),
+        "test": {k: saved["test"]["energy-flow"][k] for k in TEST_METRICS},
+        "validation": {k: saved["validation"][k] for k in (*TEST_METRICS, "loss", "step")},
+        "test_dynamics": saved["test_dynamics"],
+        # dead: the last evaluation of training (at the final step) saw no flow reach the output face
+        "dead": final["flows_arrived_per_sample"] == 0,
+        "train_seconds": saved["train_seconds"],
+        "best_step": saved["best_step"],
+    }
+

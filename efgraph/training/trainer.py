@@ -463,10 +463,8 @@ class EnergyTrainer:
 
 
 # Per-batch trace means, averaged over the pairs (batch-size weighted) by evaluate().
-EVAL_MEAN_KEYS = ("energy_arrived_fraction", "mean_active_flows", "steps")
-# Trace means that engines with an interaction neighbourhood (interaction_radius) report; averaged
-# the same way when present, so an evaluation never invents a value the engine did not measure.
-EVAL_OPTIONAL_MEAN_KEYS = ("neighbourhood_flows", "energy_created_fraction")
+EVAL_MEAN_KEYS = ("energy_arrived_fraction", "energy_created_fraction", "neighbourhood_flows",
+                  "mean_active_flows", "steps")
 
 
 def _flow_dynamics(summaries: list[dict[str, float]], sizes: list[int]) -> dict[str, float]:
@@ -480,7 +478,7 @@ def _flow_dynamics(summaries: list[dict[str, float]], sizes: list[int]) -> dict[
         "flows_arrived_per_sample": sum(s["arrived"] for s in summaries) / n,
         "flows_spawned_per_sample": sum(s["spawned"] for s in summaries) / n,
     }
-    for key in EVAL_MEAN_KEYS + tuple(k for k in EVAL_OPTIONAL_MEAN_KEYS if k in summaries[0]):
+    for key in EVAL_MEAN_KEYS:
         out[f"flows_{key}"] = sum(s[key] * b for s, b in zip(summaries, sizes)) / n
     return out
 

@@ -92,4 +92,4 @@ def test_bible_full_is_bible_on_every_verse_with_a_shorter_schedule():
     assert set(full) == set(main)
     differing = {k for k in main if main[k] != full[k]}
     assert differing == {"verses_per_book", "epochs", "eval_every"}
-    assert (full["verses_per_book"], full["epochs"], full["eval_every"]) == (0, 3, 200)
+    assert (full["verses_per_book"], full["epochs"], full["eval_every"]) == (0, 2, 200)

@@ -28,7 +28,9 @@ def test_bf16_autocast_matches_fp32_and_keeps_energy_exact(carrier_type):
     trace = proc.last_trace
     assert h.dtype == top.dtype == state.h.dtype == torch.float32  # the recurrent cell stays fp32
     assert trace.active == fp32_active
-    torch.testing.assert_close(trace.energy.sum(1), trace.energy_injected.expand(trace.num_steps), rtol=1e-5, atol=1e-5)
+    # injected + created == in flight + arrived + lost, in fp32 under bf16 autocast too
+    books = trace.energy[:, :3].sum(1) - trace.energy[:, 3]
+    torch.testing.assert_close(books, trace.energy_injected.expand(trace.num_steps), rtol=1e-5, atol=1e-5)
     assert torch.nn.functional.cosine_similarity(y32, y16.float()).min() > 0.99
 
 

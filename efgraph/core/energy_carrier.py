@@ -123,14 +123,19 @@ class EnergyCarrier(nn.Module):
 
     # ---- heads -----------------------------------------------------------------------------------
     def heads(self, top: Tensor) -> CarrierHeads:
-        """Heads on the top layer output ``[F, H]``."""
-        disp = self.displacement_head(top)
-        spawn = self.spawn_head(top)
+        """Heads on the top layer output ``[F, H]``, always in fp32 (also under bf16 autocast):
+        they decide moves, energies and spawns, and bf16's 8-bit mantissa would move a flow by
+        ~0.2 cell at D=50 and blur the thresholds. They are three tiny products, so this is free."""
+        with torch.autocast(device_type=top.device.type, enabled=False):
+            top = top.float()
+            disp = self.displacement_head(top)
+            spawn = self.spawn_head(top)
+            energy_logit = self.energy_head(top).squeeze(1)
         step = self.config.max_lateral_step
         return CarrierHeads(
             dxy=torch.tanh(disp[:, :2]) * step,
             dz_fraction=torch.sigmoid(disp[:, 2]),
-            energy_logit=self.energy_head(top).squeeze(1),
+            energy_logit=energy_logit,
             spawn_score=spawn[:, 0],
             child_dxy=torch.tanh(spawn[:, 1:]) * step,
         )

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch_geometric.utils import degree
 
 from efgraph.config import EnergyConfig
 from efgraph.core.budget import keep_top_per_group
@@ -149,8 +150,7 @@ class FlowProcessor(nn.Module):
         next_id = state.num_flows
         arrivals: list[Arrivals] = []
         phantoms: list[Arrivals] = []
-        zero = torch.zeros((), device=x.device)
-        lost = arrived = created = zero
+        lost = arrived = created = torch.zeros((), device=x.device)
         for _ in range(self.config.lattice_depth - 1):
             if state.num_flows == 0:
                 break
@@ -248,14 +248,14 @@ class FlowProcessor(nn.Module):
             children = self._children(moved, parent_idx, child_energy, heads.child_dxy, next_id)
             next_state = FlowState.cat([next_state, children])
 
-        arrivals = self._arrivals(arrived_idx, state, pos, energy, top)
+        arrivals = self._deposits(arrived_idx, state, pos, energy.index_select(0, arrived_idx), top)
         num_spawned = parent_idx.numel()
         num_died = state.num_flows - alive_idx.numel() - arrived_idx.numel()
         phantoms = None
         if cfg.survival_gradient and num_died and torch.is_grad_enabled():
             died_idx = died.nonzero().flatten()
-            phantoms = self._arrivals(died_idx, state, pos, energy, top)
-            phantoms.energy = survival_phantom_energy(heads.energy_logit.index_select(0, died_idx), cfg.energy_threshold)
+            phantom_energy = survival_phantom_energy(heads.energy_logit.index_select(0, died_idx), cfg.energy_threshold)
+            phantoms = self._deposits(died_idx, state, pos, phantom_energy, top)
         if logger.isEnabledFor(DEBUG_SPAWN):
             logger.log(DEBUG_SPAWN, "step: %d flows, %d spawned, %d died, %d arrived",
                        state.num_flows, num_spawned, num_died, arrived_idx.numel())
@@ -278,12 +278,12 @@ class FlowProcessor(nn.Module):
             phantoms=phantoms,
         )
 
-    def _arrivals(self, idx: Tensor, state: FlowState, pos: Tensor, energy: Tensor, top: Tensor) -> Arrivals:
-        """The flows at ``idx`` as deposits on the output face at their new (x, y)."""
+    def _deposits(self, idx: Tensor, state: FlowState, pos: Tensor, energy: Tensor, top: Tensor) -> Arrivals:
+        """The flows at ``idx`` ``[A]`` as deposits of ``energy`` ``[A]`` on the output face at their new (x, y)."""
         return Arrivals(
             batch=state.batch.index_select(0, idx),
             xy=pos.index_select(0, idx)[:, :2],
-            energy=energy.index_select(0, idx),
+            energy=energy,
             value=self.carrier.value(top.index_select(0, idx)),
             flow_id=state.flow_id.index_select(0, idx),
         )
@@ -328,9 +328,7 @@ class FlowProcessor(nn.Module):
         aggregated = self.conv(state.h[-1], state.energy, edges, num_cells)
         cell_pe = lattice.position_encoding(occupied_cell.to(state.pos.dtype))
         transformation = self.neuron(torch.cat([aggregated, cell_pe], dim=1)).index_select(0, cell_index)
-        # flows each cell heard = its in-degree; summed over the flows reading that cell
-        heard = torch.zeros(num_cells, device=edges.device).index_add_(
-            0, edges[1], torch.ones(edges.size(1), device=edges.device))
+        heard = degree(edges[1], num_cells)  # flows each cell heard = its in-degree in the graph
         return CellStep(transformation, occupied, heard.index_select(0, cell_index).sum())
 
     def _choose_spawners(

@@ -79,7 +79,9 @@ def test_train_script_writes_the_run_folder_and_offline_wandb_run(tmp_path):
     keys = logged_keys(run_file)
     for key in ["train/loss", "train/lr", "train/grad_norm", "perf/flow_steps_per_s", "memory/rss_mb",
                 "flows/mean_active_flows", "flows/active_step_1", "flows/mean_occupied_cells", "flows/spawned", "flows/died",
-                "flows/energy_arrived_fraction", "flows/mean_initial_energy", "val/loss", "val/cosine",
+                "flows/energy_arrived_fraction", "flows/mean_initial_energy", "flows/spawned_per_sample",
+                "flows/neighbourhood_flows", "flows/energy_created_fraction", "flows/spawned_step_1",
+                "flows/neighbourhood_step_1", "val/loss", "val/cosine",
                 "val/r_at_1", "landing/x/_type", "landing/energy/_type", "figures/flow_paths/_type",
                 "figures/flow_counts/_type", "test/results/_type", "summary:test/mlp/r_at_1", "summary:test/energy-flow/cosine"]:
         assert key in keys, key

@@ -95,6 +95,16 @@ class FlowTrace:
             "mean_initial_energy": injected / max(self.initial_flows, 1),
         }
 
+    def per_step_metrics(self) -> dict[str, float]:
+        """``active_step_k``, ``spawned_step_k``, ``neighbourhood_step_k`` for each lattice step k
+        (1-based): one W&B curve per lattice step shows how the dynamics change during training."""
+        out: dict[str, float] = {}
+        for k, (active, spawned, heard) in enumerate(zip(self.active, self.spawned, self.neighbourhood_flows), 1):
+            out[f"active_step_{k}"] = float(active)
+            out[f"spawned_step_{k}"] = float(spawned)
+            out[f"neighbourhood_step_{k}"] = heard
+        return out
+
     def as_dict(self) -> dict[str, list]:
         """Per-step lists (one host copy of the energies)."""
         energy = self.energy.tolist()

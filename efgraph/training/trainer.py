@@ -327,8 +327,8 @@ class EnergyTrainer:
             "perf/flow_steps_per_s": flow_steps / elapsed,
             **{f"memory/{k}": v for k, v in memory_report(self.device).items()},
             **({f"flows/{k}": v for k, v in trace.summary().items()} if trace is not None else {}),
-            # active flows per lattice step of this forward (a curve per step in W&B)
-            **({f"flows/active_step_{i + 1}": float(n) for i, n in enumerate(trace.active)} if trace is not None else {}),
+            # active flows, spawns and neighbourhood size per lattice step (a curve per step in W&B)
+            **({f"flows/{k}": v for k, v in trace.per_step_metrics().items()} if trace is not None else {}),
         }
         if logger.isEnabledFor(DEBUG_CONVERGENCE):
             logger.log(DEBUG_CONVERGENCE, "step %d: loss %.5f grad_norm %.4f lr %.2e", self.step + 1, loss_value, grad_norm, lr)

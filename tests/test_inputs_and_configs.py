@@ -93,3 +93,10 @@ def test_bible_full_is_bible_on_every_verse_with_a_shorter_schedule():
     differing = {k for k in main if main[k] != full[k]}
     assert differing == {"verses_per_book", "epochs", "eval_every"}
     assert (full["verses_per_book"], full["epochs"], full["eval_every"]) == (0, 2, 200)
+
+
+def test_a_lattice_from_another_config_is_refused_naming_the_fields():
+    config = tiny_config()
+    other = tiny_config(lattice_width=7)
+    with pytest.raises(ValueError, match=r"lattice: .*lattice_width \(7 vs 6\)"):
+        FlowProcessor(EnergyLattice(other), SimpleNeuron(config), config)

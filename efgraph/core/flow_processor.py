@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch_geometric.utils import degree
 
-from efgraph.config import EnergyConfig
+from efgraph.config import ARCHITECTURE_KEYS, EnergyConfig
 from efgraph.core.budget import keep_top_per_group
 from efgraph.core.energy_carrier import CarrierHeads, EnergyCarrier
 from efgraph.core.energy_lattice import EnergyLattice
@@ -96,6 +96,11 @@ class FlowProcessor(nn.Module):
 
     def __init__(self, lattice: EnergyLattice, neuron: SimpleNeuron, config: EnergyConfig) -> None:
         super().__init__()
+        differing = [k for k in ARCHITECTURE_KEYS if getattr(lattice.config, k) != getattr(config, k)]
+        if differing:  # e.g. a 10x10 lattice under a 20x20 processor would index the wrong cells
+            raise ValueError("lattice: built from another config than the processor's; differing fields: "
+                             + ", ".join(f"{k} ({getattr(lattice.config, k)!r} vs {getattr(config, k)!r})"
+                                         for k in differing))
         if neuron.input_dim != config.neuron_input_dim:
             raise ValueError(
                 f"neuron: input width {neuron.input_dim} does not match config.neuron_input_dim "

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from efgraph.data._atomic import atomic_write_text
 from efgraph.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -96,7 +97,9 @@ class RunLogger:
                     kept.append(line)
             except (json.JSONDecodeError, KeyError):
                 pass  # a line cut short by a kill
-        path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        # atomic: a kill during the rewrite must not cost the rows up to ``step`` (plain write_text
+        # truncates the file first, then writes)
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
         self._last_step = step
 
     def log(self, metrics: dict[str, float], step: int) -> None:

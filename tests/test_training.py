@@ -228,3 +228,41 @@ def test_evaluate_reports_the_flow_dynamics_per_sample():
     other = trainer.evaluate(val_x, val_y, batch_size=7)
     for key in ("flows_arrived_per_sample", "flows_spawned_per_sample", "flows_steps"):
         assert other[key] == pytest.approx(metrics[key])
+
+
+def test_resume_keeps_the_best_state_that_last_pt_knows_when_best_pt_is_newer(tmp_path):
+    """A crash after an improvement written to best.pt but before the next last.pt: the resumed
+    run must test (and keep in best.pt) the best state of last.pt's history, not the last state."""
+    from efgraph.training.checkpoint import load_checkpoint
+
+    train_x, train_y, val_x, val_y = _teacher(n=120)  # 80 train pairs: 5 steps per epoch
+    config = _config(epochs=4, eval_every=2, checkpoint_every=4, learning_rate=1e-2)
+    torch.manual_seed(3)
+    run = EnergyTrainer(FlowProcessor.from_config(config), config, run_dir=tmp_path, progress=False)
+    run.train(train_x, train_y, val_inputs=val_x, val_targets=val_y, max_steps=8)  # last.pt at step 8
+    known_step, known_state = run.best_step, {k: v.clone() for k, v in run._best_state.items()}
+    assert known_step is not None and known_step <= 8
+    # the crashed future: at step 10 an improvement (a state the resumed run will never see again)
+    # was written to best.pt, then the process died before last.pt of step 12
+    with torch.no_grad():
+        for p in run.processor.parameters():
+            p.add_(1.0)
+    run.step = 10
+    run.evaluate = lambda *args, **kwargs: {"loss": -1.0}  # an improvement, through the trainer's own path
+    run._evaluate_and_keep_best(val_x, val_y)
+    folder = tmp_path / "checkpoints"
+    assert load_checkpoint(folder / "best.pt")["step"] == 10
+    assert load_checkpoint(folder / "last.pt")["step"] == 8
+
+    resumed = EnergyTrainer(FlowProcessor.from_config(config), config, run_dir=tmp_path, progress=False)
+    # resume and stop at once: no evaluation after the checkpoint can replace the best state
+    resumed.train(train_x, train_y, val_inputs=val_x, val_targets=val_y, resume_from=folder / "last.pt", max_steps=8)
+    assert resumed.best_step == known_step
+    assert resumed.restore_best(), "the best state of last.pt's history must come back"
+    for name, value in known_state.items():
+        torch.testing.assert_close(resumed.processor.state_dict()[name], value, rtol=0, atol=0)
+    best = load_checkpoint(folder / "best.pt")  # best.pt is that state again, not the crashed future's
+    assert best["step"] == known_step
+    for name, value in known_state.items():
+        torch.testing.assert_close(best["model"][name], value, rtol=0, atol=0)
+

@@ -45,6 +45,7 @@ from efgraph.core.flow_processor import FlowProcessor
 from efgraph.data import EmbeddingPairs, Split, load_bible_pairs, load_embedding_pairs, load_text_pairs, make_teacher_pairs
 from efgraph.data._atomic import atomic_write, atomic_write_text
 from efgraph.data.split import make_split
+from efgraph.data.text import TEXT_GROUP_FIELD, text_file_has_field
 from efgraph.model_io import export_model
 from efgraph.training.baselines import fit_baselines, format_results_table
 from efgraph.training.checkpoint import load_checkpoint
@@ -116,7 +117,11 @@ def load_pairs(config: EnergyConfig, progress: bool = True) -> EmbeddingPairs:
     elif config.dataset == "pairs":
         pairs = load_embedding_pairs(config.data_path)
     else:
-        pairs = load_text_pairs(config.data_path, model=model, progress=progress)
+        # group by the file's group column, else by source text: rows that share a source never
+        # sit on both sides of the split (see efgraph.data.text)
+        has_group = text_file_has_field(config.data_path, TEXT_GROUP_FIELD)
+        pairs = load_text_pairs(config.data_path, model=model, progress=progress,
+                                group_field=TEXT_GROUP_FIELD if has_group else None, group_by_source=not has_group)
     if limit is not None and len(pairs) > limit:
         pairs = pairs.subset(list(range(limit)))
     if pairs.src_dim != config.input_dim:
@@ -142,8 +147,10 @@ def make_run_split(config: EnergyConfig, pairs: EmbeddingPairs) -> Split:
 def describe_split(config: EnergyConfig, pairs: EmbeddingPairs, split: Split) -> dict[str, Any]:
     """How the split was made, for the log, ``results.json`` and W&B: by group or by pair, the
     grouping, the group count and the data seed."""
-    grouping = {"synthetic": None, "bible": "book", "pairs": "group (from the pair file)",
-                "text": "group column, else the source text"}[config.dataset]
+    grouping = {"synthetic": None, "bible": "book", "pairs": "group (from the pair file)", "text": None}[config.dataset]
+    if config.dataset == "text":
+        grouping = ("the file's group column" if text_file_has_field(config.data_path, TEXT_GROUP_FIELD)
+                    else "source text")
     info: dict[str, Any] = {"data_seed": config.data_seed, "train": len(split.train),
                             "validation": len(split.validation), "test": len(split.test)}
     if pairs.groups is None:

@@ -33,21 +33,29 @@ def test_warmup_then_cosine_schedule():
     assert warmup_cosine_factor(20, 4, 20) == pytest.approx(0.0, abs=1e-12)
 
 
-def test_short_training_lowers_held_out_loss_and_beats_identity():
+def test_short_training_lowers_held_out_loss_and_closes_most_of_the_gap_to_ridge():
+    """Identity is no bar on this teacher (its cosine is -0.13); ridge is the bar that counts.
+
+    Measured (CPU, this seed): untrained cosine -0.02, after 8 epochs 0.68, ridge 0.96: the short
+    run closes ~70% of the gap to ridge and does not beat it (the teacher is close to linear).
+    """
+    from efgraph.training.baselines import RidgeBaseline
+    from efgraph.training.metrics import evaluate_predictions
+
     train_x, train_y, test_x, test_y = _teacher()
     config = _config()
     torch.manual_seed(0)
     trainer = EnergyTrainer(FlowProcessor.from_config(config), config, progress=False)
-    before = trainer.evaluate(test_x, test_y)
+    before = trainer.evaluate(test_x[20:], test_y[20:])
     result = trainer.train(train_x, train_y, epochs=8, val_inputs=test_x[:20], val_targets=test_y[:20])
     trainer.restore_best()
     after = trainer.evaluate(test_x[20:], test_y[20:])  # the half not used to pick the best state
-    identity_cos = torch.nn.functional.cosine_similarity(test_x[20:], test_y[20:]).mean().item()
-    identity_mse = torch.nn.functional.mse_loss(test_x[20:], test_y[20:]).item()
+    ridge = RidgeBaseline().fit(train_x, train_y, test_x[:20], test_y[:20])  # alpha picked on the same half
+    ridge_scores = evaluate_predictions(ridge.predict(test_x[20:]), test_y[20:])
     assert result.steps == 8 * math.ceil(200 / 16)
     assert after["loss"] < 0.8 * before["loss"]
-    assert after["cosine"] > identity_cos + 0.1
-    assert after["mse"] < identity_mse
+    closed = (after["cosine"] - before["cosine"]) / (ridge_scores["cosine"] - before["cosine"])
+    assert closed > 0.5, f"closed {closed:.2f} of the cosine gap to ridge ({after['cosine']:.3f} vs {ridge_scores['cosine']:.3f})"
 
 
 def test_resumed_run_ends_with_the_same_parameters(tmp_path):

@@ -274,3 +274,45 @@ def test_resume_keeps_the_best_state_that_last_pt_knows_when_best_pt_is_newer(tm
     for name, value in known_state.items():
         torch.testing.assert_close(best["model"][name], value, rtol=0, atol=0)
 
+
+
+def test_train_loss_is_logged_as_the_mean_over_the_log_interval(tmp_path):
+    import json
+
+    train_x, train_y, _, _ = _teacher(n=120)
+
+    def losses(log_every, folder):
+        config = _config(epochs=1, log_every=log_every, checkpoint_every=100)
+        torch.manual_seed(0)
+        EnergyTrainer(FlowProcessor.from_config(config), config, run_dir=folder, progress=False).train(train_x, train_y)
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+    every_step = losses(1, tmp_path / "a")  # 80 pairs / 16 = 5 steps
+    every_third = losses(3, tmp_path / "b")  # logged at 3 and at the end (5)
+    assert sorted(every_third) == [3, 5]
+    assert every_third[3] == pytest.approx(sum(every_step[s] for s in (1, 2, 3)) / 3, rel=1e-6)
+    assert every_third[5] == pytest.approx((every_step[4] + every_step[5]) / 2, rel=1e-6)
+
+
+def test_debug_convergence_logs_arrival_statistics_and_steps_log_mean_flow_energy(caplog):
+    import logging
+
+    from efgraph.utils.logging import DEBUG_CONVERGENCE
+
+    train_x, train_y, _, _ = _teacher(n=80)
+    config = _config(epochs=1)
+    torch.manual_seed(0)
+    trainer = EnergyTrainer(FlowProcessor.from_config(config), config, progress=False)
+    trainer.train(train_x, train_y, max_steps=1)  # builds the schedule
+    with caplog.at_level(DEBUG_CONVERGENCE, logger="efgraph"):
+        metrics = trainer.train_step(train_x[:16], train_y[:16])
+    trace = trainer.processor.last_trace
+    messages = [r.getMessage() for r in caplog.records if r.levelno == DEBUG_CONVERGENCE]
+    assert len(messages) == 1
+    assert f"arrived {trace.total_arrived} flows" in messages[0] and "per step" in messages[0]
+    assert "loss" not in messages[0]
+    assert logging.getLevelName(DEBUG_CONVERGENCE) == "DEBUG_CONVERGENCE"
+    # mean energy of a flow at the start of each lattice step: step 1 holds the injected energy
+    assert metrics["flows/mean_energy_step_1"] == pytest.approx(float(trace.energy_injected) / trace.active[0], rel=1e-5)
+    assert len([k for k in metrics if k.startswith("flows/mean_energy_step_")]) == trace.num_steps

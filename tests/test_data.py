@@ -133,3 +133,16 @@ def test_atomic_write_fsyncs_the_file_before_the_rename_and_the_folder_after(tmp
     atomic_write_text(tmp_path / "results.json", "{}\n")
     assert events == ["fsync-file", "replace", "fsync-dir"]
     assert (tmp_path / "results.json").read_text() == "{}\n"
+
+
+def test_atomic_write_gives_the_file_the_permissions_of_an_ordinary_new_file(tmp_path):
+    import os
+
+    from efgraph.data._atomic import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        path = atomic_write_text(tmp_path / "config.yaml", "a: 1\n")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600

@@ -37,6 +37,9 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        # mkstemp creates the file 0600; give it the permissions of an ordinary new file
+        # (0666 minus the umask), or config.yaml and results.json become unreadable to a group
+        os.chmod(tmp, 0o666 & ~_umask())
         fsync_file(tmp)  # the bytes are on disk before the name points at them
         os.replace(tmp, path)
     except BaseException:
@@ -72,3 +75,16 @@ def fsync_dir(folder: str | os.PathLike[str]) -> None:
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """:func:`atomic_write` of a UTF-8 text file."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (``/proc/self/status``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: read it by setting it, and put it back at once
+    os.umask(mask)
+    return mask

@@ -41,7 +41,7 @@ def run_once(nproc: int, args: argparse.Namespace, run_dir: Path) -> dict[str, f
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
         "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
     cmd = [*launcher, str(ROOT / "scripts/train.py"), "--config", str(ROOT / args.config), "--output-dir",
-           str(run_dir), "--wandb-mode", "disabled", "--device", "cpu", "--no-progress", "--max-steps", str(args.steps)]
+           str(run_dir), "--wandb-mode", "disabled", "--device", "cpu", "--no-progress", "--stop-at-step", str(args.steps)]
     for item in settings:
         cmd += ["--set", item]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(args.threads // nproc, 1))}

@@ -252,18 +252,62 @@ def test_format_results_table() -> None:
         format_results_table({"bad": {"cosine": 1.0, "mse": 0.0}})
 
 
-def test_residual_mlp_starts_at_identity_and_follows_the_schedule():
-    import torch
-
-    from efgraph.training.baselines import MLPBaseline
-
+def test_residual_mlp_predicts_its_input_plus_the_mlp():
+    """What the residual MLP computes (the schedule is checked against the model's below)."""
     g = torch.Generator().manual_seed(0)
     x = torch.nn.functional.normalize(torch.randn(64, 8, generator=g), dim=1)
-    mlp = MLPBaseline(hidden_dim=4, steps=1, batch_size=8, lr=1e-12, residual=True, warmup_steps=1, grad_clip=1.0)
+    mlp = MLPBaseline(hidden_dim=4, steps=3, batch_size=8, lr=1e-2, residual=True)
     mlp.fit(x, x)
     assert mlp.name == "residual-mlp"
     with torch.no_grad():
         inner = mlp.model.net(x)
+    assert inner.abs().max() > 1e-3  # the inner MLP is not zero, so the sum below is a real check
     torch.testing.assert_close(mlp.predict(x), x + inner)
     with pytest.raises(ValueError, match="residual"):
         MLPBaseline(hidden_dim=4, steps=1, residual=True).fit(x, x[:, :5])
+
+
+def test_mlp_baseline_gets_the_models_steps_lr_schedule_clipping_and_budget(tmp_path, monkeypatch):
+    """The comparison is fair only if the MLP trains as the model does: same number of optimizer
+    steps, the same learning rate at every step (warm-up + cosine), clipping, weight decay, batch
+    size and (about) the same parameter count. The model's lr is read from its logged train/lr."""
+    import json
+
+    from conftest import tiny_config
+    from efgraph import EnergyTrainer, FlowProcessor
+    from efgraph.data import make_teacher_pairs
+    from efgraph.training.baselines import fit_baselines
+    from efgraph.training.run import baseline_options
+
+    config = tiny_config(input_dim=12, output_dim=12, batch_size=16, learning_rate=3e-3, warmup_steps=3,
+                         epochs=2, log_every=1, eval_every=4, grad_clip=0.5, weight_decay=0.05)
+    pairs = make_teacher_pairs(120, 12, 12, seed=0)
+    train, val = (pairs.src[:80], pairs.tgt[:80]), (pairs.src[80:], pairs.tgt[80:])
+    torch.manual_seed(0)
+    trainer = EnergyTrainer(FlowProcessor.from_config(config), config, run_dir=tmp_path, progress=False)
+    trainer.train(*train, val_inputs=val[0], val_targets=val[1], total_steps=7)  # ends mid-epoch on purpose
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    model_lrs = [r["train/lr"] for r in rows if "train/lr" in r]
+    assert len(model_lrs) == 7
+    n_params = sum(p.numel() for p in trainer.processor.parameters())
+
+    mlp_lrs, clips = [], []
+    real_step, real_clip = torch.optim.AdamW.step, torch.nn.utils.clip_grad_norm_
+
+    def recording_step(self, *args, **kwargs):
+        mlp_lrs.append(self.param_groups[0]["lr"])
+        assert self.param_groups[0]["weight_decay"] == 0.05
+        return real_step(self, *args, **kwargs)
+
+    def recording_clip(parameters, max_norm, *args, **kwargs):
+        clips.append(max_norm)
+        return real_clip(parameters, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    mlp = fit_baselines(train, val, **baseline_options(config, 80, n_params, steps=trainer.total_steps))[-1]
+    assert mlp.name == "mlp" and mlp.batch_size == config.batch_size
+    assert mlp_lrs == pytest.approx(model_lrs, rel=1e-12)  # step for step
+    assert clips == [0.5] * 7
+    per_unit = 12 + 12 + 1  # a hidden unit's parameters: the budget is matched to within half of one
+    assert abs(mlp.num_parameters - n_params) <= per_unit / 2

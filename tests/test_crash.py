@@ -1,4 +1,5 @@
-"""A training process killed with SIGKILL resumes from its last checkpoint and ends as if never killed."""
+"""A training process killed with SIGKILL resumes from its last checkpoint and ends as if never killed:
+same parameters, same evaluations, same selected (best) state, same test results."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ SETTINGS = [
     "dataset=synthetic", "synthetic_pairs=400", "input_dim=16", "output_dim=16", "lattice_width=6",
     "lattice_height=6", "lattice_depth=6", "initial_flows_per_sample=4", "max_active_flows=10",
     "carrier_hidden_dim=48", "carrier_num_layers=2", "batch_size=8", "epochs=1", "log_every=1",
-    "checkpoint_every=3", "eval_every=1000", "warmup_steps=2",
+    "checkpoint_every=3", "eval_every=5", "warmup_steps=2",
 ]
 
 
@@ -66,3 +67,15 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert a["step"] == b["step"] == 20
     for name, value in a["model"].items():
         torch.testing.assert_close(b["model"][name], value, rtol=0, atol=0, msg=f"{name} differs after kill+resume")
+    # the run crossed evaluations (5, 10, 15, 20) on both sides of the kill: the same best state is
+    # selected, kept in best.pt and tested
+    assert a["extra"]["evaluations"] == b["extra"]["evaluations"] and len(a["extra"]["evaluations"]) == 4
+    best_a = torch.load(tmp_path / "straight/checkpoints/best.pt", weights_only=True)
+    best_b = torch.load(victim_dir / "checkpoints/best.pt", weights_only=True)
+    assert best_a["step"] == best_b["step"]
+    for name, value in best_a["model"].items():
+        torch.testing.assert_close(best_b["model"][name], value, rtol=0, atol=0, msg=f"best {name} differs")
+    results_a = json.loads((tmp_path / "straight/results.json").read_text())
+    results_b = json.loads((victim_dir / "results.json").read_text())
+    assert results_a["best_step"] == results_b["best_step"] == best_a["step"]
+    assert results_a["test"] == results_b["test"]

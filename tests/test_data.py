@@ -109,3 +109,40 @@ def test_subset_rejects_out_of_range_negative_and_empty():
         p.subset([-1])
     with pytest.raises(ValueError, match="no indices"):
         p.subset([])
+
+
+def test_atomic_write_fsyncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """Without the fsyncs a power loss can leave the new name pointing at an empty file."""
+    import os
+
+    from efgraph.data._atomic import atomic_write_text
+
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append("fsync-dir" if os.path.isdir(f"/proc/self/fd/{fd}") else "fsync-file")
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append("replace")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    atomic_write_text(tmp_path / "results.json", "{}\n")
+    assert events == ["fsync-file", "replace", "fsync-dir"]
+    assert (tmp_path / "results.json").read_text() == "{}\n"
+
+
+def test_atomic_write_gives_the_file_the_permissions_of_an_ordinary_new_file(tmp_path):
+    import os
+
+    from efgraph.data._atomic import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        path = atomic_write_text(tmp_path / "config.yaml", "a: 1\n")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600

@@ -216,3 +216,60 @@ def test_embed_texts_rejects_bad_input_and_hub_names(tmp_path):
         embed_texts(["ok"], model="sentence-transformers/all-mpnet-base-v2", cache_dir=tmp_path)
     with pytest.raises(ValueError, match="does not look like a sentence-transformers model"):
         embed_texts(["ok"], model=tmp_path, cache_dir=tmp_path)
+
+
+def test_rows_sharing_a_source_share_a_group_and_one_side_of_the_split(tmp_path):
+    """dataset: text groups by source text (or a group column): no source in train and test."""
+    from efgraph.data import make_split
+    from efgraph.data.text import text_file_has_field
+
+    rows = [{"source": f"premise {i // 3}", "target": f"hypothesis {i}"} for i in range(60)]  # 3 rows per source
+    path = _write(tmp_path / "nli.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    assert not text_file_has_field(path, "group")
+    texts = read_text_pairs(path, group_by_source=True)
+    assert texts.groups == texts.sources
+    split = make_split(len(texts), groups=texts.groups, seed=0)
+    sides = [{texts.sources[i] for i in part} for part in (split.train, split.validation, split.test)]
+    assert not (sides[0] & sides[2]) and not (sides[0] & sides[1]) and not (sides[1] & sides[2])
+    # an explicit group column wins
+    grouped = _write(tmp_path / "g.csv", "source,target,group\na,b,g1\nc,d,g1\n")
+    assert text_file_has_field(grouped, "group")
+    assert read_text_pairs(grouped, group_field="group").groups == ["g1", "g1"]
+
+
+def test_train_script_text_dataset_splits_by_source(tmp_path, monkeypatch, count_encodes):
+    """run.load_pairs for dataset: text carries the groups that make_run_split uses."""
+    from efgraph.config import EnergyConfig
+    from efgraph.training.run import describe_split, load_pairs, make_run_split
+
+    monkeypatch.setenv("EFGRAPH_CACHE_DIR", str(tmp_path / "cache"))
+    rows = [dict(_TEXT_ROWS[i % 5], target=f"{_TEXT_ROWS[i % 5]['target']} ({i})") for i in range(20)]
+    path = _write(tmp_path / "pairs.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    config = EnergyConfig(dataset="text", data_path=str(path), input_dim=384, output_dim=384,
+                          val_fraction=0.2, test_fraction=0.2)
+    pairs = load_pairs(config, progress=False)
+    assert pairs.groups == [r["source"] for r in rows]
+    split = make_run_split(config, pairs)
+    train_sources = {pairs.groups[i] for i in split.train}
+    assert not train_sources & {pairs.groups[i] for i in split.test}
+    assert describe_split(config, pairs, split)["by"] == "source text"
+    assert describe_split(config, pairs, split)["groups"] == 5
+
+
+def test_embedding_uses_every_usable_core_and_restores_the_thread_count(monkeypatch):
+    """Under torchrun (OMP_NUM_THREADS=1) rank 0 must not embed on one thread."""
+    seen: list[int] = []
+
+    class Model:
+        def encode(self, texts, **kwargs):
+            seen.append(torch.get_num_threads())
+            return torch.ones(len(texts), 4)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        embed_mod._encode(Model(), ["a", "b"], batch_size=2, progress=False)
+        assert seen == [embed_mod.usable_cores()]
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

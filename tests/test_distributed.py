@@ -34,7 +34,7 @@ def _free_port() -> int:
 def _run(run_dir: Path, nproc: int, *extra: str) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
                 "--master_addr=127.0.0.1", f"--master_port={_free_port()}"] if nproc > 1 else None
-    extra = extra or ("--max-steps", "6")
+    extra = extra or ("--stop-at-step", "6")
     cmd = train_script_command(run_dir, SETTINGS, "--wandb-mode", "disabled", "--device", "cpu", *extra,
                                launcher=launcher)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -68,9 +68,9 @@ def test_two_gloo_processes_match_one_process(tmp_path):
 def test_a_distributed_run_resumes_to_the_parameters_of_an_uninterrupted_one(tmp_path):
     single = _run(tmp_path / "one", 1)
     assert single.returncode == 0, single.stderr[-3000:]
-    first = _run(tmp_path / "two", 2, "--max-steps", "3")
+    first = _run(tmp_path / "two", 2, "--stop-at-step", "3")
     assert first.returncode == 0, first.stderr[-3000:]
-    second = _run(tmp_path / "two", 2, "--max-steps", "6", "--resume", str(tmp_path / "two"))
+    second = _run(tmp_path / "two", 2, "--stop-at-step", "6", "--resume", str(tmp_path / "two"))
     assert second.returncode == 0, second.stderr[-3000:]
     a = torch.load(tmp_path / "one/checkpoints/last.pt", weights_only=True)
     b = torch.load(tmp_path / "two/checkpoints/last.pt", weights_only=True)

@@ -43,3 +43,27 @@ def test_offline_wandb_run_records_the_alert_group_job_type_and_tags(tmp_path, m
         {"title": "efgraph: dead run (no flow arrives)", "text": "every flow dies", "level": "WARN"}]
     assert run_grouping(run_file) == {"name": "full-seed0", "group": "study-a", "job_type": "full",
                                       "tags": ["full", "study"]}
+
+
+def test_truncate_after_is_atomic_a_crash_mid_rewrite_keeps_every_row(tmp_path, monkeypatch):
+    """A kill while metrics.jsonl is rewritten must not cost the rows a resume keeps."""
+    import os
+
+    from efgraph.training.run_logger import RunLogger
+
+    log = RunLogger(tmp_path)
+    for step in range(1, 6):
+        log.log({"train/loss": float(step)}, step)
+    before = (tmp_path / "metrics.jsonl").read_text()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed before the rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        RunLogger(tmp_path).truncate_after(3)
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # no temp file left behind
+    monkeypatch.undo()
+    RunLogger(tmp_path).truncate_after(3)
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]

@@ -33,21 +33,29 @@ def test_warmup_then_cosine_schedule():
     assert warmup_cosine_factor(20, 4, 20) == pytest.approx(0.0, abs=1e-12)
 
 
-def test_short_training_lowers_held_out_loss_and_beats_identity():
+def test_short_training_lowers_held_out_loss_and_closes_most_of_the_gap_to_ridge():
+    """Identity is no bar on this teacher (its cosine is -0.13); ridge is the bar that counts.
+
+    Measured (CPU, this seed): untrained cosine -0.02, after 8 epochs 0.68, ridge 0.96: the short
+    run closes ~70% of the gap to ridge and does not beat it (the teacher is close to linear).
+    """
+    from efgraph.training.baselines import RidgeBaseline
+    from efgraph.training.metrics import evaluate_predictions
+
     train_x, train_y, test_x, test_y = _teacher()
     config = _config()
     torch.manual_seed(0)
     trainer = EnergyTrainer(FlowProcessor.from_config(config), config, progress=False)
-    before = trainer.evaluate(test_x, test_y)
+    before = trainer.evaluate(test_x[20:], test_y[20:])
     result = trainer.train(train_x, train_y, epochs=8, val_inputs=test_x[:20], val_targets=test_y[:20])
     trainer.restore_best()
     after = trainer.evaluate(test_x[20:], test_y[20:])  # the half not used to pick the best state
-    identity_cos = torch.nn.functional.cosine_similarity(test_x[20:], test_y[20:]).mean().item()
-    identity_mse = torch.nn.functional.mse_loss(test_x[20:], test_y[20:]).item()
+    ridge = RidgeBaseline().fit(train_x, train_y, test_x[:20], test_y[:20])  # alpha picked on the same half
+    ridge_scores = evaluate_predictions(ridge.predict(test_x[20:]), test_y[20:])
     assert result.steps == 8 * math.ceil(200 / 16)
     assert after["loss"] < 0.8 * before["loss"]
-    assert after["cosine"] > identity_cos + 0.1
-    assert after["mse"] < identity_mse
+    closed = (after["cosine"] - before["cosine"]) / (ridge_scores["cosine"] - before["cosine"])
+    assert closed > 0.5, f"closed {closed:.2f} of the cosine gap to ridge ({after['cosine']:.3f} vs {ridge_scores['cosine']:.3f})"
 
 
 def test_resumed_run_ends_with_the_same_parameters(tmp_path):
@@ -228,3 +236,83 @@ def test_evaluate_reports_the_flow_dynamics_per_sample():
     other = trainer.evaluate(val_x, val_y, batch_size=7)
     for key in ("flows_arrived_per_sample", "flows_spawned_per_sample", "flows_steps"):
         assert other[key] == pytest.approx(metrics[key])
+
+
+def test_resume_keeps_the_best_state_that_last_pt_knows_when_best_pt_is_newer(tmp_path):
+    """A crash after an improvement written to best.pt but before the next last.pt: the resumed
+    run must test (and keep in best.pt) the best state of last.pt's history, not the last state."""
+    from efgraph.training.checkpoint import load_checkpoint
+
+    train_x, train_y, val_x, val_y = _teacher(n=120)  # 80 train pairs: 5 steps per epoch
+    config = _config(epochs=4, eval_every=2, checkpoint_every=4, learning_rate=1e-2)
+    torch.manual_seed(3)
+    run = EnergyTrainer(FlowProcessor.from_config(config), config, run_dir=tmp_path, progress=False)
+    run.train(train_x, train_y, val_inputs=val_x, val_targets=val_y, max_steps=8)  # last.pt at step 8
+    known_step, known_state = run.best_step, {k: v.clone() for k, v in run._best_state.items()}
+    assert known_step is not None and known_step <= 8
+    # the crashed future: at step 10 an improvement (a state the resumed run will never see again)
+    # was written to best.pt, then the process died before last.pt of step 12
+    with torch.no_grad():
+        for p in run.processor.parameters():
+            p.add_(1.0)
+    run.step = 10
+    run.evaluate = lambda *args, **kwargs: {"loss": -1.0}  # an improvement, through the trainer's own path
+    run._evaluate_and_keep_best(val_x, val_y)
+    folder = tmp_path / "checkpoints"
+    assert load_checkpoint(folder / "best.pt")["step"] == 10
+    assert load_checkpoint(folder / "last.pt")["step"] == 8
+
+    resumed = EnergyTrainer(FlowProcessor.from_config(config), config, run_dir=tmp_path, progress=False)
+    # resume and stop at once: no evaluation after the checkpoint can replace the best state
+    resumed.train(train_x, train_y, val_inputs=val_x, val_targets=val_y, resume_from=folder / "last.pt", max_steps=8)
+    assert resumed.best_step == known_step
+    assert resumed.restore_best(), "the best state of last.pt's history must come back"
+    for name, value in known_state.items():
+        torch.testing.assert_close(resumed.processor.state_dict()[name], value, rtol=0, atol=0)
+    best = load_checkpoint(folder / "best.pt")  # best.pt is that state again, not the crashed future's
+    assert best["step"] == known_step
+    for name, value in known_state.items():
+        torch.testing.assert_close(best["model"][name], value, rtol=0, atol=0)
+
+
+
+def test_train_loss_is_logged_as_the_mean_over_the_log_interval(tmp_path):
+    import json
+
+    train_x, train_y, _, _ = _teacher(n=120)
+
+    def losses(log_every, folder):
+        config = _config(epochs=1, log_every=log_every, checkpoint_every=100)
+        torch.manual_seed(0)
+        EnergyTrainer(FlowProcessor.from_config(config), config, run_dir=folder, progress=False).train(train_x, train_y)
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+    every_step = losses(1, tmp_path / "a")  # 80 pairs / 16 = 5 steps
+    every_third = losses(3, tmp_path / "b")  # logged at 3 and at the end (5)
+    assert sorted(every_third) == [3, 5]
+    assert every_third[3] == pytest.approx(sum(every_step[s] for s in (1, 2, 3)) / 3, rel=1e-6)
+    assert every_third[5] == pytest.approx((every_step[4] + every_step[5]) / 2, rel=1e-6)
+
+
+def test_debug_convergence_logs_arrival_statistics_and_steps_log_mean_flow_energy(caplog):
+    import logging
+
+    from efgraph.utils.logging import DEBUG_CONVERGENCE
+
+    train_x, train_y, _, _ = _teacher(n=80)
+    config = _config(epochs=1)
+    torch.manual_seed(0)
+    trainer = EnergyTrainer(FlowProcessor.from_config(config), config, progress=False)
+    trainer.train(train_x, train_y, max_steps=1)  # builds the schedule
+    with caplog.at_level(DEBUG_CONVERGENCE, logger="efgraph"):
+        metrics = trainer.train_step(train_x[:16], train_y[:16])
+    trace = trainer.processor.last_trace
+    messages = [r.getMessage() for r in caplog.records if r.levelno == DEBUG_CONVERGENCE]
+    assert len(messages) == 1
+    assert f"arrived {trace.total_arrived} flows" in messages[0] and "per step" in messages[0]
+    assert "loss" not in messages[0]
+    assert logging.getLevelName(DEBUG_CONVERGENCE) == "DEBUG_CONVERGENCE"
+    # mean energy of a flow at the start of each lattice step: step 1 holds the injected energy
+    assert metrics["flows/mean_energy_step_1"] == pytest.approx(float(trace.energy_injected) / trace.active[0], rel=1e-5)
+    assert len([k for k in metrics if k.startswith("flows/mean_energy_step_")]) == trace.num_steps

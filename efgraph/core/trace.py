@@ -96,13 +96,18 @@ class FlowTrace:
         }
 
     def per_step_metrics(self) -> dict[str, float]:
-        """``active_step_k``, ``spawned_step_k``, ``neighbourhood_step_k`` for each lattice step k
-        (1-based): one W&B curve per lattice step shows how the dynamics change during training."""
+        """``active_step_k``, ``spawned_step_k``, ``neighbourhood_step_k`` and ``mean_energy_step_k``
+        (mean energy of the flows active at the start of step k) for each lattice step k (1-based):
+        one W&B curve per lattice step shows how the dynamics change during training."""
+        # energy rows are the state at the *end* of each step, ``active`` counts flows at the *start*
+        in_flight = [float(self.energy_injected)] + (self.energy[:, 0].tolist() if self.energy_rows else [])
         out: dict[str, float] = {}
-        for k, (active, spawned, heard) in enumerate(zip(self.active, self.spawned, self.neighbourhood_flows), 1):
+        steps = zip(self.active, self.spawned, self.neighbourhood_flows, in_flight)
+        for k, (active, spawned, heard, energy) in enumerate(steps, 1):
             out[f"active_step_{k}"] = float(active)
             out[f"spawned_step_{k}"] = float(spawned)
             out[f"neighbourhood_step_{k}"] = heard
+            out[f"mean_energy_step_{k}"] = energy / active if active else 0.0
         return out
 
     def as_dict(self) -> dict[str, list]:

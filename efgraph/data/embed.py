@@ -165,17 +165,35 @@ def embed_texts(
     return emb
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a Slurm or taskset limit)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _encode(
     model: SentenceTransformer, texts: list[str], *, batch_size: int, progress: bool
 ) -> Tensor:
-    """Run the model: ``[len(texts), D]`` unit-norm float32 on CPU. The only place it is called."""
-    emb = model.encode(
-        texts,
-        batch_size=batch_size,
-        show_progress_bar=progress,
-        convert_to_tensor=True,
-        normalize_embeddings=True,
-    )
+    """Run the model: ``[len(texts), D]`` unit-norm float32 on CPU. The only place it is called.
+
+    With every core this process may use: torchrun sets ``OMP_NUM_THREADS=1`` for each rank, so
+    rank 0 would otherwise embed a large corpus (the whole Bible) on one thread while the other
+    ranks wait at a barrier, long enough to reach NCCL's timeout. The thread count is put back after.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(usable_cores())
+    try:
+        emb = model.encode(
+            texts,
+            batch_size=batch_size,
+            show_progress_bar=progress,
+            convert_to_tensor=True,
+            normalize_embeddings=True,
+        )
+    finally:
+        torch.set_num_threads(previous)
     emb = emb.detach().to("cpu", torch.float32)
     # normalize_embeddings already gives unit rows; renormalising is cheap and guarantees the
     # contract even for a custom model whose last module rescales.

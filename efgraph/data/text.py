@@ -14,6 +14,11 @@ File formats (chosen by extension, or by ``file_format=``):
 
 Every error is a :class:`ValueError` of the form ``"<file>:<line>: <problem>"`` with the 1-based
 line number where the bad record starts.
+
+Groups: a split must not put rows that share a source text on both sides (a small entailment
+set had 120 of 838 rows sharing their premise with another row, so the test part held sources the
+model was trained on). ``scripts/train.py`` (``dataset: text``) therefore groups by the file's
+``group`` column when it has one, and by the source text otherwise (``group_by_source``).
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ from pathlib import Path
 
 from efgraph.data.embed import ModelSpec, embed_texts
 from efgraph.data.pairs import EmbeddingPairs
+
+#: The column / JSON field that ``dataset: text`` groups by when a file has it.
+TEXT_GROUP_FIELD = "group"
 
 #: Extension -> format name understood by :func:`read_text_pairs`.
 TEXT_FORMATS: dict[str, str] = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv",
@@ -62,6 +70,7 @@ def read_text_pairs(
     key_field: str | None = None,
     group_field: str | None = None,
     file_format: str | None = None,
+    group_by_source: bool = False,
 ) -> TextPairs:
     """Read text pairs from a JSONL, CSV or TSV file (see the module docstring).
 
@@ -71,6 +80,8 @@ def read_text_pairs(
         key_field: optional field with a unique id per pair (default ids: ``"<file>:<line>"``).
         group_field: optional field with a group name per pair (used for group-wise splits).
         file_format: ``"jsonl"``, ``"csv"`` or ``"tsv"``; default: from the extension.
+        group_by_source: without ``group_field``, group the pairs by their source text, so that
+            a group-wise split keeps every row of one source on one side.
     Raises:
         ValueError: unknown format, malformed record, missing field, empty or non-string text,
             duplicate key, or no records at all; the message names the file and line.
@@ -115,7 +126,29 @@ def read_text_pairs(
             groups.append(record["group"])
     if not sources:
         raise ValueError(f"{path}: no text pairs found (empty file?)")
-    return TextPairs(sources, targets, keys, groups if group_field is not None else None)
+    if group_field is None and group_by_source:
+        groups = list(sources)
+    return TextPairs(sources, targets, keys, groups if group_field is not None or group_by_source else None)
+
+
+def text_file_has_field(path: str | os.PathLike[str], name: str, file_format: str | None = None) -> bool:
+    """Whether the pair file has column / field ``name`` (its header, or its first JSON record)."""
+    path = Path(path)
+    fmt = file_format or TEXT_FORMATS.get(path.suffix.lower())
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        if fmt == "jsonl":
+            for line in f:
+                if line.strip():
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError:
+                        return False  # read_text_pairs reports it with the line
+                    return isinstance(obj, dict) and name in obj
+            return False
+        if fmt in ("csv", "tsv"):
+            header = next(csv.reader(f, delimiter="," if fmt == "csv" else "\t"), [])
+            return name in [h.strip() for h in header]
+    return False
 
 
 def load_text_pairs(
@@ -126,6 +159,7 @@ def load_text_pairs(
     key_field: str | None = None,
     group_field: str | None = None,
     file_format: str | None = None,
+    group_by_source: bool = False,
     model: ModelSpec = None,
     target_model: ModelSpec = None,
     cache_dir: str | os.PathLike[str] | None = None,
@@ -146,7 +180,7 @@ def load_text_pairs(
     """
     texts = read_text_pairs(path, source_field=source_field, target_field=target_field,
                             key_field=key_field, group_field=group_field,
-                            file_format=file_format)
+                            file_format=file_format, group_by_source=group_by_source)
     src, tgt = (
         embed_texts(side, side_model, cache_dir=cache_dir, use_cache=use_cache,
                     batch_size=batch_size, progress=progress)

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
+from tqdm.auto import tqdm
 from torch import Tensor, nn
 
 from efgraph.training.metrics import embedding_loss, evaluate_predictions
@@ -345,6 +346,7 @@ class MLPBaseline:
         residual: bool = False,
         warmup_steps: int = 0,
         grad_clip: float | None = None,
+        progress: bool = False,
     ) -> None:
         if (target_params is None) == (hidden_dim is None):
             raise ValueError("target_params, hidden_dim: give exactly one")
@@ -368,6 +370,7 @@ class MLPBaseline:
         self.residual = residual
         self.warmup_steps = warmup_steps
         self.grad_clip = grad_clip
+        self.progress = progress  # a progress bar: the MLP trains as many steps as the model
         self.name = "residual-mlp" if residual else "mlp"
         self.model: _MLP | None = None
         self.best_step_: int | None = None
@@ -413,7 +416,9 @@ class MLPBaseline:
         order = torch.randperm(n, generator=generator)
         cursor = 0
         model.train()
+        bar = tqdm(total=self.steps, disable=not self.progress, desc=f"baseline {self.name}", dynamic_ncols=True)
         for step in range(1, self.steps + 1):
+            bar.update(1)
             # Shuffled epochs: every row is seen once before any row repeats.
             if cursor + self.batch_size > n and cursor > 0:
                 order = torch.randperm(n, generator=generator)
@@ -434,6 +439,8 @@ class MLPBaseline:
                 if self.best_val_loss_ is None or current < self.best_val_loss_:
                     self.best_step_, self.best_val_loss_ = step, current
                     best_state = copy.deepcopy(model.state_dict())
+                bar.set_postfix(val_loss=f"{current:.4f}")
+        bar.close()
 
         if best_state is not None:
             model.load_state_dict(best_state)
@@ -473,6 +480,7 @@ def fit_baselines(
     residual: bool = False,
     warmup_steps: int = 0,
     grad_clip: float | None = None,
+    progress: bool = False,
 ) -> list[Baseline]:
     """Fit every applicable baseline on ``train``, selecting on ``val``; see :func:`run_baselines`.
 
@@ -495,7 +503,7 @@ def fit_baselines(
             target_params=target_params, steps=steps, batch_size=batch_size, lr=lr,
             weight_decay=weight_decay, seed=seed, mse_weight=mse_weight,
             cosine_weight=cosine_weight, eval_every=eval_every, residual=residual,
-            warmup_steps=warmup_steps, grad_clip=grad_clip,
+            warmup_steps=warmup_steps, grad_clip=grad_clip, progress=progress,
         )
     )
     for baseline in baselines:

@@ -8,20 +8,29 @@ Run folder layout::
     RUN_DIR/config.yaml        resolved config
     RUN_DIR/split.json         the train / validation / test indices
     RUN_DIR/metrics.jsonl      every logged step
-    RUN_DIR/checkpoints/       last.pt, best.pt (weights_only-loadable)
+    RUN_DIR/checkpoints/       last.pt, best.pt (weights_only-loadable); best_prev.pt while an
+                               improvement is newer than last.pt (see efgraph.training.trainer)
     RUN_DIR/results.json       test metrics of the model and the baselines, the validation metrics
                                of the selected state and of the last evaluation, the test dynamics
     RUN_DIR/results.md         the test metrics as a Markdown table
     RUN_DIR/test_pairs.npz     per test pair and model: cosine and R@1 hit (see metrics.save_pair_scores)
     RUN_DIR/flow_paths.png, RUN_DIR/landing.png, RUN_DIR/flow_counts.png
     RUN_DIR/model/             model.safetensors + config.yaml (see efgraph.load_model)
+
+Resuming (``resume=``): the checkpoint's own folder is continued in place, or with another
+``run_dir`` *forked*: the new folder gets the old run's split, its metric rows up to the
+checkpoint's step and its best state, and a new W&B run; nothing of the old folder changes. A
+resume never rewinds a run in place (a checkpoint older than the folder's ``last.pt``, such as
+``best.pt``, must be forked), and a fork never writes into a folder that holds another run.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +38,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from efgraph.config import RESUME_MUTABLE_KEYS, EnergyConfig
 from efgraph.core.flow_processor import FlowProcessor
 from efgraph.data import EmbeddingPairs, Split, load_bible_pairs, load_embedding_pairs, load_text_pairs, make_teacher_pairs
-from efgraph.data._atomic import atomic_write
+from efgraph.data._atomic import atomic_write, atomic_write_text
 from efgraph.data.split import make_split
+from efgraph.data.text import TEXT_GROUP_FIELD, text_file_has_field
 from efgraph.model_io import export_model
 from efgraph.training.baselines import fit_baselines, format_results_table
 from efgraph.training.checkpoint import load_checkpoint
@@ -50,6 +61,20 @@ logger = get_logger(__name__)
 
 
 TEST_METRICS = ("cosine", "mse", "r_at_1")
+# files whose presence means a folder holds (part of) a run: a fork must not write there
+RUN_FILES = ("checkpoints", "metrics.jsonl", "config.yaml", "split.json", "results.json")
+# what a new run must not find: it would append to those metrics, overwrite that checkpoint or
+# results (config.yaml and split.json alone, from a run killed before its first checkpoint, are
+# rewritten: a study restarts such a run in its folder)
+RUN_DATA_FILES = ("checkpoints/last.pt", "metrics.jsonl", "results.json")
+
+
+class RunInputError(ValueError):
+    """What the user asked for cannot be run (config, data file, widths, resume target, folder).
+
+    The message names the flag or field to change; ``scripts/train.py`` prints it as one line and
+    exits with status 2. Errors while training are not wrapped: they keep their traceback.
+    """
 
 
 @dataclass
@@ -70,6 +95,7 @@ class WandbRunInfo:
     group: str | None = None
     job_type: str | None = None
     tags: tuple[str, ...] = ()
+    entity: str | None = None  # None: W&B's default (WANDB_ENTITY or the API key's user)
 
 
 def seed_everything(seed: int) -> None:
@@ -91,7 +117,11 @@ def load_pairs(config: EnergyConfig, progress: bool = True) -> EmbeddingPairs:
     elif config.dataset == "pairs":
         pairs = load_embedding_pairs(config.data_path)
     else:
-        pairs = load_text_pairs(config.data_path, model=model, progress=progress)
+        # group by the file's group column, else by source text: rows that share a source never
+        # sit on both sides of the split (see efgraph.data.text)
+        has_group = text_file_has_field(config.data_path, TEXT_GROUP_FIELD)
+        pairs = load_text_pairs(config.data_path, model=model, progress=progress,
+                                group_field=TEXT_GROUP_FIELD if has_group else None, group_by_source=not has_group)
     if limit is not None and len(pairs) > limit:
         pairs = pairs.subset(list(range(limit)))
     if pairs.src_dim != config.input_dim:
@@ -104,7 +134,8 @@ def load_pairs(config: EnergyConfig, progress: bool = True) -> EmbeddingPairs:
 
 
 def make_run_split(config: EnergyConfig, pairs: EmbeddingPairs) -> Split:
-    """Deterministic split; by group (e.g. Bible book) when the pairs carry groups.
+    """Deterministic split; by group (e.g. Bible book, or the source text of a text pair file)
+    when the pairs carry groups (see :func:`describe_split`).
 
     Fixed by ``config.data_seed``, not ``config.seed``: runs that differ only in their model seed
     are scored on the same test pairs, so their spread is the model's and not the split's.
@@ -113,11 +144,30 @@ def make_run_split(config: EnergyConfig, pairs: EmbeddingPairs) -> Split:
     return make_split(len(pairs), groups=pairs.groups, fractions=fractions, seed=config.data_seed)
 
 
-def baseline_options(config: EnergyConfig, num_train: int, num_parameters: int) -> dict[str, Any]:
+def describe_split(config: EnergyConfig, pairs: EmbeddingPairs, split: Split) -> dict[str, Any]:
+    """How the split was made, for the log, ``results.json`` and W&B: by group or by pair, the
+    grouping, the group count and the data seed."""
+    grouping = {"synthetic": None, "bible": "book", "pairs": "group (from the pair file)", "text": None}[config.dataset]
+    if config.dataset == "text":
+        grouping = ("the file's group column" if text_file_has_field(config.data_path, TEXT_GROUP_FIELD)
+                    else "source text")
+    info: dict[str, Any] = {"data_seed": config.data_seed, "train": len(split.train),
+                            "validation": len(split.validation), "test": len(split.test)}
+    if pairs.groups is None:
+        info.update(by="pair", groups=None)
+    else:
+        info.update(by=grouping or "group", groups=len(set(pairs.groups)))
+    return info
+
+
+def baseline_options(config: EnergyConfig, num_train: int, num_parameters: int,
+                     steps: int | None = None) -> dict[str, Any]:
     """Keyword arguments of :func:`~efgraph.training.baselines.fit_baselines` for a model trained
     with ``config`` on ``num_train`` pairs: the MLP gets the model's parameter count, optimizer
-    steps, batch size, learning rate, schedule, clipping, loss and seed."""
-    steps = config.epochs * math.ceil(num_train / config.batch_size)  # as EnergyTrainer counts them
+    steps (``steps``, default ``epochs`` whole epochs as EnergyTrainer counts them), batch size,
+    learning rate, warm-up + cosine schedule, clipping, weight decay, loss and seed."""
+    if steps is None:
+        steps = config.epochs * math.ceil(num_train / config.batch_size)  # as EnergyTrainer counts them
     return dict(
         target_params=num_parameters, steps=steps, batch_size=config.batch_size, lr=config.learning_rate,
         seed=config.seed, mse_weight=config.mse_weight, cosine_weight=config.cosine_weight,
@@ -134,7 +184,8 @@ def run_training(
     device: str | None = None,
     resume: str | Path | None = None,
     progress: bool = True,
-    max_steps: int | None = None,
+    total_steps: int | None = None,
+    stop_at_step: int | None = None,
     pairs: EmbeddingPairs | None = None,
     baselines: bool = True,
     wandb_info: WandbRunInfo = WandbRunInfo(),
@@ -142,112 +193,298 @@ def run_training(
     """Train, evaluate against baselines on the held-out test split, and write the run folder.
 
     Args:
+        resume: a run folder (its ``checkpoints/last.pt``) or a checkpoint file to continue from;
+            ``run_dir`` is its own folder (continue in place) or a new one (fork; see the module
+            docstring).
+        total_steps: the run's length in optimizer steps (default: ``config.epochs`` epochs; a
+            resumed run keeps the length it was started with). The schedule spans it, the MLP
+            baseline gets as many steps, and the run ends with the test and the baselines.
+        stop_at_step: stop after this global step without testing (the schedule still spans the
+            whole run), to continue later with ``resume``.
         pairs: the data, already loaded (as :func:`load_pairs` would load it for ``config``),
             e.g. by a study that trains many runs on it; ``None`` loads it here.
         baselines: fit and score the baselines on this run's split (a study fits them once per
             seed instead of once per run).
-        wandb_info: W&B run name, group, job type and tags.
+        wandb_info: W&B run name, group, job type, tags and entity.
+
+    Raises:
+        RunInputError: the config, the data, the resume target or ``run_dir`` cannot be run as
+            asked (before any file of ``run_dir`` is written).
     """
     run_dir = Path(run_dir)
     dev = get_device(device)
     ctx = init_distributed(dev)
     try:
         return _run(config, run_dir, local_device(dev, ctx), ctx, wandb_mode=wandb_mode, resume=resume,
-                    progress=progress, max_steps=max_steps, pairs=pairs, with_baselines=baselines,
-                    wandb_info=wandb_info)
+                    progress=progress, total_steps=total_steps, stop_at_step=stop_at_step, pairs=pairs,
+                    with_baselines=baselines, wandb_info=wandb_info)
     finally:
         shutdown_distributed(ctx)
 
 
-def _run(config: EnergyConfig, run_dir: Path, dev: torch.device, ctx: DistributedContext, *, wandb_mode: str,
-         resume: str | Path | None, progress: bool, max_steps: int | None, pairs: EmbeddingPairs | None,
-         with_baselines: bool, wandb_info: WandbRunInfo) -> RunOutcome:
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    resume_path = _resolve_resume(resume) if resume is not None else None
+@dataclass(frozen=True)
+class ResumePlan:
+    """Where a resumed run comes from and what it writes to.
 
-    # rank 0 embeds (and caches) first; the other ranks then read the cache
-    if pairs is None and ctx.is_main:
-        pairs = load_pairs(config, progress=progress)
-    ctx.barrier()
-    if pairs is None:
-        pairs = load_pairs(config, progress=False)
-    resumed = load_checkpoint(resume_path) if resume_path is not None else None  # read once, used below
-    if resumed is not None:
-        _check_resume_config(resumed["config"], config)
-    split_path = run_dir / "split.json"
-    if resume_path is not None and split_path.exists():
+    ``checkpoint``: the file read; ``source_dir``: the run folder it belongs to; ``fork``: the run
+    continues into another folder (nothing of ``source_dir`` is written); ``step``: its step.
+    """
+
+    checkpoint: Path
+    source_dir: Path
+    fork: bool
+    step: int
+    saved: dict[str, Any]
+
+
+def checkpoint_run_dir(path: str | Path) -> Path:
+    """The run folder of a checkpoint file (``RUN/checkpoints/x.pt`` -> ``RUN``), or the folder itself."""
+    path = Path(path)
+    if path.is_dir():
+        return path
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
+def plan_resume(resume: str | Path, run_dir: Path) -> ResumePlan:
+    """Check that resuming ``resume`` into ``run_dir`` loses nothing, and say how it will be done.
+
+    Raises:
+        RunInputError: no checkpoint there; in place, a checkpoint older than the folder's
+            ``last.pt`` (resuming it would rewind the run: truncate its metrics and overwrite
+            ``last.pt``); as a fork, a ``run_dir`` that already holds files of a run.
+    """
+    path = _resolve_resume(resume)
+    source = checkpoint_run_dir(path)
+    try:
+        saved = load_checkpoint(path)
+    except ValueError as err:
+        raise RunInputError(f"--resume: {err}") from None
+    step = int(saved["step"])
+    fork = run_dir.resolve() != source.resolve()
+    if not fork:
+        last = source / "checkpoints" / "last.pt"
+        if last.exists() and last.resolve() != path.resolve():
+            last_step = int(load_checkpoint(last)["step"])
+            if step < last_step:
+                raise RunInputError(
+                    f"--resume: {path} is at step {step} but the run's last.pt is at step {last_step}; resuming it "
+                    f"in place would rewind the run (drop its metrics after step {step}, overwrite last.pt). Fork it "
+                    f"into a new folder instead: --resume {path} --output-dir NEW_FOLDER")
+    else:
+        taken = [name for name in RUN_FILES if (run_dir / name).exists()]
+        if taken:
+            raise RunInputError(
+                f"--output-dir: {run_dir} already holds a run ({', '.join(taken)}); --resume {path} --output-dir DIR "
+                f"continues that checkpoint into a new folder DIR and never writes into another run: choose a new or "
+                f"empty folder, or leave out --output-dir to continue {source} in place")
+    return ResumePlan(path, source, fork, step, saved)
+
+
+def _fork_run_folder(plan: ResumePlan, run_dir: Path) -> None:
+    """Start ``run_dir`` as the continuation of ``plan.source_dir`` at ``plan.step``: its split and
+    its metric rows up to that step are copied (read only there); the trainer copies the best state."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if (plan.source_dir / "split.json").exists():
+        atomic_write(run_dir / "split.json", lambda tmp: shutil.copyfile(plan.source_dir / "split.json", tmp))
+    rows = []
+    source_metrics = plan.source_dir / "metrics.jsonl"
+    if source_metrics.exists():
+        for line in source_metrics.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["step"] <= plan.step:
+                    rows.append(line)
+            except (json.JSONDecodeError, KeyError):
+                pass  # a line cut short by a kill
+    atomic_write_text(run_dir / "metrics.jsonl", "".join(f"{line}\n" for line in rows))
+    logger.info("fork: %s continues %s from step %d (split, metrics up to that step and the best state copied; "
+                "a new W&B run)", run_dir, plan.checkpoint, plan.step)
+
+
+def _run(config: EnergyConfig, run_dir: Path, dev: torch.device, ctx: DistributedContext, *, wandb_mode: str,
+         resume: str | Path | None, progress: bool, total_steps: int | None, stop_at_step: int | None,
+         pairs: EmbeddingPairs | None, with_baselines: bool, wandb_info: WandbRunInfo) -> RunOutcome:
+    if total_steps is not None and total_steps < 1:
+        raise RunInputError(f"--max-steps: must be >= 1, got {total_steps}")
+    if stop_at_step is not None and stop_at_step < 1:
+        raise RunInputError(f"--stop-at-step: must be >= 1, got {stop_at_step}")
+    # every check of the user's input comes before the first write into run_dir
+    plan = plan_resume(resume, run_dir) if resume is not None else None
+    if plan is not None:
+        _check_resume_config(plan.saved["config"], config)
+        saved_total = (plan.saved.get("extra") or {}).get("total_steps")
+        if total_steps is not None and saved_total is not None and total_steps != saved_total:
+            raise RunInputError(f"--max-steps: the run was started with {saved_total} steps, its schedule spans "
+                                f"them; resume without --max-steps (or with --max-steps {saved_total})")
+        total_steps = total_steps if total_steps is not None else saved_total
+    elif ctx.is_main:
+        # a new run into a folder with files of another run would mix their metrics.jsonl rows
+        taken = [name for name in RUN_DATA_FILES if (run_dir / name).exists()]
+        if taken:
+            raise RunInputError(f"--output-dir: {run_dir} already holds a run ({', '.join(taken)}); continue it with "
+                                f"--resume {run_dir}, or choose another folder")
+
+    pairs = _load_pairs_ranked(config, ctx, progress) if pairs is None else pairs
+    split_path = (plan.source_dir if plan is not None else run_dir) / "split.json"
+    if plan is not None and split_path.exists():
         split = Split.from_json(split_path)  # a resumed run keeps its split, whatever the seed says
     else:
         split = make_run_split(config, pairs)
-        if ctx.is_main:
-            split.to_json(split_path)
-    train, val, test = split.apply(pairs)
+    try:
+        train, val, test = split.apply(pairs)
+    except ValueError as err:
+        raise RunInputError(f"--resume: the run's split.json does not fit the data: {err}") from None
     if val is None or test is None:
-        raise ValueError("val_fraction, test_fraction: the split left the validation or test part empty")
+        raise RunInputError("val_fraction, test_fraction: the split left the validation or test part empty")
+    split_info = describe_split(config, pairs, split)
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    total = total_steps if total_steps is not None else config.epochs * steps_per_epoch
 
+    if ctx.is_main:
+        if plan is not None and plan.fork:
+            _fork_run_folder(plan, run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if plan is None or not (run_dir / "split.json").exists():  # a new run replaces a stale one
+            split.to_json(run_dir / "split.json")
     seed_everything(config.seed)
     model = FlowProcessor.from_config(config)
     n_params = sum(p.numel() for p in model.parameters())
     run_logger = RunLogger(None)
+    mode = "disabled"
     if ctx.is_main:
-        config.to_yaml(run_dir / "config.yaml")
-        run_id = (resumed.get("extra") or {}).get("wandb_id") if resumed is not None else None
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        # a fork is a new W&B run: resuming the source's run id would log into the other run
+        run_id = (plan.saved.get("extra") or {}).get("wandb_id") if plan is not None and not plan.fork else None
         mode = resolve_wandb_mode(wandb_mode)
+        tags = tuple(wandb_info.tags) + (("fork",) if plan is not None and plan.fork else ())
         run_logger = RunLogger.create(
             run_dir, mode=mode, project=config.wandb_project, run_id=run_id, name=wandb_info.name or run_dir.name,
             config={**config.to_dict(), "num_parameters": n_params, "train_pairs": len(train),
-                    "val_pairs": len(val), "test_pairs": len(test), "world_size": ctx.world_size},
-            group=wandb_info.group, job_type=wandb_info.job_type, tags=wandb_info.tags,
+                    "val_pairs": len(val), "test_pairs": len(test), "world_size": ctx.world_size,
+                    "total_steps": total, "split": split_info,
+                    **({"forked_from": str(plan.checkpoint)} if plan is not None and plan.fork else {})},
+            group=wandb_info.group, job_type=wandb_info.job_type, tags=tags, entity=wandb_info.entity,
         )
-        if resumed is not None:
-            run_logger.truncate_after(int(resumed["step"]))
-        logger.info("run %s: %d train / %d val / %d test pairs, %s parameters, %d process(es), wandb %s", run_dir,
-                    len(train), len(val), len(test), f"{n_params:,}", ctx.world_size, mode)
+        if plan is not None and not plan.fork:
+            run_logger.truncate_after(plan.step)
+        logger.info("run %s: %d train / %d val / %d test pairs, split %s, %s parameters, %d steps, %d process(es), "
+                    "wandb %s", run_dir, len(train), len(val), len(test), _say_split(split_info), f"{n_params:,}",
+                    total, ctx.world_size, mode)
     try:
         trainer = EnergyTrainer(model, config, device=dev, run_dir=run_dir, run_logger=run_logger,
                                 progress=progress, distributed=ctx)
         start = time.perf_counter()
         result = trainer.train(train.src, train.tgt, val_inputs=val.src, val_targets=val.tgt,
-                               resume_from=resume_path, max_steps=max_steps)
+                               resume_from=plan.checkpoint if plan is not None else None,
+                               max_steps=stop_at_step, total_steps=total)
         train_seconds = time.perf_counter() - start
-        total_steps = config.epochs * trainer.steps_per_epoch(len(train))
-        if result.steps < total_steps or not ctx.is_main:  # stopped on purpose, or not the reporting rank
+        if result.steps < total or not ctx.is_main:  # stopped on purpose, or not the reporting rank
             return RunOutcome(run_dir, {}, "")
-        trainer.restore_best()
+        # the state selected on validation; it is in best.pt too (the trainer keeps them in step)
+        if result.best_step is not None and not trainer.restore_best():
+            raise RuntimeError(f"internal: best step {result.best_step} has no saved state; refusing to test "
+                               "the last state under its name")
         # the test split is read once, by the selected state; nothing below chooses anything on it
         test_metrics, test_pred = trainer.evaluate_with_predictions(test.src, test.tgt)
         results: dict[str, dict[str, float]] = {"energy-flow": {k: test_metrics[k] for k in TEST_METRICS}}
         per_pair = {"energy-flow": pair_scores(test_pred, test.tgt)}
+        fitted: dict[str, Any] = {}
         if with_baselines:
+            logger.info("baselines: identity, ridge (alpha chosen on validation) and an MLP with %s parameters "
+                        "trained for %d steps", f"{n_params:,}", total)
             for baseline in fit_baselines((train.src, train.tgt), (val.src, val.tgt),
-                                          **baseline_options(config, len(train), n_params)):
+                                          **baseline_options(config, len(train), n_params, steps=total),
+                                          progress=progress):
                 pred = baseline.predict(test.src)
                 results[baseline.name] = evaluate_predictions(pred, test.tgt)
                 per_pair[baseline.name] = pair_scores(pred, test.tgt)
+                fitted[baseline.name] = baseline_record(baseline)
         save_pair_scores(run_dir / "test_pairs.npz", per_pair)
         table = format_results_table(results)
         _figures(trainer, test, config, run_dir, run_logger, result.steps)
         run_logger.log_table("test/results", ["model", "cosine", "mse", "r_at_1"],
                              [[name, r["cosine"], r["mse"], r["r_at_1"]] for name, r in results.items()], result.steps)
-        run_logger.log_summary({f"test/{name}/{k}": v for name, r in results.items() for k, v in r.items()})
-        export_model(trainer.processor, run_dir / "model")
-        best = run_dir / "checkpoints" / "best.pt"
-        if best.exists():
-            run_logger.log_artifact(best, name=f"{wandb_info.name or run_dir.name}-best", kind="model")
+        for name, record in fitted.items():
+            if record.get("val_curve"):
+                run_logger.log_table(f"baselines/{name}/val_curve", ["step", "val_loss"], record["val_curve"],
+                                     result.steps)
         evaluations = {e["step"]: e for e in result.evaluations}
+        selected = evaluations.get(result.best_step) if result.best_step is not None else None
+        run_logger.log_summary({
+            **{f"test/{name}/{k}": v for name, r in results.items() for k, v in r.items()},
+            "best/step": result.best_step,
+            **({f"best/val_{k}": v for k, v in selected.items() if k != "step"} if selected else {}),
+            **{f"baselines/{name}/{k}": v for name, record in fitted.items() for k, v in record.items()
+               if k != "val_curve" and v is not None},
+        })
+        export_model(trainer.processor, run_dir / "model")
+        artifact_name = wandb_info.name or run_dir.name
+        run_logger.log_artifact(run_dir / "model", name=f"{artifact_name}-model", kind="model",
+                                metadata={"best_step": result.best_step, "num_parameters": n_params,
+                                          **{f"test_{k}": v for k, v in results["energy-flow"].items()}})
+        run_logger.log_artifact(run_dir / "split.json", name=f"{artifact_name}-split", kind="split",
+                                metadata=split_info)
         # written last: a run folder with results.json is complete (a study skips it on a rerun)
         _write_report(run_dir, config, results, table, n_params, train_seconds, result.best_step, extra={
             # validation metrics of the state the test scores (model selection happens here only);
             # None only for a run resumed from a checkpoint older than the saved validation history
-            "validation": evaluations.get(result.best_step),
+            "validation": selected,
             # the evaluation at the last step: with flows_arrived_per_sample 0 the run ended dead
-            "final_validation": evaluations.get(total_steps),
+            "final_validation": evaluations.get(total),
             "test_dynamics": {k: v for k, v in test_metrics.items() if k.startswith("flows_")},
+            "total_steps": total,
+            "split": split_info,
+            # how each baseline was fitted: ridge alpha and its validation losses, MLP width and curve
+            "baselines": fitted,
         })
         return RunOutcome(run_dir, results, table)
     finally:
         run_logger.finish()
+        if ctx.is_main and mode == "offline":
+            logger.info("W&B run saved offline in %s; upload it with: wandb sync %s", run_dir / "wandb",
+                        " ".join(str(p) for p in sorted((run_dir / "wandb").glob("offline-run-*"))[-1:]) or run_dir)
+
+
+def _say_split(info: dict[str, Any]) -> str:
+    how = "by pair" if info["by"] == "pair" else f"by {info['by']} ({info['groups']} groups)"
+    return f"{how}, data_seed {info['data_seed']}"
+
+
+def baseline_record(baseline: Any) -> dict[str, Any]:
+    """What was chosen while fitting a baseline: ridge ``alpha`` (and the validation loss of each
+    alpha tried), MLP ``hidden_dim``, ``num_parameters``, ``best_step`` and ``val_curve``
+    (``[[step, validation loss], ...]``)."""
+    record: dict[str, Any] = {}
+    if hasattr(baseline, "alpha_"):
+        record["alpha"] = baseline.alpha_
+        record["alpha_val_losses"] = {str(a): v for a, v in getattr(baseline, "val_losses_", {}).items()}
+    if hasattr(baseline, "history_"):
+        record["hidden_dim"] = baseline.model.net[0].out_features
+        record["num_parameters"] = baseline.num_parameters
+        record["best_step"] = baseline.best_step_
+        record["val_curve"] = [[int(step), float(loss)] for step, loss in baseline.history_]
+    return record
+
+
+def _load_pairs_ranked(config: EnergyConfig, ctx: DistributedContext, progress: bool) -> EmbeddingPairs:
+    """Load the pairs on every rank, embedding each text set once where the cache allows.
+
+    Rank 0 embeds (with all cores, see efgraph.data.embed) and fills the cache; then the first
+    rank of each other node (a cache that is not shared across nodes misses there); then the
+    others read their node's cache. With ``EFGRAPH_CACHE_DIR`` on a filesystem every node sees,
+    only rank 0 embeds.
+    """
+    def load(show: bool) -> EmbeddingPairs:
+        try:
+            return load_pairs(config, progress=show)
+        except (ValueError, FileNotFoundError) as err:  # a bad data file or width: the user's to fix
+            raise RunInputError(str(err)) from None
+
+    pairs = load(progress) if ctx.is_main else None
+    ctx.barrier()
+    if pairs is None and ctx.local_rank == 0:
+        pairs = load(False)
+    ctx.barrier()
+    return pairs if pairs is not None else load(False)
 
 
 def _check_resume_config(saved: dict[str, Any], config: EnergyConfig) -> None:
@@ -256,7 +493,7 @@ def _check_resume_config(saved: dict[str, Any], config: EnergyConfig) -> None:
     changed = [f"{k}: run has {saved.get(k)!r}, now {current[k]!r}" for k in current
                if k not in RESUME_MUTABLE_KEYS and saved.get(k) != current[k]]
     if changed:
-        raise ValueError("--resume: the config differs from the run's, so it would not continue the same run "
+        raise RunInputError("--resume: the config differs from the run's, so it would not continue the same run "
                          "(resume without --config/--set to use the run's own config): " + "; ".join(changed))
 
 
@@ -265,7 +502,7 @@ def _resolve_resume(resume: str | Path) -> Path:
     if path.is_dir():
         path = path / "checkpoints" / "last.pt"
     if not path.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+        raise RunInputError(f"--resume: no checkpoint at {path}")
     return path
 
 
@@ -279,7 +516,7 @@ def _write_report(run_dir: Path, config: EnergyConfig, results: dict[str, dict[s
     mlp = " (the MLP baseline has as many)" if len(results) > 1 else ""
     header = (f"# Test split: model vs baselines\n\ndataset `{config.dataset}`, {n_params:,} model parameters"
               f"{mlp}, {train_seconds:.0f} s of training, best step {best_step}\n\n")
-    (run_dir / "results.md").write_text(header + table + "\n", encoding="utf-8")
+    atomic_write_text(run_dir / "results.md", header + table + "\n")
 
 
 def _figures(trainer: EnergyTrainer, test: EmbeddingPairs, config: EnergyConfig, run_dir: Path,

@@ -1,8 +1,19 @@
 """Where training metrics go: a local JSONL file always, Weights & Biases when enabled.
 
 The W&B mode is decided *before* ``wandb.init``: ``online`` needs an API key (``WANDB_API_KEY``
-or a ``~/.netrc`` entry for the W&B host); without one the run is logged ``offline`` instead of
-failing or prompting. The key itself is never read into a config, a log line or the run folder.
+or an entry for the W&B host in ``$NETRC`` / ``~/.netrc``); without one the run is logged
+``offline`` instead of failing or prompting. The key itself is never read into a config, a log
+line or the run folder.
+
+W&B's own environment variables win over our defaults, as W&B users expect: with
+``--wandb-mode auto`` an exported ``WANDB_MODE`` decides the mode (arguments to ``wandb.init``
+would override it, so none is passed), ``WANDB_DIR`` the folder of the W&B files (default: the
+run folder), ``WANDB_ENTITY`` / ``WANDB_PROJECT`` / ``WANDB_RUN_GROUP`` / ``WANDB_TAGS`` apply
+wherever we have no explicit value, and ``WANDB_SILENT`` the console output (offline runs print
+W&B's ``wandb sync`` hint; :func:`efgraph.training.run.run_training` logs it too).
+
+Summaries: validation metrics are defined with ``summary="min"`` / ``"max"``, so the run table
+shows the best value, not the last; the run adds ``best/step`` and ``best/val_*``.
 """
 
 from __future__ import annotations
@@ -14,10 +25,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from efgraph.data._atomic import atomic_write_text
 from efgraph.utils.logging import get_logger
 
 logger = get_logger(__name__)
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+# W&B's own WANDB_MODE values (dryrun = offline, run = online in older clients)
+_ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
+              "disabled": "disabled", "shared": "online"}
+# how the run summary reduces each validation metric: the best value, not the last
+VAL_SUMMARIES = {"val/loss": "min", "val/mse": "min", "val/cosine": "max", "val/r_at_1": "max"}
 
 
 def wandb_api_key_configured() -> bool:
@@ -25,16 +42,37 @@ def wandb_api_key_configured() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
     host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    # W&B reads $NETRC when set (as curl does); Python's netrc module only knows ~/.netrc
+    path = os.environ.get("NETRC") or None
     try:
-        return netrc.netrc().authenticators(host) is not None
-    except (FileNotFoundError, netrc.NetrcParseError):
+        return netrc.netrc(path).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
 
 
+def env_wandb_mode() -> str | None:
+    """The mode W&B's environment asks for (``WANDB_MODE``, or ``WANDB_DISABLED=true``), else None.
+
+    Raises:
+        ValueError: ``WANDB_MODE`` holds a value W&B does not know.
+    """
+    if os.environ.get("WANDB_DISABLED", "").lower() in ("true", "1", "yes"):
+        return "disabled"
+    value = os.environ.get("WANDB_MODE", "").strip().lower()
+    if not value:
+        return None
+    if value not in _ENV_MODES:
+        raise ValueError(f"WANDB_MODE: must be one of {sorted(_ENV_MODES)}, got {value!r}")
+    return _ENV_MODES[value]
+
+
 def resolve_wandb_mode(requested: str) -> str:
-    """``auto``/``online`` -> ``online`` with a key else ``offline``; others as given."""
+    """``auto`` -> W&B's environment (``WANDB_MODE``) when set, else like ``online``;
+    ``online`` -> ``online`` with a key else ``offline``; others as given."""
     if requested not in WANDB_MODES:
         raise ValueError(f"wandb mode: must be one of {WANDB_MODES}, got {requested!r}")
+    if requested == "auto" and env_wandb_mode() is not None:
+        return env_wandb_mode()
     if requested in ("auto", "online"):
         if wandb_api_key_configured():
             return "online"
@@ -61,22 +99,33 @@ class RunLogger:
     def create(
         cls, run_dir: str | Path, *, mode: str, project: str, config: dict[str, Any], name: str | None = None,
         run_id: str | None = None, group: str | None = None, job_type: str | None = None,
-        tags: Sequence[str] = (),
+        tags: Sequence[str] = (), entity: str | None = None,
     ) -> "RunLogger":
         """Start W&B in ``mode`` (already resolved) in ``run_dir``; resume ``run_id`` when given.
 
         ``group``, ``job_type`` and ``tags`` organise runs in the W&B UI: a study gives all its
         runs one group and each variant its own job type, so runs can be grouped by variant.
+        ``None`` / empty values leave W&B's environment variables (``WANDB_ENTITY``,
+        ``WANDB_RUN_GROUP``, ``WANDB_TAGS``, ...) in charge, and so does an exported
+        ``WANDB_MODE`` equal to ``mode`` (no ``mode=`` is passed then).
         """
         if mode == "disabled":
             return cls(run_dir, None)
         import wandb
 
         run = wandb.init(
-            project=project, name=name, config=config, dir=str(run_dir), mode=mode, id=run_id,
+            project=project, entity=entity, name=name, config=config,
+            # WANDB_DIR, when exported, decides where the W&B files go (wandb.init's dir= would override it)
+            dir=None if os.environ.get("WANDB_DIR") else str(run_dir),
+            mode=None if env_wandb_mode() == mode else mode, id=run_id,
             resume="allow" if run_id else None, group=group, job_type=job_type, tags=list(tags) or None,
-            settings=wandb.Settings(console="off", silent=True),
+            # console="off": our own log lines are the console; not silent, so that an offline run
+            # still prints W&B's `wandb sync` hint (WANDB_SILENT=true silences it, as W&B documents)
+            settings=wandb.Settings(console="off"),
         )
+        # the run table shows each validation metric's best value; x-axis: the global step
+        for key, summary in VAL_SUMMARIES.items():
+            run.define_metric(key, summary=summary)
         return cls(run_dir, run)
 
     @property
@@ -96,7 +145,9 @@ class RunLogger:
                     kept.append(line)
             except (json.JSONDecodeError, KeyError):
                 pass  # a line cut short by a kill
-        path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        # atomic: a kill during the rewrite must not cost the rows up to ``step`` (plain write_text
+        # truncates the file first, then writes)
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
         self._last_step = step
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -161,12 +212,17 @@ class RunLogger:
             for k, v in values.items():
                 self.wandb_run.summary[k] = v
 
-    def log_artifact(self, path: str | Path, name: str, kind: str = "model") -> None:
+    def log_artifact(self, path: str | Path, name: str, kind: str = "model",
+                     metadata: dict[str, Any] | None = None) -> None:
+        """A W&B artifact of a file or a whole folder (e.g. the exported ``model/``)."""
         if self.wandb_run is not None:
             import wandb
 
-            artifact = wandb.Artifact(name, type=kind)
-            artifact.add_file(str(path))
+            artifact = wandb.Artifact(name, type=kind, metadata=metadata)
+            if Path(path).is_dir():
+                artifact.add_dir(str(path))
+            else:
+                artifact.add_file(str(path))
             self.wandb_run.log_artifact(artifact)
 
     def finish(self) -> None:

@@ -8,6 +8,14 @@ cosine_weight * (1 - cos)``. With validation data it evaluates every ``eval_ever
 keeps the best state; with a run folder it writes ``checkpoints/last.pt`` every
 ``checkpoint_every`` steps and ``checkpoints/best.pt`` on improvement.
 
+Best state across a crash: ``best.pt`` can be written after the last ``last.pt`` (an improvement
+between two checkpoints), and a run resumed from ``last.pt`` then needs the best state *that
+``last.pt`` knows*, not the newer one. So before ``best.pt`` is overwritten while the latest
+``last.pt`` still refers to it, it is moved to ``checkpoints/best_prev.pt``; the next ``last.pt``
+makes it obsolete (deleted). :meth:`EnergyTrainer.load_checkpoint` picks whichever of the two
+holds the checkpoint's ``best_step`` and puts it back as this run's ``best.pt``, so the tested
+state, ``best.pt`` and the exported model always agree.
+
 Resumability: the batch order of epoch ``e`` is a permutation seeded by ``(seed, e)``, so a run
 restored from a checkpoint at step ``s`` draws exactly the batches the uninterrupted run would
 have drawn, and ends with the same parameters.
@@ -28,6 +36,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,6 +51,7 @@ from tqdm.auto import tqdm
 from efgraph.config import ARCHITECTURE_KEYS, EnergyConfig
 from efgraph.core.flow_processor import FlowProcessor
 from efgraph.core.trace import FlowTrace
+from efgraph.data._atomic import atomic_write
 from efgraph.training.checkpoint import check_compatible, load_checkpoint, restore_rng_state, save_checkpoint
 from efgraph.training.distributed import SINGLE_PROCESS, DistributedContext
 from efgraph.training.metrics import embedding_loss, evaluate_predictions
@@ -127,6 +138,11 @@ class EnergyTrainer:
         self.zero_arrival_steps = 0
         self._dead_alarm_raised = False
         self._last_step_arrivals: float | None = None  # flows that arrived in the last step's forward
+        self.total_steps: int | None = None  # the run's length (the schedule's span), set by train()
+        # best.pt bookkeeping (see the module docstring): the step of the state in best.pt, and
+        # the best_step recorded in the latest last.pt
+        self._best_file_step: int | None = None
+        self._last_ckpt_best_step: int | None = None
 
     # ---- data checks -----------------------------------------------------------------------------
     def _check_pairs(self, src: Tensor, tgt: Tensor, what: str) -> None:
@@ -163,6 +179,7 @@ class EnergyTrainer:
         val_targets: Tensor | None = None,
         resume_from: str | Path | None = None,
         max_steps: int | None = None,
+        total_steps: int | None = None,
     ) -> TrainResult:
         """Train until the end of epoch ``epochs`` (default ``config.epochs``) over the pairs.
 
@@ -175,6 +192,9 @@ class EnergyTrainer:
             resume_from: a checkpoint of this run to continue from (same step count, same batches).
             max_steps: stop after this global step (the schedule still spans all epochs), e.g.
                 to time-box a run and resume it later.
+            total_steps: the run's length in optimizer steps, instead of ``epochs`` whole epochs
+                (the schedule spans it and the last evaluation happens at it; batches continue
+                the epoch order, so it may end mid-epoch or run past ``epochs``).
         """
         self._check_pairs(input_embeddings, target_embeddings, "train")
         has_val = val_inputs is not None or val_targets is not None
@@ -191,7 +211,10 @@ class EnergyTrainer:
             raise ValueError(f"batch_size: every batch must give each of the {world} ranks a sample; "
                              f"batch_size {bs} with {n} pairs leaves a last batch of {n % bs or bs}")
         per_epoch = self._steps_per_epoch = self.steps_per_epoch(n)
-        total = epochs * per_epoch
+        total = epochs * per_epoch if total_steps is None else total_steps
+        if total < 1:
+            raise ValueError(f"total_steps: must be >= 1, got {total}")
+        self.total_steps = total
         # A later call on the same trainer continues its run (same step count, schedule stretched
         # to the new total); a resumed run takes step and schedule from the checkpoint.
         self.scheduler = warmup_cosine_scheduler(self.optimizer, self.config.warmup_steps, total,
@@ -204,6 +227,9 @@ class EnergyTrainer:
         cfg = self.config
         bar = tqdm(total=stop, initial=self.step, disable=not self.progress, desc="train", dynamic_ncols=True)
         last_loss: float | None = None
+        # train/loss is logged as the mean over the steps since the previous log row, not the
+        # noisy loss of the one step that happens to land on the log grid
+        loss_sum, loss_count = 0.0, 0
         try:
             order_epoch, order = -1, None
             while self.step < stop:
@@ -216,9 +242,14 @@ class EnergyTrainer:
                 self._watch_arrivals()
                 metrics["flows/zero_arrival_steps"] = float(self.zero_arrival_steps)
                 last_loss = metrics["train/loss"]
+                if math.isfinite(last_loss):  # a skipped non-finite step is counted in train/skipped_steps
+                    loss_sum, loss_count = loss_sum + last_loss, loss_count + 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.4f}", flows=int(metrics.get("flows/mean_active_flows", 0)))
                 if self.step % cfg.log_every == 0 or self.step == stop:
+                    metrics["train/loss_last"] = last_loss
+                    metrics["train/loss"] = loss_sum / loss_count if loss_count else float("nan")
+                    loss_sum, loss_count = 0.0, 0
                     self.run_logger.log({**metrics, "train/epoch": epoch + (within + 1) / per_epoch}, self.step)
                 if self.zero_arrival_steps == cfg.eval_every:  # exactly once per episode without arrivals
                     self._raise_dead_alarm()
@@ -227,7 +258,7 @@ class EnergyTrainer:
                 if has_val and self.dist.is_main and (self.step % cfg.eval_every == 0 or self.step == total):
                     self._evaluate_and_keep_best(val_inputs, val_targets)
                 if self.run_dir is not None and (self.step % cfg.checkpoint_every == 0 or self.step == stop):
-                    self.save_checkpoint(self.run_dir / "checkpoints" / "last.pt")
+                    self._save_last()
         finally:
             bar.close()
         return TrainResult(self.step, self.best_step, self.best_val_loss, list(self.evaluations), last_loss)
@@ -327,11 +358,11 @@ class EnergyTrainer:
             "perf/flow_steps_per_s": flow_steps / elapsed,
             **{f"memory/{k}": v for k, v in memory_report(self.device).items()},
             **({f"flows/{k}": v for k, v in trace.summary().items()} if trace is not None else {}),
-            # active flows, spawns and neighbourhood size per lattice step (a curve per step in W&B)
+            # per lattice step: active flows, spawns, neighbourhood size and mean energy (a curve each in W&B)
             **({f"flows/{k}": v for k, v in trace.per_step_metrics().items()} if trace is not None else {}),
         }
-        if logger.isEnabledFor(DEBUG_CONVERGENCE):
-            logger.log(DEBUG_CONVERGENCE, "step %d: loss %.5f grad_norm %.4f lr %.2e", self.step + 1, loss_value, grad_norm, lr)
+        if trace is not None and logger.isEnabledFor(DEBUG_CONVERGENCE):
+            logger.log(DEBUG_CONVERGENCE, "step %d: %s", self.step + 1, arrival_statistics(trace))
         return metrics
 
     def _to_device(self, t: Tensor) -> Tensor:
@@ -413,7 +444,22 @@ class EnergyTrainer:
             self.best_val_loss, self.best_step = metrics["loss"], self.step
             self._best_state = copy.deepcopy({k: v.detach().cpu() for k, v in self.processor.state_dict().items()})
             if self.run_dir is not None:
-                self.save_checkpoint(self.run_dir / "checkpoints" / "best.pt")
+                folder = self.run_dir / "checkpoints"
+                if (self._best_file_step is not None and self._best_file_step == self._last_ckpt_best_step
+                        and (folder / "best.pt").exists()):
+                    # the latest last.pt still refers to this best.pt: keep it for a resume from there
+                    os.replace(folder / "best.pt", folder / "best_prev.pt")
+                self.save_checkpoint(folder / "best.pt")
+                self._best_file_step = self.step
+
+    def _save_last(self) -> None:
+        """Write ``checkpoints/last.pt``; a ``best_prev.pt`` that it no longer refers to goes."""
+        assert self.run_dir is not None
+        folder = self.run_dir / "checkpoints"
+        self.save_checkpoint(folder / "last.pt")
+        self._last_ckpt_best_step = self.best_step
+        if self.best_step == self._best_file_step:
+            (folder / "best_prev.pt").unlink(missing_ok=True)
 
     def restore_best(self) -> bool:
         """Load the best validation state into the model (False when there is none)."""
@@ -427,6 +473,7 @@ class EnergyTrainer:
         run_state = {
             "best_val_loss": self.best_val_loss, "best_step": self.best_step,
             "wandb_id": self.run_logger.wandb_id, "skipped_steps": self.skipped_steps,
+            "total_steps": self.total_steps,
             # the validation history, so a resumed run still knows its earlier (and final) evaluations
             "evaluations": self.evaluations, **(extra or {}),
         }
@@ -451,15 +498,42 @@ class EnergyTrainer:
         self.skipped_steps = int(extra.get("skipped_steps", 0))
         # checkpoints written before the history was saved have none; past this step it is not this run's
         self.evaluations = [dict(e) for e in extra.get("evaluations", []) if e["step"] <= self.step]
-        # best.pt may be newer than this checkpoint (written at a later step before a crash): use it
-        # only if it is the best state this checkpoint knows; the resumed run re-creates a newer one.
-        best_path = Path(path).with_name("best.pt")
-        self._best_state = None
-        if self.best_step is not None and best_path.exists():
-            best = load_checkpoint(best_path)
-            if best["step"] == self.best_step:
-                self._best_state = best["model"]
+        self._restore_best_of(Path(path))
         return ckpt
+
+    def _restore_best_of(self, path: Path) -> None:
+        """Load the best state that the checkpoint at ``path`` refers to (its ``best_step``).
+
+        ``best.pt`` beside it may be newer (an improvement written after this checkpoint, before a
+        crash): then the state is in ``best_prev.pt`` (see the module docstring). The file found is
+        put back as this run's ``best.pt`` (also when ``path`` is another run's checkpoint, i.e.
+        a fork), so that ``best.pt`` always holds the state that :meth:`restore_best` restores.
+        Without any file holding ``best_step`` (checkpoints older than ``best_prev.pt``) the best
+        state is lost: model selection starts again from the evaluations after this checkpoint,
+        with a warning, rather than testing the last state under the old best step's name.
+        """
+        self._best_state = None
+        self._best_file_step = self._last_ckpt_best_step = None
+        if self.best_step is None:
+            return
+        found = None
+        for candidate in (path.with_name("best.pt"), path.with_name("best_prev.pt")):
+            if candidate.exists():
+                best = load_checkpoint(candidate)
+                if best["step"] == self.best_step:
+                    found, self._best_state = candidate, best["model"]
+                    break
+        if found is None:
+            logger.warning("resume: the best state of step %s (validation loss %s) is not in %s; model selection "
+                           "starts again from the evaluations after step %d", self.best_step, self.best_val_loss,
+                           path.parent, self.step)
+            self.best_step = self.best_val_loss = None
+            return
+        if self.run_dir is not None:
+            target = self.run_dir / "checkpoints" / "best.pt"
+            if found.resolve() != target.resolve():
+                atomic_write(target, lambda tmp: shutil.copyfile(found, tmp))
+            self._best_file_step = self._last_ckpt_best_step = self.best_step
 
 
 # Per-batch trace means, averaged over the pairs (batch-size weighted) by evaluate().
@@ -481,6 +555,24 @@ def _flow_dynamics(summaries: list[dict[str, float]], sizes: list[int]) -> dict[
     for key in EVAL_MEAN_KEYS:
         out[f"flows_{key}"] = sum(s[key] * b for s, b in zip(summaries, sizes)) / n
     return out
+
+
+def arrival_statistics(trace: FlowTrace) -> str:
+    """One line on how flows converge on the output face in a forward: what the plan's
+    ``DEBUG_CONVERGENCE`` level is for (arrivals per lattice step, the mean step of arrival, the
+    share of injected energy that arrived), not the loss."""
+    arrived = list(trace.arrived)
+    total = sum(arrived)
+    summary = trace.summary()
+    if total:
+        mean_step = sum((i + 1) * a for i, a in enumerate(arrived)) / total
+        first = next(i + 1 for i, a in enumerate(arrived) if a)
+        when = f"mean arrival step {mean_step:.2f}, first at step {first}"
+    else:
+        when = "no arrivals"
+    return (f"arrived {total} flows ({summary['arrived_per_sample']:.2f} per sample) of {summary['initial_flows']:.0f} "
+            f"injected + {summary['spawned']:.0f} spawned, {when}, per step {arrived}, "
+            f"{100 * summary['energy_arrived_fraction']:.1f}% of injected energy arrived")
 
 
 def _first_nonfinite(model: torch.nn.Module, pred: Tensor | None) -> str:

@@ -1,7 +1,9 @@
 """Logging with three extra levels for the engine's internals.
 
 ``DEBUG_ENERGY`` (energy per step), ``DEBUG_SPAWN`` (spawn/death/arrival counts) and
-``DEBUG_CONVERGENCE`` (training convergence details) sit just below ``DEBUG``. Callers guard
+``DEBUG_CONVERGENCE`` (how flows converge on the output face: per training step, the arrivals
+per lattice step, the mean step of arrival and the share of injected energy that arrived, see
+:func:`efgraph.training.trainer.arrival_statistics`) sit just below ``DEBUG``. Callers guard
 every such call with ``logger.isEnabledFor(level)`` so that a disabled level costs one integer
 comparison and never formats a message or copies a tensor to the host.
 """

@@ -114,3 +114,15 @@ def find_run_file(run_dir: str | Path) -> Path:
     if not files:
         raise FileNotFoundError(f"{run_dir}: no wandb/*run-*/run-*.wandb file")
     return files[-1]
+
+
+def logged_metric_summaries(path: str | Path) -> dict[str, str]:
+    """How each ``define_metric``'d key is summarised: ``{"val/loss": "min", ...}`` (the last
+    definition of a key wins; several reductions are joined with ``","``)."""
+    out: dict[str, str] = {}
+    for record in iter_records(path):
+        if record.WhichOneof("record_type") == "metric" and record.metric.name:
+            summary = record.metric.summary
+            chosen = [f.name for f in summary.DESCRIPTOR.fields if getattr(summary, f.name)]
+            out[record.metric.name] = ",".join(chosen)
+    return out

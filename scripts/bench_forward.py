@@ -150,7 +150,8 @@ def carrier_fn(proc: FlowProcessor, num_flows: int, steps: int, device: torch.de
 
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
-    base = dict(carrier_hidden_dim=args.hidden, carrier_num_layers=args.layers, carrier_type=args.carrier)
+    base = dict(carrier_hidden_dim=args.hidden, carrier_num_layers=args.layers, carrier_type=args.carrier,
+                interaction_radius=args.radius)
     results: dict[str, list[dict]] = {"lattice": [], "flows": [], "overhead": [], "dense": []}
     meta = {
         "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
@@ -249,6 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hidden", type=int, default=256, help="carrier hidden size (1024 is the design's; 256 fits a CPU)")
     p.add_argument("--layers", type=int, default=3, help="carrier layers")
     p.add_argument("--carrier", choices=["gru", "lstm"], default="gru")
+    p.add_argument("--radius", type=int, default=1,
+                   help="interaction_radius of the engine (0 = a cell hears only its own flows)")
     p.add_argument("--steps", type=int, default=5, help="steps every flow takes to the output face (<= 9)")
     p.add_argument("--flows", type=int, default=16, help="flows per sample for the lattice sweep")
     p.add_argument("--batch", type=int, default=16, help="batch size for the lattice and flow sweeps")

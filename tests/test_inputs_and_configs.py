@@ -84,15 +84,17 @@ def test_debug_levels_log_only_when_enabled(caplog):
 
 
 def test_bible_full_is_bible_on_every_verse_with_a_shorter_schedule():
-    """bible-full.yaml must stay the bible.yaml model: only the data size and the schedule differ."""
+    """bible-full.yaml must stay the bible.yaml model: only the data size, the schedule and the
+    lattice depth differ (bible.yaml runs the one-step variant chosen on the study's validation)."""
     import yaml
 
     main = yaml.safe_load((CONFIG_DIR / "bible.yaml").read_text())
     full = yaml.safe_load((CONFIG_DIR / "bible-full.yaml").read_text())
     assert set(full) == set(main)
     differing = {k for k in main if main[k] != full[k]}
-    assert differing == {"verses_per_book", "epochs", "eval_every"}
+    assert differing == {"verses_per_book", "epochs", "eval_every", "lattice_depth"}
     assert (full["verses_per_book"], full["epochs"], full["eval_every"]) == (0, 2, 200)
+    assert main["lattice_depth"] < full["lattice_depth"]
 
 
 def test_a_lattice_from_another_config_is_refused_naming_the_fields():

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from efgraph.config import ARCHITECTURE_KEYS  # noqa: F401  (re-exported for check_compatible callers)
+from efgraph.data._atomic import fsync_dir
 
 FORMAT = "efgraph-checkpoint"
 FORMAT_VERSION = 1
@@ -196,20 +197,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(
     path: str | os.PathLike,
     *,
@@ -272,7 +259,7 @@ def save_checkpoint(
     except BaseException:  # KeyboardInterrupt included: never leave a stray temp file behind
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 

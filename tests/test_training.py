@@ -181,8 +181,8 @@ def test_a_second_train_call_continues_the_run_and_its_schedule():
     assert twice.step == 2 * per_epoch
 
 
-def _set_energy_gate(proc: FlowProcessor, bias: float) -> None:
-    """Every flow keeps (bias >> 0) or loses (bias << 0) its energy at every step, whatever its state."""
+def _set_next_energy(proc: FlowProcessor, bias: float) -> None:
+    """The carrier sets every next energy to sigmoid(bias): ~1 (bias >> 0) or ~0 (bias << 0), whatever the state."""
     with torch.no_grad():
         proc.carrier.energy_head.weight.zero_()
         proc.carrier.energy_head.bias.fill_(bias)
@@ -197,16 +197,16 @@ def test_dead_run_alarm_warns_and_alerts_once_per_episode_without_arrivals(tmp_p
     torch.manual_seed(0)
     trainer = EnergyTrainer(FlowProcessor.from_config(config), config, run_dir=tmp_path, progress=False)
     data = dict(val_inputs=val_x, val_targets=val_y)
-    _set_energy_gate(trainer.processor, -30.0)  # every flow dies at its first step
+    _set_next_energy(trainer.processor, -30.0)  # every flow dies at its first step
     with caplog.at_level(logging.WARNING, logger="efgraph"):
         trainer.train(train_x, train_y, epochs=2, **data)  # steps 1-10, dead: one alarm, at step 3
         assert trainer.zero_arrival_steps == 10
         assert trainer.evaluations[-1]["flows_arrived_per_sample"] == 0.0
-        _set_energy_gate(trainer.processor, 6.0)  # flows keep their energy and reach the output face
+        _set_next_energy(trainer.processor, 6.0)  # flows keep their energy and reach the output face
         trainer.train(train_x, train_y, epochs=3, **data)  # steps 11-15: arrivals end the episode
         assert trainer.zero_arrival_steps == 0
         assert trainer.evaluations[-1]["flows_arrived_per_sample"] > 0
-        _set_energy_gate(trainer.processor, -30.0)
+        _set_next_energy(trainer.processor, -30.0)
         trainer.train(train_x, train_y, epochs=4, **data)  # steps 16-20: a second episode, alarm at 18
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "dead run" in r.getMessage()]
     assert len(warnings) == 2
@@ -224,7 +224,7 @@ def test_evaluate_reports_the_flow_dynamics_per_sample():
     config = _config(batch_size=8)
     torch.manual_seed(0)
     trainer = EnergyTrainer(FlowProcessor.from_config(config), config, progress=False)
-    _set_energy_gate(trainer.processor, 6.0)  # nobody dies: every flow arrives
+    _set_next_energy(trainer.processor, 6.0)  # nobody dies: every flow arrives
     metrics, pred = trainer.evaluate_with_predictions(val_x, val_y, batch_size=16)  # 40 pairs: 16 + 16 + 8
     assert pred.shape == val_y.shape
     assert metrics == trainer.evaluate(val_x, val_y, batch_size=16)

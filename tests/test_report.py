@@ -58,7 +58,7 @@ def test_offline_html_report_is_self_contained(tiny_run, study, tmp_path):
     images = re.findall(r"<img alt='([^']*)' src='data:image/png;base64,([A-Za-z0-9+/=]+)'>", page)
     titles = [t for t, _ in images]
     for expected in ["Training loss (mean over each log interval)", "Validation loss", "flow_paths", "landing",
-                     "flow_counts", "Active flows per sample forward"]:
+                     "flow_counts", "Active flows per forward (whole batch)"]:
         assert expected in titles, expected
     assert all(len(data) > 1000 for _, data in images)
     # nothing is fetched from elsewhere
@@ -104,3 +104,11 @@ def test_wandb_report_object_is_built_without_network(tiny_run, study, monkeypat
     assert media.media_keys == ["figures/flow_paths", "figures/landing", "figures/flow_counts"]
     text = " ".join(b.text for b in report.blocks if isinstance(b, wr.MarkdownBlock))
     assert "| energy-flow |" in text and "| base | 0.5 |" in text
+
+
+def test_markdown_renders_bold_and_code_spans_and_escapes_html():
+    from efgraph.training.report import _markdown_to_html
+
+    out = _markdown_to_html("**Compare on validation.** config `bible.yaml` <script>\n| a | b |\n|---|---|\n| **1** | `x` |")
+    assert "<p><b>Compare on validation.</b> config <code>bible.yaml</code> &lt;script&gt;</p>" in out
+    assert "<td><b>1</b></td><td><code>x</code></td>" in out

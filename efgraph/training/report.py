@@ -19,6 +19,7 @@ import base64
 import html
 import io
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ CURVE_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Validation cosine and R@1", ("val/cosine", "val/r_at_1")),
 )
 DYNAMICS_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("Active flows per sample forward", ("flows/mean_active_flows", "flows/peak_active_flows")),
+    ("Active flows per forward (whole batch)", ("flows/mean_active_flows", "flows/peak_active_flows")),
     ("Arrivals per sample", ("flows/arrived_per_sample", "flows/spawned_per_sample")),
     ("Energy that arrived / was created (fraction of injected)",
      ("flows/energy_arrived_fraction", "flows/energy_created_fraction")),
@@ -238,6 +239,13 @@ def _curve_images(runs: list[RunRecord]) -> list[str]:
     return out
 
 
+def _inline(text: str) -> str:
+    """Escape a line, then render ``**bold**`` and ``code`` spans (what results.md/study.md use)."""
+    text = html.escape(text)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+
 def _markdown_to_html(text: str) -> str:
     """Markdown tables -> HTML tables; other lines -> paragraphs (enough for results.md/study.md)."""
     out, table = [], []
@@ -247,7 +255,7 @@ def _markdown_to_html(text: str) -> str:
             rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table]
             body = [r for r in rows[1:] if not all(set(c) <= set("-: ") for c in r)]
             out.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in rows[0]) + "</tr>"
-                       + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
+                       + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in body)
                        + "</table>")
             table.clear()
 
@@ -258,9 +266,9 @@ def _markdown_to_html(text: str) -> str:
         flush()
         if line.startswith("#"):
             level = min(len(line) - len(line.lstrip("#")) + 2, 6)
-            out.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
+            out.append(f"<h{level}>{_inline(line.lstrip('#').strip())}</h{level}>")
         elif line.strip():
-            out.append(f"<p>{html.escape(line)}</p>")
+            out.append(f"<p>{_inline(line)}</p>")
     flush()
     return "\n".join(out)
 

@@ -38,6 +38,17 @@ def force_spawning(proc: FlowProcessor) -> None:
         proc.carrier.energy_head.bias.fill_(6.0)
 
 
+def spread_next_energies(proc: FlowProcessor, x: torch.Tensor) -> None:
+    """Make the carrier's first next energies straddle 0.5 (half the flows above, half below):
+    with ``energy_threshold=0.5`` some flows then die and some live, whatever the seed."""
+    with torch.no_grad():
+        proc.carrier.energy_head.weight.mul_(20.0)
+        state = proc.inject(x)
+        logits = proc.advance(proc.cell_transformation(state).transformation, state.h, state.c,
+                              state.pos, state.energy)[3].energy_logit
+        proc.carrier.energy_head.bias.sub_(logits.median())
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import build_processor, force_spawning, tiny_config
+from conftest import build_processor, force_spawning, spread_next_energies, tiny_config
 from efgraph import create_debug_config
 from efgraph.core.flow_state import FlowState
 from reference import reference_step
@@ -17,32 +17,52 @@ def _x(config, batch=3, seed=0):
     return torch.randn(batch, config.input_dim, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("spawning", [False, True])
-def test_flows_only_move_forward_and_all_are_accounted_for(spawning):
-    config = tiny_config(lattice_depth=8, **(dict(energy_threshold=0.001, spawn_threshold=0.002) if spawning else {}))
+@pytest.mark.parametrize("regime", ["spawning", "dying"])
+def test_flows_only_move_forward_and_every_flow_is_accounted_for_each_step(regime):
+    """Per step, from flow ids alone (not the engine's counters): every flow present at the start
+    continues, arrives or dies, exactly one of them; continuing flows advance >= 1 cell in z;
+    children are new ids; and the loop, bounded by D-1 steps, ends with no flow left."""
+    overrides = (dict(energy_threshold=0.001, spawn_threshold=0.002) if regime == "spawning"
+                 else dict(energy_threshold=0.5, initial_flows_per_sample=6))
+    config = tiny_config(lattice_depth=8, **overrides)
     proc = build_processor(config)
-    if spawning:
+    x = _x(config)
+    with torch.no_grad():  # short jumps: many steps (a little longer when about half die each step)
+        proc.carrier.displacement_head.bias[2] = -4.0 if regime == "spawning" else -1.0
+    if regime == "spawning":
         force_spawning(proc)
+    else:
+        spread_next_energies(proc, x)
+    seen = {"spawned": 0, "died": 0, "arrived": 0}
     with torch.no_grad():
-        proc.carrier.displacement_head.bias[2] = -4.0  # short jumps: many steps
-    proc.record_paths = True
-    with torch.no_grad():
-        proc(_x(config))
-    trace = proc.last_trace
-    assert 1 <= trace.num_steps <= config.lattice_depth - 1
-    # z cell of every flow grows by >= 1 between consecutive records; arrivals end on the output face
-    last_z: dict[int, float] = {}
-    for record in trace.paths:
-        for fid, z in zip(record["flow_id"].tolist(), record["pos"][:, 2].tolist()):
-            if fid in last_z:
-                assert math.floor(z) >= math.floor(last_z[fid]) + 1
-            last_z[fid] = z
-    assert all(z == config.lattice_depth - 1 for z in trace.paths[-1]["pos"][:, 2].tolist())
-    # every flow ends as arrived or died: none is dropped
-    assert trace.initial_flows + trace.total_spawned == trace.total_arrived + trace.total_died
-    assert trace.num_steps > 2
-    if spawning:
-        assert trace.total_spawned > 0
+        state = proc.inject(x)
+        next_id, steps = state.num_flows, 0
+        for _ in range(config.lattice_depth - 1):
+            if not state.num_flows:
+                break
+            result = proc.step(state, x.size(0), next_id)
+            before = dict(zip(state.flow_id.tolist(), state.pos[:, 2].tolist()))
+            after = dict(zip(result.next_state.flow_id.tolist(), result.next_state.pos[:, 2].tolist()))
+            continuing = {f for f in after if f in before}
+            children = set(after) - continuing
+            arrived = set(result.arrivals.flow_id.tolist())
+            died = set(before) - continuing - arrived
+            assert not continuing & arrived and len(arrived) == result.arrivals.flow_id.numel()
+            assert len(died) == result.num_died
+            assert children == set(range(next_id, next_id + result.num_spawned))
+            for f in continuing:
+                assert math.floor(after[f]) >= math.floor(before[f]) + 1
+            seen["spawned"] += len(children)
+            seen["died"] += len(died)
+            seen["arrived"] += len(arrived)
+            next_id += result.num_spawned
+            state, steps = result.next_state, steps + 1
+    assert state.num_flows == 0, "flows left after D-1 steps"
+    assert steps > 2
+    if regime == "spawning":
+        assert seen["spawned"] > 0
+    else:
+        assert seen["died"] > 0 and seen["arrived"] > 0
 
 
 def test_a_forward_ends_within_depth_minus_one_steps_even_with_minimal_jumps():
@@ -113,11 +133,7 @@ def test_energy_books_balance_at_every_step_recomputed_flow_by_flow(regime):
     with torch.no_grad():
         proc.carrier.displacement_head.bias[2] = -3.0  # short jumps: many steps
         if regime == "dying":  # next energies spread around the threshold
-            proc.carrier.energy_head.weight.mul_(20.0)
-            state = proc.inject(x)
-            logits = proc.advance(proc.cell_transformation(state).transformation, state.h, state.c,
-                                  state.pos, state.energy)[3].energy_logit
-            proc.carrier.energy_head.bias.sub_(logits.median())
+            spread_next_energies(proc, x)
         proc(x)
         engine_rows = proc.last_trace.energy
         state = proc.inject(x)

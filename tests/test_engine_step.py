@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from reference import dense_face, reference_step
-from conftest import build_processor, force_spawning, tiny_config
+from conftest import build_processor, force_spawning, spread_next_energies, tiny_config
 
 
 def _rows(state):
@@ -68,12 +68,7 @@ def test_every_step_of_a_forward_equals_the_reference(carrier_type, aggregation,
             proc.lattice.energy_bias.fill_(-2.0)
             proc.lattice.face_keys.mul_(5.0)
             proc.carrier.displacement_head.bias[2] = 2.0
-            # and next energies spread around the threshold 0.5: some flows die, some arrive
-            proc.carrier.energy_head.weight.mul_(20.0)
-            state = proc.inject(x)
-            logits = proc.advance(proc.cell_transformation(state).transformation, state.h, state.c,
-                                  state.pos, state.energy)[3].energy_logit
-            proc.carrier.energy_head.bias.sub_(logits.median())
+        spread_next_energies(proc, x)  # and next energies around the threshold 0.5: some flows die, some arrive
     with torch.no_grad():
         state = proc.inject(x)
         next_id, steps, shared, heard_others = state.num_flows, 0, 0, 0.0

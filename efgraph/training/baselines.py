@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -511,24 +511,7 @@ def fit_baselines(
     return baselines
 
 
-def run_baselines(
-    train: Split,
-    val: Split | None,
-    test: Split,
-    *,
-    target_params: int,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    mse_weight: float,
-    cosine_weight: float,
-    weight_decay: float = 0.01,
-    eval_every: int = 100,
-    residual: bool = False,
-    warmup_steps: int = 0,
-    grad_clip: float | None = None,
-) -> dict[str, dict[str, float]]:
+def run_baselines(train: Split, val: Split | None, test: Split, **options: Any) -> dict[str, dict[str, float]]:
     """Fit every applicable baseline on ``train`` (selecting on ``val``) and score it on ``test``.
 
     Identity is included only when source and target widths match. Ridge selects its alpha on
@@ -538,6 +521,10 @@ def run_baselines(
     the same warm-up + cosine schedule and clipping. ``val`` may be ``None`` (ridge then uses
     alpha = 1, the MLP its final weights), but then nothing is selected on held-out data.
 
+    Args:
+        options: the keyword arguments of :func:`fit_baselines` (``target_params``, ``steps``,
+            ``batch_size``, ``lr``, ``seed``, loss weights, schedule, ...), passed on unchanged.
+
     Returns:
         ``{"identity"?: metrics, "ridge": metrics, "residual-ridge"?: metrics, "mlp" or
         "residual-mlp": metrics}`` with the metrics of
@@ -545,11 +532,7 @@ def run_baselines(
     """
     test_src, test_tgt = test
     _check_split(test_src, test_tgt, "test")
-    baselines = fit_baselines(
-        train, val, target_params=target_params, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-        mse_weight=mse_weight, cosine_weight=cosine_weight, weight_decay=weight_decay, eval_every=eval_every,
-        residual=residual, warmup_steps=warmup_steps, grad_clip=grad_clip,
-    )
+    baselines = fit_baselines(train, val, **options)
     return {b.name: evaluate_predictions(b.predict(test_src), test_tgt) for b in baselines}
 
 

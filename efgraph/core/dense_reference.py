@@ -25,7 +25,7 @@ class DenseReferenceProcessor(FlowProcessor):
         lattice, cfg = self.lattice, self.config
         batch_size = int(state.batch.max()) + 1 if state.num_flows else 0
         cell_id = lattice.cell_id(state.batch, lattice.cell_coordinates(state.pos))
-        msg = torch.addcmul(self.conv.lin(state.h[-1]), state.energy.unsqueeze(1), self.conv.energy_weight)
+        msg = self.conv.flow_messages(state.h[-1], state.energy)
         # [message sum | flow count] per cell of the dense lattice, ids ordered (sample, z, y, x)
         rows = torch.cat([msg, torch.ones_like(msg[:, :1])], dim=1)
         grid = torch.zeros(batch_size * cfg.num_cells, rows.size(1), dtype=rows.dtype, device=rows.device)

@@ -99,11 +99,16 @@ class FlowToCellConv(MessagePassing):
         self.lin.reset_parameters()
         nn.init.uniform_(self.energy_weight, -1.0, 1.0)
 
+    def flow_messages(self, flow_h: Tensor, energy: Tensor) -> Tensor:
+        """``[F, H]``, ``[F]`` -> ``[F, message_dim]``: each flow's message, before aggregation.
+
+        The energy enters as its own column (``W [h, e] = W_h h + e w_e``) so that h is never copied."""
+        return torch.addcmul(self.lin(flow_h), energy.unsqueeze(1), self.energy_weight)
+
     def forward(self, flow_h: Tensor, energy: Tensor, edge_index: Tensor, num_cells: int) -> Tensor:
         # Project on the F flows before propagating: a flow has up to (2r+1)^3 edges, and the
-        # gathered rows are then message_dim wide instead of H. The energy enters as its own
-        # column (W [h, e] = W_h h + e w_e) so that h is never copied.
-        msg = torch.addcmul(self.lin(flow_h), energy.unsqueeze(1), self.energy_weight)
+        # gathered rows are then message_dim wide instead of H.
+        msg = self.flow_messages(flow_h, energy)
         return self.propagate(edge_index, x=(msg, None), size=(msg.size(0), num_cells))
 
     def message(self, x_j: Tensor) -> Tensor:

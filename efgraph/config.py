@@ -23,7 +23,7 @@ AGGREGATIONS = ("mean", "sum")
 DATASETS = ("synthetic", "bible", "pairs", "text")
 # Fields a resumed run may change: they do not affect which batches it sees or what it computes.
 RESUME_MUTABLE_KEYS = ("log_every", "checkpoint_every", "wandb_project", "compile", "skip_nonfinite_steps",
-                       "memory_check")
+                       "memory_check", "activation_checkpointing", "micro_batch_size")
 PRECISIONS = ("fp32", "bf16")
 
 # Fields that fix the shapes of the parameters or what the computation means: a checkpoint only
@@ -98,6 +98,12 @@ class EnergyConfig:
     checkpoint_every: int = 200
     precision: str = "fp32"  # fp32 | bf16 (autocast; the recurrent cell and positions stay fp32)
     compile: bool = False  # torch.compile the dense part of each step (dynamic shapes, one graph)
+    # recompute each lattice step in backward instead of keeping its activations: the saved
+    # activations fall to about the flows' hidden states, for ~1/3 more compute
+    activation_checkpointing: bool = False
+    # rows per forward+backward; a batch is split into micro-batches whose gradients accumulate
+    # (same update as the whole batch). 0 = the whole batch, or what the memory plan needs to fit
+    micro_batch_size: int = 0
     memory_check: bool = True  # refuse a config whose worst-case training step cannot fit the device
     skip_nonfinite_steps: bool = False  # skip (and count) a step with a NaN/inf loss or gradient instead of stopping
     seed: int = 0  # model initialisation and batch order
@@ -185,6 +191,9 @@ class EnergyConfig:
                 f"initial_flows_per_sample: must be <= lattice_width * lattice_height ({self.face_cells}), "
                 f"got {self.initial_flows_per_sample}"
             )
+        if not 0 <= self.micro_batch_size <= self.batch_size:
+            raise ValueError(f"micro_batch_size: must be in [0, batch_size={self.batch_size}] (0 = automatic), "
+                             f"got {self.micro_batch_size}")
         if self.max_lateral_step < 0:
             raise ValueError(f"max_lateral_step: must be >= 0, got {self.max_lateral_step}")
         for name in ["learning_rate", "grad_clip"]:

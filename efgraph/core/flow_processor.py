@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch_geometric.utils import degree
 
@@ -161,7 +162,7 @@ class FlowProcessor(nn.Module):
                 break
             if trace.paths is not None:
                 trace.paths.append(_path_record(state.flow_id, state.batch, state.pos, state.energy))
-            result = self.step(state, batch_size, next_id)
+            result = self._run_step(state, batch_size, next_id)
             next_id += result.num_spawned
             arrivals.append(result.arrivals)
             if result.phantoms is not None:
@@ -198,6 +199,16 @@ class FlowProcessor(nn.Module):
                                                      deposited.value, batch_size)
         y = self.lattice.read_out(deposit, batch_size)
         return x + y if self.config.residual else y
+
+    def _run_step(self, state: FlowState, batch_size: int, next_id: int) -> StepResult:
+        """:meth:`step`, recomputed in backward when ``activation_checkpointing`` is on.
+
+        With checkpointing, autograd keeps only what a step needs to be run again (its input
+        state: the flows' hidden states, positions and energies) and reruns the step in backward;
+        the step is deterministic (same flows, same counts), so the rerun saves the same tensors."""
+        if self.config.activation_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self.step, state, batch_size, next_id, use_reentrant=False)
+        return self.step(state, batch_size, next_id)
 
     @classmethod
     def from_config(cls, config: EnergyConfig) -> "FlowProcessor":

@@ -27,7 +27,8 @@ def rank_within_group(group: Tensor, score: Tensor, num_groups: int) -> Tensor:
         return group.clone()
     by_score = torch.sort(score.detach(), descending=True, stable=True).indices
     order = by_score[torch.sort(group[by_score], stable=True).indices]
-    counts = torch.bincount(group, minlength=num_groups)
+    # a scatter-add at a known size, not bincount (whose output size is the max: a host sync)
+    counts = torch.zeros(num_groups, dtype=torch.long, device=group.device).index_add_(0, group, torch.ones_like(group))
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.empty_like(group)
     rank[order] = torch.arange(n, device=group.device) - starts[group[order]]

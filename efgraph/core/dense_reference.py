@@ -42,5 +42,6 @@ class DenseReferenceProcessor(FlowProcessor):
         _, coords = lattice.cell_from_id(all_cells)
         cell_pe = lattice.position_encoding(coords.to(state.pos.dtype)).repeat(batch_size, 1)
         transformation = self.neuron(torch.cat([aggregated, cell_pe], dim=1))  # every cell
-        return CellStep(transformation.index_select(0, cell_id), torch.unique(cell_id),
-                        counts.squeeze(1).index_select(0, cell_id).sum())
+        occupied = torch.unique(cell_id)
+        return CellStep(transformation.index_select(0, cell_id), occupied,
+                        counts.squeeze(1).index_select(0, cell_id).sum(), torch.tensor(occupied.numel()))

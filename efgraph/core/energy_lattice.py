@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch_geometric.utils import scatter
 
 from efgraph.config import EnergyConfig
+from efgraph.core.compaction import unique_padded
 
 
 class PositionEncoding(nn.Module):
@@ -74,19 +75,25 @@ class InjectedFlows:
 
 @dataclass
 class FaceDeposit:
-    """What arrived on the output face, compacted to the cells that were hit (M of them).
+    """What arrived on the output face, compacted to the cells that were hit.
+
+    A forward with A arrivals has N = 4A rows (a static size, so compaction needs no host
+    sync): rows ``< num_cells`` are the M hit cells, ascending; the rest are padding rows with
+    ``cell_id`` 0 and zero values and energy, which add exactly nothing to the readout.
 
     Attributes:
-        cell_id: ``[M]`` sample * W * H + y * W + x, sorted.
-        batch: ``[M]`` sample index of each cell.
-        values: ``[M, face_channels]`` sum of energy * bilinear weight * value.
-        energy: ``[M]`` sum of energy * bilinear weight (sums to the arrived energy).
+        cell_id: ``[N]`` sample * W * H + y * W + x.
+        batch: ``[N]`` sample index of each cell.
+        values: ``[N, face_channels]`` sum of energy * bilinear weight * value.
+        energy: ``[N]`` sum of energy * bilinear weight (sums to the arrived energy).
+        num_cells: scalar int64 tensor, M.
     """
 
     cell_id: Tensor
     batch: Tensor
     values: Tensor
     energy: Tensor
+    num_cells: Tensor
 
 
 class EnergyLattice(nn.Module):
@@ -234,13 +241,14 @@ class EnergyLattice(nn.Module):
         deposit_energy = energy.unsqueeze(1) * weight  # [A, 4]
         deposit = deposit_energy.unsqueeze(-1) * corner_value  # [A, 4, C]
 
-        cell_id, inverse = torch.unique(corner_id.reshape(-1), return_inverse=True)
+        cell_id, inverse, num_cells = unique_padded(corner_id.reshape(-1), fill=0)
         m = cell_id.numel()
         return FaceDeposit(
             cell_id=cell_id,
             batch=cell_id // (w * h),
             values=scatter(deposit.reshape(-1, values.size(1)), inverse, dim=0, dim_size=m, reduce="sum"),
             energy=scatter(deposit_energy.reshape(-1), inverse, dim=0, dim_size=m, reduce="sum"),
+            num_cells=num_cells,
         )
 
     def read_out(self, deposit: FaceDeposit, batch_size: int) -> Tensor:

@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from torch_geometric.utils import degree
 
 from efgraph.config import ARCHITECTURE_KEYS, EnergyConfig
-from efgraph.core.budget import keep_top_per_group
+from efgraph.core.budget import rank_within_group
+from efgraph.core.compaction import read_counts, unique_padded
 from efgraph.core.energy_carrier import CarrierHeads, EnergyCarrier
 from efgraph.core.energy_lattice import EnergyLattice
 from efgraph.core.flow_state import FlowState
@@ -42,6 +43,9 @@ from efgraph.core.trace import FlowTrace
 from efgraph.utils.logging import DEBUG_ENERGY, DEBUG_SPAWN, get_logger
 
 logger = get_logger(__name__)
+
+# id of the padding rows of a step's occupied cells: past every real id, so the ids stay sorted
+PADDING_CELL_ID = torch.iinfo(torch.long).max
 
 
 @dataclass
@@ -72,6 +76,7 @@ class StepResult:
     spawner_flow_id: Tensor  # [S] ids of the flows that spawned a child this step
     # dying flows as zero-energy deposits that carry the survival gradient (None without it)
     phantoms: Arrivals | None = None
+    also_read: int | None = None  # host value of step(also_read=...)
 
 
 @dataclass
@@ -79,8 +84,9 @@ class CellStep:
     """Result of the cell part of a step (occupied cells, message passing, neuron)."""
 
     transformation: Tensor  # [F, neuron_output_dim] the transformation of each flow's cell
-    occupied_cell_id: Tensor  # [C] sorted ids of the occupied cells
+    occupied_cell_id: Tensor  # [N >= C] sorted ids of the occupied cells in rows < C, then padding
     neighbourhood_flows: Tensor  # scalar: sum over flows of the flows their cell's neuron heard
+    num_occupied: Tensor  # scalar int64: C
 
 
 class FlowProcessor(nn.Module):
@@ -137,9 +143,12 @@ class FlowProcessor(nn.Module):
         if x.dtype != self.lattice.face_keys.dtype:
             raise ValueError(f"x: dtype {x.dtype} does not match the model's {self.lattice.face_keys.dtype}; "
                              f"convert it with x.to({self.lattice.face_keys.dtype})")
-        if not torch.isfinite(x).all():
-            bad = (~torch.isfinite(x)).any(dim=1).nonzero().flatten()[:5].tolist()
-            raise ValueError(f"x: non-finite values (NaN or inf) in rows {bad}")
+
+    @staticmethod
+    def _raise_nonfinite_rows(x: Tensor) -> None:
+        """The finiteness check of ``x``; the forward reads its flag in the first step's sync."""
+        bad = (~torch.isfinite(x)).any(dim=1).nonzero().flatten()[:5].tolist()
+        raise ValueError(f"x: non-finite values (NaN or inf) in rows {bad}")
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -154,6 +163,8 @@ class FlowProcessor(nn.Module):
             paths=[] if self.record_paths else None,
         )
         next_id = state.num_flows
+        # x's finiteness is read in the first step's sync instead of a sync of its own
+        nonfinite = (~torch.isfinite(x)).any().long()
         arrivals: list[Arrivals] = []
         phantoms: list[Arrivals] = []
         lost = arrived = created = torch.zeros((), device=x.device)
@@ -162,7 +173,11 @@ class FlowProcessor(nn.Module):
                 break
             if trace.paths is not None:
                 trace.paths.append(_path_record(state.flow_id, state.batch, state.pos, state.energy))
-            result = self._run_step(state, batch_size, next_id)
+            result = self._run_step(state, batch_size, next_id, nonfinite)
+            if nonfinite is not None:
+                if result.also_read:
+                    self._raise_nonfinite_rows(x)
+                nonfinite = None
             next_id += result.num_spawned
             arrivals.append(result.arrivals)
             if result.phantoms is not None:
@@ -200,15 +215,16 @@ class FlowProcessor(nn.Module):
         y = self.lattice.read_out(deposit, batch_size)
         return x + y if self.config.residual else y
 
-    def _run_step(self, state: FlowState, batch_size: int, next_id: int) -> StepResult:
+    def _run_step(self, state: FlowState, batch_size: int, next_id: int, also_read: Tensor | None) -> StepResult:
         """:meth:`step`, recomputed in backward when ``activation_checkpointing`` is on.
 
         With checkpointing, autograd keeps only what a step needs to be run again (its input
         state: the flows' hidden states, positions and energies) and reruns the step in backward;
         the step is deterministic (same flows, same counts), so the rerun saves the same tensors."""
         if self.config.activation_checkpointing and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self.step, state, batch_size, next_id, use_reentrant=False)
-        return self.step(state, batch_size, next_id)
+            return torch.utils.checkpoint.checkpoint(self.step, state, batch_size, next_id, also_read,
+                                                     use_reentrant=False)
+        return self.step(state, batch_size, next_id, also_read)
 
     @classmethod
     def from_config(cls, config: EnergyConfig) -> "FlowProcessor":
@@ -228,53 +244,66 @@ class FlowProcessor(nn.Module):
             flow_id=torch.arange(injected.batch.numel(), device=x.device),
         )
 
-    def step(self, state: FlowState, batch_size: int, next_id: int = 0) -> StepResult:
-        """Advance all active flows by one step (see the module docstring).
+    def step(self, state: FlowState, batch_size: int, next_id: int = 0, also_read: Tensor | None = None) -> StepResult:
+        """Advance all active flows by one step (see the module docstring), with one host sync.
 
         Args:
             state: the F active flows.
             batch_size: B (for per-sample budgets and id spaces).
             next_id: first flow id to give a child.
+            also_read: a scalar int tensor to read in the same sync (returned as ``also_read``),
+                so a caller's own check costs no sync of its own.
         """
         cfg = self.config
         # 1-2. occupied cells (compaction), message passing over the neighbourhoods, neuron
         cells = self.cell_transformation(state)
         # 3-4. carrier, heads, move, next energy: dense, compiled as one graph when config.compile
         top, h, c, heads, pos, energy = self._advance(cells.transformation, state.h, state.c, state.pos, state.energy)
-        # 5. lifecycle (compaction)
+        # 5. lifecycle: every decision is a mask computed on the device ...
         died = energy < cfg.energy_threshold
         arrived = ~died & (pos[:, 2] >= cfg.lattice_depth - 1)
         alive = ~died & ~arrived
         assert died.dtype == arrived.dtype == alive.dtype == torch.bool
-
-        arrived_idx = arrived.nonzero().flatten()
-        alive_idx = alive.nonzero().flatten()
-        parent_idx = self._choose_spawners(alive, alive_idx, energy, heads.spawn_score, state.batch, batch_size)
+        spawns = self._spawn_mask(alive, energy, heads.spawn_score, state.batch, batch_size)
+        # ... and the step's one host sync reads how many flows each mask holds (it fixes the
+        # next step's shapes); the flows are then picked by slicing stable sorts, which give the
+        # same ascending indices that nonzero would, at no further sync.
+        counts = [alive.sum(), arrived.sum(), spawns.sum(), cells.num_occupied]
+        n_alive, n_arrived, n_spawned, n_occupied, *extra = read_counts(
+            counts + ([also_read] if also_read is not None else []))
+        n_died = state.num_flows - n_alive - n_arrived
+        if n_alive == state.num_flows:  # fast path: nobody arrives or dies
+            alive_idx = arrived_idx = died_idx = None
+        else:
+            fate = torch.sort(died.to(torch.uint8) * 2 + arrived.to(torch.uint8), stable=True).indices
+            alive_idx, arrived_idx, died_idx = fate[:n_alive], fate[n_alive:n_alive + n_arrived], fate[n_alive + n_arrived:]
         energy_after_split = energy
-        if parent_idx.numel():
+        if n_spawned:
+            parent_idx = torch.sort((~spawns).to(torch.uint8), stable=True).indices[:n_spawned]
             # the child takes sigmoid(score) / 2 of its parent's energy: the sum is conserved
             share = self.carrier.split_fraction(heads.spawn_score.index_select(0, parent_idx))
             child_energy = energy.index_select(0, parent_idx) * share
             energy_after_split = energy - torch.zeros_like(energy).index_add(0, parent_idx, child_energy)
+        else:
+            parent_idx = spawns.new_zeros(0, dtype=torch.long)
 
         moved = FlowState(h=h, c=c, pos=pos, energy=energy_after_split, batch=state.batch, flow_id=state.flow_id)
         # Fast paths: most steps keep every flow or spawn nothing; skip those copies of [L, F, H].
-        next_state = moved if alive_idx.numel() == state.num_flows else moved.select(alive_idx)
-        if parent_idx.numel():
+        next_state = moved if alive_idx is None else moved.select(alive_idx)
+        if n_spawned:
             children = self._children(moved, parent_idx, child_energy, heads.child_dxy, next_id)
             next_state = FlowState.cat([next_state, children])
 
+        if arrived_idx is None:
+            arrived_idx = died_idx = parent_idx.new_zeros(0)
         arrivals = self._deposits(arrived_idx, state, pos, energy.index_select(0, arrived_idx), top)
-        num_spawned = parent_idx.numel()
-        num_died = state.num_flows - alive_idx.numel() - arrived_idx.numel()
         phantoms = None
-        if cfg.survival_gradient and num_died and torch.is_grad_enabled():
-            died_idx = died.nonzero().flatten()
+        if cfg.survival_gradient and n_died and torch.is_grad_enabled():
             phantom_energy = survival_phantom_energy(heads.energy_logit.index_select(0, died_idx), cfg.energy_threshold)
             phantoms = self._deposits(died_idx, state, pos, phantom_energy, top)
         if logger.isEnabledFor(DEBUG_SPAWN):
             logger.log(DEBUG_SPAWN, "step: %d flows, %d spawned, %d died, %d arrived",
-                       state.num_flows, num_spawned, num_died, arrived_idx.numel())
+                       state.num_flows, n_spawned, n_died, n_arrived)
         if logger.isEnabledFor(DEBUG_ENERGY):
             logger.log(DEBUG_ENERGY, "step: mean energy %.4f, min %.4f", float(energy.detach().mean()), float(energy.detach().min()))
         # bookkeeping only: detached, so it adds nothing to the autograd graph
@@ -282,9 +311,9 @@ class FlowProcessor(nn.Module):
         return StepResult(
             next_state=next_state,
             arrivals=arrivals,
-            occupied_cell_id=cells.occupied_cell_id,
-            num_spawned=num_spawned,
-            num_died=num_died,
+            occupied_cell_id=cells.occupied_cell_id[:n_occupied],
+            num_spawned=n_spawned,
+            num_died=n_died,
             energy_dissipated=(-change).clamp(min=0).sum(),
             energy_created=change.clamp(min=0).sum(),
             energy_died=(energy.detach() * died).sum(),
@@ -292,6 +321,7 @@ class FlowProcessor(nn.Module):
             neighbourhood_flows=cells.neighbourhood_flows,
             spawner_flow_id=state.flow_id.index_select(0, parent_idx),
             phantoms=phantoms,
+            also_read=extra[0] if extra else None,
         )
 
     def _deposits(self, idx: Tensor, state: FlowState, pos: Tensor, energy: Tensor, top: Tensor) -> Arrivals:
@@ -334,33 +364,32 @@ class FlowProcessor(nn.Module):
         result (see :class:`CellStep`).
         """
         lattice = self.lattice
+        num_flows = state.num_flows
         cell = lattice.cell_coordinates(state.pos)
         cell_id = lattice.cell_id(state.batch, cell)
-        occupied, cell_index = torch.unique(cell_id, return_inverse=True)
+        # F rows, the first C the occupied cells; the padding id is past every real id
+        occupied, cell_index, num_occupied = unique_padded(cell_id, fill=PADDING_CELL_ID)
         _, occupied_cell = lattice.cell_from_id(occupied)
+        # row F collects the edges to empty cells and is dropped
         edges = neighbourhood_edges(cell, state.batch, occupied, cell_index, self.neighbour_offsets,
-                                    lattice.cell_bounds, lattice.cell_id)
-        num_cells = occupied.numel()
-        aggregated = self.conv(state.h[-1], state.energy, edges, num_cells)
+                                    lattice.cell_bounds, lattice.cell_id, miss_row=num_flows)
+        aggregated = self.conv(state.h[-1], state.energy, edges, num_flows + 1)[:num_flows]
         cell_pe = lattice.position_encoding(occupied_cell.to(state.pos.dtype))
+        # the neuron runs on the F rows (a static size); padding rows are never read
         transformation = self.neuron(torch.cat([aggregated, cell_pe], dim=1)).index_select(0, cell_index)
-        heard = degree(edges[1], num_cells)  # flows each cell heard = its in-degree in the graph
-        return CellStep(transformation, occupied, heard.index_select(0, cell_index).sum())
+        heard = degree(edges[1], num_flows + 1)  # flows each cell heard = its in-degree in the graph
+        return CellStep(transformation, occupied, heard.index_select(0, cell_index).sum(), num_occupied)
 
-    def _choose_spawners(
-        self, alive: Tensor, alive_idx: Tensor, energy: Tensor, score: Tensor, batch: Tensor, batch_size: int
-    ) -> Tensor:
-        """Indices ``[S]`` (ascending) of the continuing flows that spawn, best score first per sample,
-        at most ``max_spawn_per_step`` per sample and never past ``max_active_flows``."""
+    def _spawn_mask(self, alive: Tensor, energy: Tensor, score: Tensor, batch: Tensor, batch_size: int) -> Tensor:
+        """``[F]`` bool: the continuing flows that spawn, best score first per sample, at most
+        ``max_spawn_per_step`` per sample and never past ``max_active_flows`` (no host sync)."""
         cfg = self.config
-        candidates = (alive & self.carrier.can_spawn(energy, score)).nonzero().flatten()
-        if candidates.numel() == 0:  # the common case: no ranking work at all
-            return candidates
-        alive_per_sample = torch.bincount(batch.index_select(0, alive_idx), minlength=batch_size)
+        candidate = alive & self.carrier.can_spawn(energy, score)
+        alive_per_sample = torch.zeros(batch_size, dtype=torch.long, device=batch.device).index_add_(0, batch, alive.long())
         room = (cfg.max_active_flows - alive_per_sample).clamp(min=0, max=cfg.max_spawn_per_step)
-        cand_batch = batch.index_select(0, candidates)
-        keep = keep_top_per_group(cand_batch, score.detach().index_select(0, candidates), room, batch_size)
-        return candidates[keep]
+        # non-candidates rank after every candidate of their sample
+        rank = rank_within_group(batch, torch.where(candidate, score.detach(), float("-inf")), batch_size)
+        return candidate & (rank < room.index_select(0, batch))
 
     def _children(
         self, parents: FlowState, parent_idx: Tensor, child_energy: Tensor, child_dxy: Tensor, next_id: int

@@ -39,21 +39,27 @@ def neighbourhood_edges(
     offsets: Tensor,
     lattice_size: Tensor,
     id_of: Callable[[Tensor, Tensor], Tensor],
+    miss_row: int,
 ) -> Tensor:
-    """Edges ``[2, E]`` (flow row, occupied-cell row) of the interaction graph.
+    """Edges ``[2, F*K]`` (flow row, occupied-cell row) of the interaction graph, at a static size.
 
     Args:
         flow_cell: ``[F, 3]`` int64 cell (x, y, z) of each flow.
         flow_batch: ``[F]`` sample of each flow.
-        occupied_id: ``[C]`` sorted ids of the occupied cells.
+        occupied_id: ``[N]`` ids of the occupied cells, ascending (padding rows after them must
+            hold ids that match no cell, see :func:`efgraph.core.compaction.unique_padded`).
         cell_index: ``[F]`` row of each flow's own cell in ``occupied_id``.
         offsets: ``[K, 3]`` from :func:`neighbourhood_offsets`.
         lattice_size: ``[3]`` int64 (W, H, D).
         id_of: ``(batch [N], cell [N, 3]) -> id [N]``, the lattice's cell id.
+        miss_row: target row of the edges whose offset cell is empty or off the lattice.
 
     Returns:
-        ``[2, E]`` int64: row 0 the flow, row 1 the occupied cell it sends to. Every flow has an
-        edge to its own cell; E = sum over occupied cells of the flows in their neighbourhood.
+        ``[2, F*K]`` int64: row 0 the flow, row 1 the occupied cell it sends to, or ``miss_row``
+        (an extra aggregation row the caller drops). Every flow has an edge to its own cell. The
+        misses are kept instead of being filtered out because filtering (a boolean mask) returns a
+        data-dependent size, i.e. a host sync on a GPU; an edge into a dropped row costs one
+        gathered message of ``message_dim`` floats.
     """
     num_flows = flow_cell.size(0)
     if offsets.size(0) == 1:  # radius 0: only the own cell, no look-up needed
@@ -61,11 +67,11 @@ def neighbourhood_edges(
     neighbour = flow_cell.unsqueeze(1) + offsets.unsqueeze(0)  # [F, K, 3]
     inside = (neighbour >= 0).all(dim=2) & (neighbour < lattice_size).all(dim=2)  # [F, K]
     k = offsets.size(0)
-    neighbour_id = id_of(flow_batch.repeat_interleave(k), neighbour.reshape(-1, 3)).view(num_flows, k)
+    neighbour_id = id_of(flow_batch.unsqueeze(1).expand(-1, k).reshape(-1), neighbour.reshape(-1, 3)).view(num_flows, k)
     row = torch.searchsorted(occupied_id, neighbour_id).clamp(max=occupied_id.numel() - 1)
     hit = inside & (occupied_id.index_select(0, row.flatten()).view_as(row) == neighbour_id)
     flow = torch.arange(num_flows, device=flow_cell.device).unsqueeze(1).expand_as(row)
-    return torch.stack([flow[hit], row[hit]])
+    return torch.stack([flow.reshape(-1), torch.where(hit, row, miss_row).reshape(-1)])
 
 
 class FlowToCellConv(MessagePassing):

@@ -7,7 +7,9 @@ GPU can be pinned by a test that runs on CPU.
 A *host sync* is an op whose result's shape or value must be read by the host before the next
 op can be launched: ``nonzero`` (and indexing with a boolean mask, which calls it), ``unique``,
 ``bincount`` (its output length is the input's max), ``masked_select``, ``repeat_interleave``
-without ``output_size`` and ``.item()`` / ``bool(t)`` (``_local_scalar_dense``).
+without ``output_size``, ``.item()`` / ``bool(t)`` (``_local_scalar_dense``) and a copy to the
+host (``.to("cpu")``: a ``_to_copy`` with ``device=cpu``, counted on a CPU run too, where it is a
+plain copy, so that the engine's one deliberate read of the device is seen by CPU tests).
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ def _is_sync(func: Any, args: tuple, kwargs: dict) -> bool:
     if name in ("aten::index", "aten::index_put", "aten::_index_put_impl_"):
         indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
         return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
+    if name == "aten::_to_copy":
+        device = kwargs.get("device")
+        return device is not None and torch.device(device).type == "cpu"
     if name == "aten::repeat_interleave":
         return func._overloadname.startswith("Tensor") and kwargs.get("output_size") is None and (
             len(args) < 3 or args[-1] is None)

@@ -219,10 +219,12 @@ class FlowProcessor(nn.Module):
         """:meth:`step`, recomputed in backward when ``activation_checkpointing`` is on.
 
         With checkpointing, autograd keeps only what a step needs to be run again (its input
-        state: the flows' hidden states, positions and energies) and reruns the step in backward;
-        the step is deterministic (same flows, same counts), so the rerun saves the same tensors."""
+        state: the flows' hidden states, positions and energies) and reruns the step in backward.
+        The rerun is the same computation on the same inputs; it reuses the counts the forward
+        read (``host_counts``), so it saves the same tensors and costs no second sync."""
         if self.config.activation_checkpointing and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self.step, state, batch_size, next_id, also_read,
+            host_counts: list[int] = []
+            return torch.utils.checkpoint.checkpoint(self.step, state, batch_size, next_id, also_read, host_counts,
                                                      use_reentrant=False)
         return self.step(state, batch_size, next_id, also_read)
 
@@ -244,7 +246,8 @@ class FlowProcessor(nn.Module):
             flow_id=torch.arange(injected.batch.numel(), device=x.device),
         )
 
-    def step(self, state: FlowState, batch_size: int, next_id: int = 0, also_read: Tensor | None = None) -> StepResult:
+    def step(self, state: FlowState, batch_size: int, next_id: int = 0, also_read: Tensor | None = None,
+             host_counts: list[int] | None = None) -> StepResult:
         """Advance all active flows by one step (see the module docstring), with one host sync.
 
         Args:
@@ -253,6 +256,8 @@ class FlowProcessor(nn.Module):
             next_id: first flow id to give a child.
             also_read: a scalar int tensor to read in the same sync (returned as ``also_read``),
                 so a caller's own check costs no sync of its own.
+            host_counts: a list the step fills with the counts it read; when it is already
+                filled (a recompute of the same step), those are used and nothing is read.
         """
         cfg = self.config
         # 1-2. occupied cells (compaction), message passing over the neighbourhoods, neuron
@@ -268,9 +273,12 @@ class FlowProcessor(nn.Module):
         # ... and the step's one host sync reads how many flows each mask holds (it fixes the
         # next step's shapes); the flows are then picked by slicing stable sorts, which give the
         # same ascending indices that nonzero would, at no further sync.
-        counts = [alive.sum(), arrived.sum(), spawns.sum(), cells.num_occupied]
-        n_alive, n_arrived, n_spawned, n_occupied, *extra = read_counts(
-            counts + ([also_read] if also_read is not None else []))
+        if not host_counts:
+            counts = [alive.sum(), arrived.sum(), spawns.sum(), cells.num_occupied]
+            read = read_counts(counts + ([also_read] if also_read is not None else []))
+            if host_counts is not None:
+                host_counts.extend(read)
+        n_alive, n_arrived, n_spawned, n_occupied, *extra = host_counts or read
         n_died = state.num_flows - n_alive - n_arrived
         if n_alive == state.num_flows:  # fast path: nobody arrives or dies
             alive_idx = arrived_idx = died_idx = None

@@ -291,7 +291,7 @@ class FlowProcessor(nn.Module):
             # the child takes sigmoid(score) / 2 of its parent's energy: the sum is conserved
             share = self.carrier.split_fraction(heads.spawn_score.index_select(0, parent_idx))
             child_energy = energy.index_select(0, parent_idx) * share
-            energy_after_split = energy - torch.zeros_like(energy).index_add(0, parent_idx, child_energy)
+            energy_after_split = energy.index_add(0, parent_idx, child_energy, alpha=-1)
         else:
             parent_idx = spawns.new_zeros(0, dtype=torch.long)
 
@@ -377,7 +377,8 @@ class FlowProcessor(nn.Module):
         cell_id = lattice.cell_id(state.batch, cell)
         # F rows, the first C the occupied cells; the padding id is past every real id
         occupied, cell_index, num_occupied = unique_padded(cell_id, fill=PADDING_CELL_ID)
-        _, occupied_cell = lattice.cell_from_id(occupied)
+        # each occupied row's (x, y, z), written by its flows (all write the same cell; padding stays 0)
+        occupied_cell = torch.zeros_like(cell).index_copy_(0, cell_index, cell)
         # row F collects the edges to empty cells and is dropped
         edges = neighbourhood_edges(cell, state.batch, occupied, cell_index, self.neighbour_offsets,
                                     lattice.cell_bounds, lattice.cell_id, miss_row=num_flows)

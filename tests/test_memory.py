@@ -1,6 +1,9 @@
-"""The up-front memory check: its estimate bounds the real activations, and it refuses clearly."""
+"""The memory plan: its estimate bounds the real activations (also at hidden 1024, with and without
+activation checkpointing), it makes the optimized preset fit 80 GiB, and it refuses clearly."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -8,19 +11,32 @@ import torch
 from conftest import build_processor, tiny_config
 from efgraph import EnergyTrainer, FlowProcessor, create_optimized_config
 from efgraph.utils import memory
-from efgraph.utils.memory import (activation_bytes_per_flow_step, check_training_fits, estimate_training_memory,
-                                  saved_activation_bytes)
+from efgraph.utils.memory import (GIB, activation_bytes_per_flow_step, check_training_fits, estimate_training_memory,
+                                  peak_tensor_bytes, plan_memory, saved_activation_bytes)
+
+
+def _pin_worst_case(proc: FlowProcessor) -> None:
+    """Every flow moves exactly one cell in z per step (D-1 steps), nobody dies, nobody spawns: with
+    initial_flows_per_sample == max_active_flows every step runs the whole flow budget."""
+    with torch.no_grad():
+        proc.carrier.displacement_head.weight[2].zero_()
+        proc.carrier.displacement_head.bias[2] = -30.0  # dz = 1 + 0 * (depth left): one cell per step
+        proc.carrier.energy_head.weight.zero_()
+        proc.carrier.energy_head.bias.fill_(30.0)  # energy ~1: nobody dies
+        proc.carrier.spawn_head.weight[0].zero_()
+        proc.carrier.spawn_head.bias[0] = -30.0  # no spawns
+
+
+def _worst_case_config(**overrides):
+    base = dict(initial_flows_per_sample=6, max_active_flows=6, lattice_depth=6)
+    return tiny_config(**{**base, **overrides})
 
 
 def _measured_bytes_per_flow_step(config, batch=4) -> float:
     """Distinct tensors saved for backward (parameters excluded) per flow-step, with every sample
     at its flow budget for all D-1 steps: the worst case the estimate must cover."""
     proc = build_processor(config)
-    with torch.no_grad():
-        proc.carrier.displacement_head.weight.zero_()
-        proc.carrier.displacement_head.bias[2] = -30.0  # one cell per step: D-1 steps
-        proc.carrier.energy_head.weight.zero_()
-        proc.carrier.energy_head.bias.fill_(30.0)  # nobody dies
+    _pin_worst_case(proc)
     with saved_activation_bytes(proc.parameters()) as total:
         proc(torch.randn(batch, config.input_dim))
     flow_steps = batch * config.max_active_flows * (config.lattice_depth - 1)
@@ -31,27 +47,126 @@ def _measured_bytes_per_flow_step(config, batch=4) -> float:
 @pytest.mark.parametrize("carrier_type", ["gru", "lstm"])
 @pytest.mark.parametrize("hidden, layers", [(32, 1), (128, 2)])
 def test_estimate_bounds_the_measured_activations_within_2x(carrier_type, hidden, layers):
-    config = tiny_config(carrier_type=carrier_type, carrier_hidden_dim=hidden, carrier_num_layers=layers,
-                         initial_flows_per_sample=6, max_active_flows=6, lattice_depth=6)
+    config = _worst_case_config(carrier_type=carrier_type, carrier_hidden_dim=hidden, carrier_num_layers=layers)
     measured = _measured_bytes_per_flow_step(config)
     estimated = activation_bytes_per_flow_step(config)
     assert measured <= estimated <= 2 * measured
 
 
-def test_refusal_names_the_estimate_the_limit_and_the_knobs():
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_estimate_matches_the_measurement_at_hidden_1024_within_1_5x(checkpointing):
+    """The preset's carrier (GRU 1024 x 3) at the worst case on a small lattice and batch.
+
+    Measured: the peak, over forward and backward, of the live tensors the step creates
+    (:func:`peak_tensor_bytes`; parameters and their gradients excluded, the estimate books them
+    apart). With checkpointing that peak holds what the checkpoints keep across the forward (the
+    steps' input states, which ``saved_activation_bytes`` does not see) plus one step recomputed in
+    backward with its gradients; without, it is what autograd saved plus the backward's gradients,
+    so it is also checked against :func:`saved_activation_bytes`.
+    """
+    batch = 2
+    config = _worst_case_config(carrier_hidden_dim=1024, carrier_num_layers=3, max_active_flows=8,
+                                initial_flows_per_sample=8, lattice_depth=4, batch_size=batch,
+                                activation_checkpointing=checkpointing)
+    proc = build_processor(config)
+    _pin_worst_case(proc)
+    x = torch.randn(batch, config.input_dim)
+    with saved_activation_bytes(proc.parameters()) as saved:
+        proc(x)
+    assert proc.last_trace.active == [batch * config.max_active_flows] * (config.lattice_depth - 1)
+    with peak_tensor_bytes(proc, [x]) as meter:
+        proc(x).square().sum().backward()
+    estimate = estimate_training_memory(config, sum(p.numel() for p in proc.parameters()), limit_bytes=64 * GIB)
+    assert (estimate.activation_checkpointing, estimate.micro_batch_size) == (checkpointing, batch)
+    measured = {"peak": meter.peak} if checkpointing else {"peak": meter.peak, "saved": saved[0]}
+    for what, value in measured.items():
+        assert value <= estimate.activation_bytes <= 1.5 * value, (what, estimate.activation_bytes / value)
+    if checkpointing:  # checkpointing really bounded the memory: far below the whole activations
+        plain = plan_memory(config, 0, batch, batch, activation_checkpointing=False)
+        assert meter.peak < 0.8 * plain.activation_bytes
+
+
+def _optimized_parameters() -> int:
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        return sum(p.numel() for p in FlowProcessor.from_config(create_optimized_config()).parameters())
+
+
+def test_optimized_preset_plan_fits_one_80_gib_gpu():
     config = create_optimized_config()
-    est = estimate_training_memory(config, num_parameters=30_000_000)
-    assert est.flow_steps == 32 * 1000 * 49
-    with pytest.raises(ValueError, match=r"memory_check: .* GiB but cpu has 80\.0 GiB available.*max_active_flows"):
-        check_training_fits(config, 30_000_000, torch.device("cpu"), limit_bytes=80 * 2**30)
-    # a config within the limit passes and returns its estimate
-    assert check_training_fits(tiny_config(), 1000, torch.device("cpu"), limit_bytes=2**30).total_bytes < 2**30
+    n = _optimized_parameters()
+    whole = plan_memory(config, n, 32, 32, activation_checkpointing=False)
+    assert whole.total_bytes > 80 * GIB  # without a plan it would not fit
+    plan = estimate_training_memory(config, n)  # the issue's call: an 80 GiB limit by default
+    assert plan.total_bytes <= 80 * GIB and plan.limit_bytes == 80 * GIB
+    assert plan.activation_checkpointing or plan.micro_batch_size < 32
+    assert (plan.activation_checkpointing, plan.micro_batch_size) == (True, 32)  # cheapest: no micro-batches needed
+    assert plan.flow_steps == 32 * 1000 * 49
+    parts = plan.components_gib()
+    assert sum(v for k, v in parts.items() if k != "total") == pytest.approx(parts["total"])
+    assert "activation checkpointing on" in plan.describe()
+
+
+def test_plan_is_the_cheapest_that_fits_and_honours_explicit_settings():
+    config = tiny_config(batch_size=16, max_active_flows=12, carrier_hidden_dim=64)
+    n = 50_000
+    plain = plan_memory(config, n, 16, 16, False)
+    checkpointed = plan_memory(config, n, 16, 16, True)
+    assert checkpointed.total_bytes < plain.total_bytes
+    # room for everything: the whole batch, no recompute
+    roomy = estimate_training_memory(config, n, limit_bytes=plain.total_bytes)
+    assert (roomy.activation_checkpointing, roomy.micro_batch_size) == (False, 16)
+    # just too little for the whole batch: checkpointing first, still the whole batch
+    tighter = estimate_training_memory(config, n, limit_bytes=plain.total_bytes - 1)
+    assert (tighter.activation_checkpointing, tighter.micro_batch_size) == (True, 16)
+    # less: checkpointing and the fewest micro-batches that fit, of even sizes
+    limit = plan_memory(config, n, 16, 6, True).total_bytes
+    small = estimate_training_memory(config, n, limit_bytes=limit)
+    assert small.activation_checkpointing and small.total_bytes <= limit
+    assert (small.micro_batch_size, small.num_micro_batches) == (6, 3)  # 7 would not fit; 3 of 6 rows
+    assert plan_memory(config, n, 16, 7, True).total_bytes > limit
+    # explicit settings win over the cheapest plan
+    forced = estimate_training_memory(config.replace(activation_checkpointing=True), n, limit_bytes=plain.total_bytes)
+    assert (forced.activation_checkpointing, forced.micro_batch_size) == (True, 16)
+    fixed = estimate_training_memory(config.replace(micro_batch_size=4), n, limit_bytes=plain.total_bytes)
+    assert (fixed.activation_checkpointing, fixed.micro_batch_size, fixed.num_micro_batches) == (False, 4, 4)
+    # a process's share of the batch (DDP) is planned, capped at its rows
+    assert estimate_training_memory(config.replace(micro_batch_size=12), n, batch_size=8).micro_batch_size == 8
+
+
+def test_refusal_names_the_estimate_the_limit_and_the_fields():
+    config = create_optimized_config()
+    n = _optimized_parameters()
+    one_row = plan_memory(config, n, 32, 1, True)
+    with pytest.raises(ValueError, match=r"memory_check: .* even with activation checkpointing and micro-batches "
+                                         r"of 1 row.* 1\.00 GiB are available \(cpu, limit_bytes\).*max_active_flows, "
+                                         r"lattice_depth, carrier_hidden_dim"):
+        check_training_fits(config, n, torch.device("cpu"), limit_bytes=GIB)
+    assert one_row.total_bytes > GIB
+    # an explicit micro-batch that cannot fit names micro_batch_size too
+    with pytest.raises(ValueError, match=r"micro-batches of 16 row.*Lower micro_batch_size"):
+        estimate_training_memory(config.replace(micro_batch_size=16), n, limit_bytes=4 * GIB)
+    # a config within the limit passes and returns its plan
+    fits = check_training_fits(tiny_config(), 1000, torch.device("cpu"), limit_bytes=GIB)
+    assert fits.total_bytes < GIB and not fits.activation_checkpointing
 
 
 def test_trainer_refuses_before_training_and_memory_check_false_opts_out(monkeypatch):
-    monkeypatch.setattr(memory, "available_memory_bytes", lambda device: 10 * 2**20)  # a 10 MiB device
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda device: 64 * 2**10)  # a 64 KiB device
     config = tiny_config(max_active_flows=12, batch_size=64)
     with pytest.raises(ValueError, match="memory_check"):
         EnergyTrainer(FlowProcessor.from_config(config), config, progress=False)
     relaxed = config.replace(memory_check=False)
     EnergyTrainer(FlowProcessor.from_config(relaxed), relaxed, progress=False)  # no error
+
+
+def test_trainer_uses_the_plan_that_fits_the_device(monkeypatch):
+    config = tiny_config(max_active_flows=12, batch_size=64)
+    n = sum(p.numel() for p in FlowProcessor.from_config(config).parameters())
+    limit = plan_memory(config, n, 64, 20, True).total_bytes
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda device: limit)
+    trainer = EnergyTrainer(FlowProcessor.from_config(config), config, progress=False)
+    assert trainer.memory_plan is not None
+    assert (trainer.memory_plan.activation_checkpointing, trainer.memory_plan.micro_batch_size) == (True, 16)
+    assert trainer.micro_batch_size == 16 and trainer.processor.config.activation_checkpointing
+    assert not config.activation_checkpointing  # the caller's config is left alone
+    assert math.ceil(64 / trainer.micro_batch_size) == trainer.memory_plan.num_micro_batches

@@ -25,6 +25,15 @@ went bad first, after writing ``checkpoints/last_good.pt`` (the parameters befor
 ``config.skip_nonfinite_steps`` the step's update is dropped instead and counted in
 ``train/skipped_steps``.
 
+Memory plan: with ``memory_check`` the trainer asks :func:`efgraph.utils.memory.check_training_fits`
+for the cheapest plan whose worst case fits the device (whole batch; else activation checkpointing
+per lattice step; else also micro-batches) and follows it: the processor recomputes each step in
+backward when the plan says so, and a batch runs as micro-batches whose losses are weighted by
+their share of the rows, so the accumulated gradient is the whole batch's and the optimizer steps
+once per batch (:attr:`EnergyTrainer.memory_plan`, logged at start). The flow metrics of a step
+add up its micro-batches' traces (:func:`merge_traces`); they are summarised (a host copy) only
+on the steps that log them.
+
 Dead-run alarm: ``flows/zero_arrival_steps`` counts the consecutive training steps whose forward
 had no flow reach the output face. When it reaches ``eval_every`` the run is most likely dead --
 every flow dies before the output face, so the lattice contributes nothing to the prediction --
@@ -34,6 +43,7 @@ arrivals come back.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -59,7 +69,7 @@ from efgraph.training.run_logger import RunLogger
 from efgraph.training.schedule import warmup_cosine_scheduler
 from efgraph.utils.device import get_device, memory_report
 from efgraph.utils.logging import DEBUG_CONVERGENCE, get_logger
-from efgraph.utils.memory import check_training_fits
+from efgraph.utils.memory import MemoryEstimate, check_training_fits
 
 logger = get_logger(__name__)
 
@@ -107,9 +117,23 @@ class EnergyTrainer:
             raise ValueError("skip_nonfinite_steps: not supported with several processes; a non-finite "
                              "step stops all ranks (after rank 0 writes last_good.pt)")
         self.device = get_device(device) if not isinstance(device, torch.device) else device
-        if config.memory_check:  # refuse now rather than die of out-of-memory hours into the run
-            local_batch = math.ceil(config.batch_size / distributed.world_size)
-            check_training_fits(config, sum(p.numel() for p in processor.parameters()), self.device, local_batch)
+        local_batch = math.ceil(config.batch_size / distributed.world_size)
+        # the memory plan (see efgraph.utils.memory): checkpointing and micro-batches chosen so that
+        # the worst case fits the device; a config that cannot fit is refused now rather than dying
+        # of out-of-memory hours into the run. Without memory_check only explicit settings apply.
+        self.memory_plan: MemoryEstimate | None = None
+        if config.memory_check:
+            self.memory_plan = check_training_fits(config, sum(p.numel() for p in processor.parameters()),
+                                                   self.device, local_batch)
+            logger.info("%s", self.memory_plan.describe())
+            checkpointing, micro = self.memory_plan.activation_checkpointing, self.memory_plan.micro_batch_size
+        else:
+            checkpointing, micro = config.activation_checkpointing, config.micro_batch_size or local_batch
+        self.micro_batch_size = micro  # rows per forward + backward on this process
+        if processor.config.activation_checkpointing != checkpointing:
+            # the processor reads the flag from its own config; the caller's config is left as given
+            # (checkpoints keep the settings asked for, so a resume plans again for its device)
+            processor.config = processor.config.replace(activation_checkpointing=checkpointing)
         self.processor = processor.to(self.device)
         self.model: torch.nn.Module = self.processor
         if distributed.enabled:
@@ -237,7 +261,9 @@ class EnergyTrainer:
                 if epoch != order_epoch:
                     order_epoch, order = epoch, self.batch_order(n, epoch)
                 idx = order[within * cfg.batch_size : (within + 1) * cfg.batch_size]
-                metrics = self.train_step(input_embeddings[idx], target_embeddings[idx])
+                # the flow dynamics are summarised only on the steps that log them
+                logs = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == stop
+                metrics = self.train_step(input_embeddings[idx], target_embeddings[idx], log=logs)
                 self.step += 1
                 self._watch_arrivals()
                 metrics["flows/zero_arrival_steps"] = float(self.zero_arrival_steps)
@@ -284,59 +310,75 @@ class EnergyTrainer:
         logger.warning("dead run: %s", text)
         self.run_logger.alert("efgraph: dead run (no flow arrives)", text, step=self.step)
 
-    def train_step(self, inputs: Tensor, targets: Tensor) -> dict[str, float]:
-        """One optimisation step on a (global) batch; returns its metrics."""
+    def train_step(self, inputs: Tensor, targets: Tensor, *, log: bool = True) -> dict[str, float]:
+        """One optimisation step on a (global) batch; returns its metrics.
+
+        The batch runs in micro-batches of :attr:`micro_batch_size` rows (the memory plan's), each
+        forward followed by its backward, so that only one micro-batch's activations are alive;
+        each micro-batch's loss is weighted by its share of the batch's rows, so the accumulated
+        gradient is the whole batch's (the loss is a mean over rows), and the optimizer steps
+        once. With ``log`` false (a step off the log grid) the flow dynamics are not summarised:
+        that is a host copy of the trace's energies per step, wanted only when they are logged.
+        """
         self.model.train()
         start = time.perf_counter()
         global_batch = inputs.size(0)
+        world = self.dist.world_size
         if self.dist.enabled:  # this rank's slice; the loss is scaled so DDP's mean is the global mean
-            inputs = inputs.tensor_split(self.dist.world_size)[self.dist.rank]
-            targets = targets.tensor_split(self.dist.world_size)[self.dist.rank]
+            inputs = inputs.tensor_split(world)[self.dist.rank]
+            targets = targets.tensor_split(world)[self.dist.rank]
         inputs, targets = self._to_device(inputs), self._to_device(targets)
+        chunks = list(zip(inputs.split(self.micro_batch_size), targets.split(self.micro_batch_size)))
         bad: str | None = None
-        pred: Tensor | None = None
-        loss_value = grad_norm = float("nan")
-        flow_steps = 0
-        arrivals: float | None = None
+        preds: list[Tensor] = []  # detached, for naming a non-finite output
+        traces: list[FlowTrace] = []
+        loss_sum: Tensor | None = None  # sum of the weighted micro-batch losses (the batch's loss, x world)
+        grad_norm = float("nan")
         self.optimizer.zero_grad(set_to_none=True)
-        try:
-            with self._autocast():
-                pred = self.model(inputs).float()
-        except FloatingPointError as err:  # NaN/inf flows: handled below like a NaN loss, never hidden
-            bad = str(err)
-        loss: Tensor | None = None
-        if pred is not None:
-            loss = embedding_loss(pred, targets, self.config.mse_weight, self.config.cosine_weight)
-            flow_steps = sum(self.processor.last_trace.active)
-            arrivals = float(self.processor.last_trace.total_arrived)
+        for i, (x, y) in enumerate(chunks):
+            last = i == len(chunks) - 1
+            # DDP: gradients are reduced across ranks once, in the last micro-batch's backward
+            accumulate = self.model.no_sync() if self.dist.enabled and not last else contextlib.nullcontext()
+            with accumulate:
+                loss: Tensor | None = None
+                if bad is None:
+                    try:
+                        with self._autocast():
+                            pred = self.model(x).float()
+                    except FloatingPointError as err:  # NaN/inf flows: handled below like a NaN loss, never hidden
+                        bad = str(err)
+                    else:
+                        preds.append(pred.detach())
+                        traces.append(self.processor.last_trace)
+                        # embedding_loss is a mean over rows: weighted by the rows' share of the global batch
+                        weight = x.size(0) * world / global_batch
+                        loss = embedding_loss(pred, y, self.config.mse_weight, self.config.cosine_weight) * weight
+                        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+                if last and self.dist.enabled:
+                    bad = self._agree_across_ranks(bad, loss_sum, traces)
+                    if bad is None and not math.isfinite(self._loss_value):
+                        bad = f"loss is {self._loss_value}"
+                if loss is not None and bad is None:
+                    loss.backward()
+        flow_steps = sum(sum(t.active) for t in traces)  # host integers: no synchronisation
+        arrivals: float | None = float(sum(t.total_arrived for t in traces))
         if self.dist.enabled:
-            # One all-reduce gives every rank the global loss, the flow-steps and whether any rank's
-            # forward failed, so that all ranks take the same branch below (or collectives hang).
-            if loss is not None:
-                loss = loss * (inputs.size(0) * self.dist.world_size / global_batch)
-            zero = torch.zeros((), device=self.device)
-            totals = torch.stack([loss.detach() if loss is not None else zero, zero + flow_steps,
-                                  zero + (bad is not None), zero + (arrivals or 0.0)])
-            torch.distributed.all_reduce(totals)
-            loss_value = totals[0].item() / self.dist.world_size
-            flow_steps = int(totals[1].item())
-            if bad is None and totals[2].item() > 0:
-                bad = f"forward failed on {int(totals[2].item())} other rank(s) with non-finite flows"
-            # the dead-run alarm judges the global batch: a rank whose shard had no arrivals is not a dead run
-            arrivals = None if bad is not None else totals[3].item()
-        elif loss is not None:
-            loss_value = loss.item()
+            loss_value, flow_steps, arrivals = self._loss_value, self._global_flow_steps, self._global_arrivals
+            if bad is not None:
+                arrivals = None
+        else:
+            loss_value = loss_sum.item() if loss_sum is not None else float("nan")
+            if bad is None and not math.isfinite(loss_value):
+                bad = f"loss is {loss_value}"
+        if bad is not None and not self.dist.enabled:
+            arrivals = None if not traces or len(traces) < len(chunks) else arrivals
         self._last_step_arrivals = arrivals
         if bad is None:
-            if math.isfinite(loss_value):
-                loss.backward()
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.processor.parameters(), self.config.grad_clip))
-                if not math.isfinite(grad_norm):
-                    bad = f"gradient norm is {grad_norm}"
-            else:
-                bad = f"loss is {loss_value}"
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.processor.parameters(), self.config.grad_clip))
+            if not math.isfinite(grad_norm):
+                bad = f"gradient norm is {grad_norm}"
         if bad is not None and not self.config.skip_nonfinite_steps:
-            self._stop_on_nonfinite(bad, pred)
+            self._stop_on_nonfinite(bad, torch.cat(preds) if len(preds) == len(chunks) else None)
         lr = self.optimizer.param_groups[0]["lr"]
         if bad is None:
             self.optimizer.step()
@@ -347,7 +389,6 @@ class EnergyTrainer:
         assert self.scheduler is not None, "train_step needs the scheduler that train() builds"
         self.scheduler.step()
         elapsed = time.perf_counter() - start
-        trace = self.processor.last_trace if pred is not None else None
         metrics = {
             "train/loss": loss_value,
             "train/lr": lr,
@@ -356,14 +397,41 @@ class EnergyTrainer:
             "perf/step_time_s": elapsed,
             "perf/samples_per_s": global_batch / elapsed,
             "perf/flow_steps_per_s": flow_steps / elapsed,
-            **{f"memory/{k}": v for k, v in memory_report(self.device).items()},
-            **({f"flows/{k}": v for k, v in trace.summary().items()} if trace is not None else {}),
-            # per lattice step: active flows, spawns, neighbourhood size and mean energy (a curve each in W&B)
-            **({f"flows/{k}": v for k, v in trace.per_step_metrics().items()} if trace is not None else {}),
         }
+        if traces:  # whole batch: for the progress bar, from the host counts
+            steps = max(t.num_steps for t in traces)
+            metrics["flows/mean_active_flows"] = sum(sum(t.active) for t in traces) / max(steps, 1)
+        trace = merge_traces(traces) if traces else None
+        if trace is not None:
+            self.processor.last_trace = trace  # the whole batch's forward, as without micro-batches
+        if log:
+            metrics.update({f"memory/{k}": v for k, v in memory_report(self.device).items()})
+            if trace is not None:
+                metrics.update({f"flows/{k}": v for k, v in trace.summary().items()})
+                # per lattice step: active flows, spawns, neighbourhood size and mean energy (a curve each in W&B)
+                metrics.update({f"flows/{k}": v for k, v in trace.per_step_metrics().items()})
         if trace is not None and logger.isEnabledFor(DEBUG_CONVERGENCE):
             logger.log(DEBUG_CONVERGENCE, "step %d: %s", self.step + 1, arrival_statistics(trace))
         return metrics
+
+    def _agree_across_ranks(self, bad: str | None, loss_sum: Tensor | None, traces: list[FlowTrace]) -> str | None:
+        """One all-reduce before the last backward (the one that reduces gradients): every rank gets
+        the global loss, flow-steps, arrivals and whether any rank's forward failed, so that all
+        ranks take the same branch (or collectives hang). Sets ``_loss_value``,
+        ``_global_flow_steps`` and ``_global_arrivals``; returns this step's failure, if any."""
+        zero = torch.zeros((), device=self.device)
+        flow_steps = sum(sum(t.active) for t in traces)
+        arrivals = sum(t.total_arrived for t in traces)
+        totals = torch.stack([loss_sum if loss_sum is not None and bad is None else zero, zero + flow_steps,
+                              zero + (bad is not None), zero + arrivals])
+        torch.distributed.all_reduce(totals)
+        self._loss_value = totals[0].item() / self.dist.world_size
+        self._global_flow_steps = int(totals[1].item())
+        # the dead-run alarm judges the global batch: a rank whose shard had no arrivals is not a dead run
+        self._global_arrivals = totals[3].item()
+        if bad is None and totals[2].item() > 0:
+            bad = f"forward failed on {int(totals[2].item())} other rank(s) with non-finite flows"
+        return bad
 
     def _to_device(self, t: Tensor) -> Tensor:
         """Host -> device; through pinned memory on CUDA so the copy does not block the host."""
@@ -534,6 +602,41 @@ class EnergyTrainer:
             if found.resolve() != target.resolve():
                 atomic_write(target, lambda tmp: shutil.copyfile(found, tmp))
             self._best_file_step = self._last_ckpt_best_step = self.best_step
+
+
+def merge_traces(traces: list[FlowTrace]) -> FlowTrace:
+    """One :class:`FlowTrace` of a batch from the traces of its micro-batches' forwards.
+
+    Counts add up step by step (a micro-batch whose forward ended earlier adds nothing to the
+    later steps); the cumulative energy books add up with a finished micro-batch's last row
+    carried on; ``paths`` are not merged (``None``). Device tensors are combined on the device:
+    no host copy.
+    """
+    if len(traces) == 1:
+        return traces[0]
+    steps = max(t.num_steps for t in traces)
+
+    def per_step(name: str) -> list[int]:
+        return [sum(getattr(t, name)[k] for t in traces if k < t.num_steps) for k in range(steps)]
+
+    def books(t: FlowTrace, k: int) -> Tensor:
+        if t.energy_rows:
+            return t.energy_rows[min(k, t.num_steps - 1)]
+        return torch.stack([t.energy_injected, *[torch.zeros_like(t.energy_injected)] * 3])
+
+    return FlowTrace(
+        batch_size=sum(t.batch_size for t in traces),
+        initial_flows=sum(t.initial_flows for t in traces),
+        energy_injected=torch.stack([t.energy_injected for t in traces]).sum(),
+        active=per_step("active"),
+        occupied=per_step("occupied"),
+        spawned=per_step("spawned"),
+        died=per_step("died"),
+        arrived=per_step("arrived"),
+        energy_rows=[torch.stack([books(t, k) for t in traces]).sum(0) for k in range(steps)],
+        neighbourhood_rows=[torch.stack([t.neighbourhood_rows[k] for t in traces if k < t.num_steps]).sum()
+                            for k in range(steps)],
+    )
 
 
 # Per-batch trace means, averaged over the pairs (batch-size weighted) by evaluate().

@@ -1,0 +1,132 @@
+"""Micro-batches and activation checkpointing change the memory of a training step, not its result:
+the trainer's own step gives the same gradients (fp tolerance), loss and flow counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import build_processor, force_spawning, tiny_config
+from efgraph import EnergyTrainer
+from efgraph.training.schedule import warmup_cosine_scheduler
+from efgraph.training.trainer import merge_traces
+
+
+def _config(**overrides):
+    # energy threshold 0.5 with the next energies spread around it: flows die, live, spawn and arrive
+    base = dict(batch_size=7, energy_threshold=0.5, spawn_threshold=0.6, max_active_flows=10, lattice_depth=6,
+                grad_clip=1e9, learning_rate=1e-3, log_every=1)
+    return tiny_config(**{**base, **overrides})
+
+
+def _trainer(config) -> EnergyTrainer:
+    proc = build_processor(config, seed=0)
+    force_spawning(proc)
+    with torch.no_grad():  # next energies straddle the 0.5 threshold: some flows die
+        proc.carrier.energy_head.weight.mul_(20.0)
+        proc.carrier.energy_head.bias.fill_(0.0)
+    trainer = EnergyTrainer(proc, config, progress=False)
+    trainer.scheduler = warmup_cosine_scheduler(trainer.optimizer, 0, 10)
+    return trainer
+
+
+def _step(config, x, y):
+    trainer = _trainer(config)
+    metrics = trainer.train_step(x, y)
+    # grad_clip is huge: the gradients after the step are the raw accumulated ones
+    grads = {name: p.grad.clone() for name, p in trainer.processor.named_parameters() if p.grad is not None}
+    return trainer, metrics, grads
+
+
+@pytest.fixture(scope="module")
+def batch():
+    gen = torch.Generator().manual_seed(0)
+    config = _config()
+    return torch.randn(7, config.input_dim, generator=gen), torch.randn(7, config.output_dim, generator=gen)
+
+
+@pytest.fixture(scope="module")
+def whole(batch):
+    return _step(_config(), *batch)
+
+
+@pytest.mark.parametrize("micro, checkpointing", [(3, False), (1, False), (7, True), (2, True)])
+def test_micro_batches_and_checkpointing_give_the_whole_batch_gradient(batch, whole, micro, checkpointing):
+    ref_trainer, ref_metrics, ref_grads = whole
+    assert ref_trainer.micro_batch_size == 7 and not ref_trainer.processor.config.activation_checkpointing
+    trainer, metrics, grads = _step(_config(micro_batch_size=micro, activation_checkpointing=checkpointing), *batch)
+    assert trainer.micro_batch_size == micro
+    assert trainer.processor.config.activation_checkpointing == checkpointing
+    trace, ref_trace = trainer.processor.last_trace, ref_trainer.processor.last_trace
+    # the dynamics are exercised, and the micro-batches' traces add up to the whole batch's
+    assert ref_trace.total_died > 0 and ref_trace.total_spawned > 0 and ref_trace.total_arrived > 0
+    for name in ("active", "occupied", "spawned", "died", "arrived"):
+        assert getattr(trace, name) == getattr(ref_trace, name), name
+    assert trace.batch_size == 7 and trace.initial_flows == ref_trace.initial_flows
+    torch.testing.assert_close(trace.energy, ref_trace.energy, rtol=1e-5, atol=1e-5)
+    assert metrics["train/loss"] == pytest.approx(ref_metrics["train/loss"], rel=1e-5)
+    assert metrics["train/grad_norm"] == pytest.approx(ref_metrics["train/grad_norm"], rel=1e-4)
+    for key in ("flows/arrived", "flows/spawned", "flows/died", "flows/mean_active_flows", "flows/active_step_1",
+                "flows/energy_arrived_fraction", "flows/neighbourhood_flows", "flows/mean_energy_step_2"):
+        assert metrics[key] == pytest.approx(ref_metrics[key], rel=1e-5), key
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        # fp tolerance: summation order differs (measured: <= 3e-6 of the largest entry; checkpointing alone: exact)
+        scale = float(ref_grads[name].abs().max())
+        assert (g - ref_grads[name]).abs().max() <= 1e-5 * scale + 1e-12, f"gradient of {name}"
+    # one optimizer step per batch, whatever the micro-batching
+    assert trainer.optimizer.state[next(iter(trainer.processor.parameters()))]["step"] == 1
+
+
+def test_a_gradient_of_the_wrong_weighting_would_be_caught(batch, whole):
+    """The comparison above can fail: micro-batch losses summed without their row weights give
+    another gradient (a mean of unequal micro-batch means is not the batch mean)."""
+    from efgraph.training.metrics import embedding_loss
+
+    _, _, ref_grads = whole
+    config = _config()
+    trainer = _trainer(config)
+    x, y = batch
+    for xs, ys in zip(x.split(3), y.split(3)):  # 3 + 3 + 1 rows, each micro-batch's mean unweighted
+        embedding_loss(trainer.processor(xs), ys, config.mse_weight, config.cosine_weight).div(3).backward()
+    name = "lattice.readout_bias"
+    got = dict(trainer.processor.named_parameters())[name].grad
+    ref = ref_grads[name]
+    assert (got - ref).abs().max() > 1e-2 * ref.abs().max()  # far outside the tolerance used above
+
+
+def test_flow_summaries_only_on_logging_steps_and_the_arrival_count_kept(batch):
+    trainer = _trainer(_config(micro_batch_size=3))
+    quiet = trainer.train_step(*batch, log=False)
+    assert not any(k.startswith(("flows/active_step_", "memory/")) for k in quiet)
+    assert "flows/energy_arrived_fraction" not in quiet
+    assert trainer._last_step_arrivals == trainer.processor.last_trace.total_arrived > 0  # for the dead-run alarm
+    loud = trainer.train_step(*batch, log=True)
+    assert "flows/active_step_1" in loud and "flows/energy_arrived_fraction" in loud
+
+
+def test_merge_traces_adds_micro_batches_of_different_lengths():
+    config = _config()
+    proc = build_processor(config)
+    gen = torch.Generator().manual_seed(1)
+    xs = [torch.randn(n, config.input_dim, generator=gen) for n in (2, 3)]
+    with torch.no_grad():  # pinned: part one takes 1 step (jumps to the output face), part two 5
+        proc.carrier.energy_head.weight.zero_()
+        proc.carrier.energy_head.bias.fill_(30.0)
+        proc.carrier.displacement_head.weight[2].zero_()
+        proc.carrier.displacement_head.bias[2] = 30.0
+        proc(xs[0])
+        short = proc.last_trace
+        proc.carrier.displacement_head.bias[2] = -30.0
+        proc(xs[1])
+        long = proc.last_trace
+    assert (short.num_steps, long.num_steps) == (1, 5)
+    merged = merge_traces([short, long])
+    assert merged.batch_size == 5 and merged.num_steps == 5
+    assert merged.active == [short.active[0] + long.active[0], *long.active[1:]]
+    assert merged.total_arrived == short.total_arrived + long.total_arrived
+    # cumulative books: the short part's final row is carried on at later steps
+    torch.testing.assert_close(merged.energy[-1], short.energy[-1] + long.energy[-1])
+    injected = float(merged.energy_injected)
+    in_flight, arrived, lost, created = merged.energy[-1].tolist()
+    assert injected + created == pytest.approx(in_flight + arrived + lost, rel=1e-5)

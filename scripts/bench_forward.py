@@ -18,19 +18,50 @@ dz head is set so that all flows reach the output face in exactly ``--steps`` st
 sets every energy to 1 (nobody dies) and spawning is off. Lateral moves stay as initialised, so flows spread and
 share cells as in an untrained model.
 
-Memory: on CUDA the peak allocated memory; on CPU the bytes of the distinct tensors the autograd
-graph saves for backward (``saved_tensors_hooks``, parameters excluded): the activation memory
-that grows with a forward's size.
+Two more tables (``--workload``):
+
+5. *prior* (``--workload prior``): the prior implementation's workload -- a 28x28x40 lattice,
+   batch 4, 784 flows per sample (every input-face cell), GRU 512 x 3, 19 steps per flow
+   (59,584 flow-steps) -- run three ways, interleaved repeat by repeat: the engine, the engine
+   with ``activation_checkpointing: true``, and the carrier alone. Time, memory, ratios.
+6. *gpu* (``--workload gpu``, the default on CUDA; runs on CPU too): per preset, engine /
+   carrier alone, peak memory, flow-steps per second, dispatcher ops and host syncs per lattice
+   step (:class:`efgraph.utils.dispatch_count.count_ops` over one forward+backward, divided by
+   the steps), and the share of the device's matmul peak that the carrier's recurrent matmuls
+   reach. The peak is a large square matmul timed in the same run: bf16 on CUDA (fp32 too, in the
+   JSON), fp32 on CPU. The carrier's FLOPs are counted analytically,
+   ``3 x sum over layers of 2 * gates * hidden * (layer input + hidden)`` per flow-step
+   (forward, plus backward at twice the forward); ``tests/test_bench_scripts.py`` checks the
+   count against ``torch.utils.flop_counter.FlopCounterMode`` on CPU.
+
+Memory, three measures (MiB in the tables):
+
+- *saved*: the bytes of the distinct tensors autograd saves for backward during the forward
+  (``saved_tensors_hooks``, parameters excluded). With ``activation_checkpointing`` this misses
+  what checkpointing keeps: ``torch.utils.checkpoint`` (non-reentrant) stores a step's
+  non-tensor arguments -- the ``FlowState`` with the flows' hidden states -- by Python
+  reference, not through the hooks, so only the tensors saved outside the checkpointed steps
+  are counted.
+- *held*: what a forward leaves allocated until its backward: on CPU the live heap after the
+  forward minus before it (glibc ``mallinfo2``: in-use arena bytes + mmapped bytes; PyTorch's
+  CPU allocator returns freed tensors to malloc at once, so this is the graph's saved tensors +
+  checkpointed inputs + the loss), on CUDA ``memory_allocated`` after minus before. Without
+  checkpointing it agrees with *saved* to within a few MiB; with it, it is the honest number.
+- *peak* (CUDA only): peak allocated memory over one forward+backward.
 
 Usage::
 
-    python scripts/bench_forward.py                       # CPU defaults (hidden 256 x 3)
-    python scripts/bench_forward.py --hidden 1024 --device cuda --json bench.json
+    python scripts/bench_forward.py                       # CPU: tables 1-4 (hidden 256 x 3)
+    python scripts/bench_forward.py --workload prior      # table 5 (about 4 minutes on a 2-core CPU)
+    python scripts/bench_forward.py --device cuda --json bench.json   # CUDA: tables 5-6, hidden 1024 x 3
+    python scripts/bench_forward.py --workload sweeps gpu prior --device cuda
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import math
 import platform
@@ -44,10 +75,14 @@ import torch
 from efgraph import (EnergyConfig, EnergyLattice, FlowProcessor, SimpleNeuron, create_debug_config,
                      create_experiment_config, create_optimized_config)
 from efgraph.core.dense_reference import DenseReferenceProcessor
+from efgraph.utils.dispatch_count import count_ops
 from efgraph.utils.memory import saved_activation_bytes
 
 PRESETS = {"debug": create_debug_config, "experiment": create_experiment_config, "optimized": create_optimized_config}
 LATTICES = [(20, 20, 10), (35, 35, 15), (50, 50, 20), (75, 75, 35), (100, 100, 50)]
+WORKLOADS = ("sweeps", "prior", "gpu")
+# the prior implementation's workload: lattice, batch, flows per sample, carrier, steps per flow
+PRIOR = dict(shape=(28, 28, 40), batch=4, flows=784, hidden=512, layers=3, steps=19)
 
 
 def dz_fraction_for_steps(depth: int, steps: int) -> float:
@@ -92,11 +127,33 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int, warmup: int,
-            params: list[torch.Tensor] | None = None) -> dict[str, float]:
-    """Median / min seconds of ``fn().backward()`` and its memory."""
-    for _ in range(warmup):
-        fn().backward()
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _mallinfo2() -> Callable[[], _MallInfo2] | None:
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2  # glibc >= 2.33
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    return fn
+
+
+_MALLINFO2 = _mallinfo2()
+
+
+def heap_live_bytes() -> int | None:
+    """Bytes malloc has handed out and not had back (arena in-use + mmapped), or ``None`` off glibc."""
+    if _MALLINFO2 is None:
+        return None
+    info = _MALLINFO2()
+    return int(info.uordblks + info.hblkhd)
+
+
+def timings(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` timed ``fn().backward()``."""
     times = []
     for _ in range(repeats):
         sync(device)
@@ -104,16 +161,42 @@ def measure(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int, 
         fn().backward()
         sync(device)
         times.append(time.perf_counter() - t0)
+    return times
+
+
+def memory(fn: Callable[[], torch.Tensor], device: torch.device, params: list[torch.Tensor]) -> dict[str, float | None]:
+    """One ``fn().backward()``: saved / held / peak MiB (see the module docstring)."""
+    mib = 2**20
+    gc.collect()
     if device.type == "cuda":
+        sync(device)
         torch.cuda.reset_peak_memory_stats(device)
-        fn().backward()
-        mem = torch.cuda.max_memory_allocated(device)
+        before = torch.cuda.memory_allocated(device)
     else:
-        with saved_activation_bytes(params or []) as counter:
-            loss = fn()
-        loss.backward()
-        mem = counter[0]
-    return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "memory_mb": mem / 2**20}
+        before = heap_live_bytes()
+    with saved_activation_bytes(params) as counter:
+        loss = fn()
+    gc.collect()
+    if device.type == "cuda":
+        held: float | None = (torch.cuda.memory_allocated(device) - before) / mib
+    else:
+        after = heap_live_bytes()
+        held = None if before is None or after is None else (after - before) / mib
+    loss.backward()
+    del loss
+    peak = torch.cuda.max_memory_allocated(device) / mib if device.type == "cuda" else None
+    return {"saved_mb": counter[0] / mib, "held_mb": held, "peak_mb": peak}
+
+
+def measure(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int, warmup: int,
+            params: list[torch.Tensor] | None = None) -> dict[str, float]:
+    """Median / min seconds of ``fn().backward()`` and its memory (``memory_mb``: peak on CUDA,
+    saved activations on CPU; ``saved_mb``, ``held_mb``, ``peak_mb`` as in :func:`memory`)."""
+    timings(fn, device, warmup)
+    times = timings(fn, device, repeats)
+    mem = memory(fn, device, params or [])
+    primary = mem["peak_mb"] if device.type == "cuda" else mem["saved_mb"]
+    return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "memory_mb": primary, **mem}
 
 
 def build(config: EnergyConfig, steps: int, device: torch.device, seed: int = 0,
@@ -148,18 +231,132 @@ def carrier_fn(proc: FlowProcessor, num_flows: int, steps: int, device: torch.de
     return run
 
 
-def run(args: argparse.Namespace) -> dict:
-    device = torch.device(args.device)
-    base = dict(carrier_hidden_dim=args.hidden, carrier_num_layers=args.layers, carrier_type=args.carrier,
-                interaction_radius=args.radius)
-    results: dict[str, list[dict]] = {"lattice": [], "flows": [], "overhead": [], "dense": []}
-    meta = {
-        "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-        "cpu_threads": torch.get_num_threads(), "machine": platform.machine(), "args": vars(args),
-    }
-    if device.type == "cuda":
-        meta["gpu"] = torch.cuda.get_device_name(device)
+def recurrent_flops_per_flow_step(config: EnergyConfig) -> float:
+    """Matmul FLOPs of the carrier's recurrent cell for one flow-step, forward + backward.
 
+    Forward, per layer: ``2 * gates * hidden * (layer input + hidden)`` (input and hidden
+    projections; gates 3 for a GRU, 4 for an LSTM); backward about twice that (the gradients of
+    the weights and of the inputs), so x3."""
+    gates = 4 if config.carrier_type == "lstm" else 3
+    hidden = config.carrier_hidden_dim
+    step_input = config.neuron_output_dim + 1 + config.position_encoding_dim
+    forward = sum(2 * gates * hidden * ((step_input if layer == 0 else hidden) + hidden)
+                  for layer in range(config.carrier_num_layers))
+    return 3.0 * forward
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, size: int, iters: int = 10) -> float:
+    """TFLOP/s of a square ``size`` x ``size`` matmul in ``dtype``: the device's practical peak."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    sync(device)
+    return 2.0 * size**3 * iters / (time.perf_counter() - t0) / 1e12
+
+
+def interleaved(fns: dict[str, Callable[[], torch.Tensor]], device: torch.device, repeats: int,
+                warmup: int) -> dict[str, list[float]]:
+    """Time each function once per round, ``repeats`` rounds, so all see the same machine state."""
+    for fn in fns.values():
+        timings(fn, device, warmup)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name] += timings(fn, device, 1)
+    return times
+
+
+def prior_config(args: argparse.Namespace) -> EnergyConfig:
+    w, h, d = args.prior_shape
+    return create_debug_config(
+        lattice_width=w, lattice_height=h, lattice_depth=d, initial_flows_per_sample=args.prior_flows,
+        max_active_flows=args.prior_flows, batch_size=args.prior_batch, carrier_hidden_dim=args.prior_hidden,
+        carrier_num_layers=args.prior_layers, carrier_type="gru", interaction_radius=args.radius,
+    )
+
+
+def run_prior(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """Table 5: the engine, the engine with activation checkpointing, the carrier alone."""
+    config = prior_config(args)
+    steps, batch = args.prior_steps, args.prior_batch
+    flows = args.prior_flows * batch
+    engine = build(config, steps, device)
+    checkpointed = build(config.replace(activation_checkpointing=True), steps, device)
+    fns = {
+        "engine": engine_fn(engine, batch, device),
+        "engine + activation_checkpointing": engine_fn(checkpointed, batch, device),
+        "carrier alone": carrier_fn(engine, flows, steps, device),
+    }
+    procs = {"engine": engine, "engine + activation_checkpointing": checkpointed, "carrier alone": engine}
+    times = interleaved(fns, device, args.prior_repeats, args.prior_warmup)
+    for name in ("engine", "engine + activation_checkpointing"):
+        assert procs[name].last_trace.num_steps == steps, (name, procs[name].last_trace.num_steps)
+    rows = []
+    for name, fn in fns.items():
+        mem = memory(fn, device, list(procs[name].parameters()))
+        rows.append({"variant": name, "median_ms": 1e3 * statistics.median(times[name]),
+                     "min_ms": 1e3 * min(times[name]), "times_ms": [1e3 * t for t in times[name]], **mem})
+        print(f"  prior {name}: {rows[-1]['median_ms']:.0f} ms", file=sys.stderr)
+    carrier_ms, engine_ms = rows[2]["median_ms"], rows[0]["median_ms"]
+    for r in rows:
+        r.update(vs_carrier=r["median_ms"] / carrier_ms, vs_engine=r["median_ms"] / engine_ms,
+                 lattice="x".join(map(str, args.prior_shape)), batch=batch, flows=flows, steps=steps,
+                 flow_steps=flows * steps, carrier=f"gru {args.prior_hidden}x{args.prior_layers}")
+    return rows
+
+
+def run_gpu(args: argparse.Namespace, device: torch.device, base: dict) -> tuple[list[dict], dict]:
+    """Table 6: per preset, engine / carrier, memory, flow-steps/s, ops and syncs per step, and
+    the carrier's matmul throughput against the device's measured peak."""
+    size = args.peak_size or (8192 if device.type == "cuda" else 2048)
+    peaks = {"fp32": matmul_peak_tflops(device, torch.float32, size)}
+    if device.type == "cuda":
+        peaks["bf16"] = matmul_peak_tflops(device, torch.bfloat16, size)
+    peak_dtype = "bf16" if device.type == "cuda" else "fp32"
+    peak_meta = {"matmul_peak_tflops": peaks, "peak_dtype": peak_dtype, "peak_size": size}
+    print(f"  matmul peak ({size}^2): " + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in peaks.items()), file=sys.stderr)
+    rows = []
+    for name in args.gpu_presets:
+        preset = PRESETS[name]()
+        config = preset.replace(**base)
+        batch = args.gpu_batch or preset.batch_size
+        flows = preset.initial_flows_per_sample * batch
+        proc = build(config, args.steps, device)
+        engine, floor = engine_fn(proc, batch, device), carrier_fn(proc, flows, args.steps, device)
+        times = interleaved({"engine": engine, "carrier": floor}, device, args.repeats, args.warmup)
+        params = list(proc.parameters())
+        e_mem, c_mem = memory(engine, device, params), memory(floor, device, params)
+        with count_ops() as counter:
+            engine().backward()
+        steps = proc.last_trace.num_steps
+        assert steps == args.steps, (name, steps)
+        e_s, c_s = statistics.median(times["engine"]), statistics.median(times["carrier"])
+        flops = recurrent_flops_per_flow_step(config) * flows * steps
+        rows.append({
+            "preset": name, "lattice": f"{config.lattice_width}x{config.lattice_height}x{config.lattice_depth}",
+            "batch": batch, "flows": flows, "steps": steps,
+            "carrier": f"{config.carrier_type} {config.carrier_hidden_dim}x{config.carrier_num_layers}",
+            "engine_ms": 1e3 * e_s, "carrier_ms": 1e3 * c_s, "ratio": e_s / c_s,
+            "engine_memory": e_mem, "carrier_memory": c_mem,
+            "flow_steps_per_s": flows * steps / e_s,
+            "ops_per_step": counter.count.ops / steps, "syncs_per_step": counter.count.syncs / steps,
+            "sync_ops": dict(counter.count.sync_names),
+            "carrier_flops": flops, "carrier_tflops": flops / c_s / 1e12, "engine_carrier_tflops": flops / e_s / 1e12,
+            "carrier_peak_share": {k: flops / c_s / 1e12 / v for k, v in peaks.items()},
+            "engine_peak_share": {k: flops / e_s / 1e12 / v for k, v in peaks.items()},
+        })
+        print(f"  gpu {name}: {1e3 * e_s:.1f} / {1e3 * c_s:.1f} ms, {counter.count.syncs / steps:.1f} syncs/step",
+              file=sys.stderr)
+    return rows, peak_meta
+
+
+def run_sweeps(args: argparse.Namespace, device: torch.device, base: dict, results: dict) -> None:
+    """Tables 1-4."""
     for w, h, d in LATTICES[: args.max_lattices]:
         config = create_debug_config(lattice_width=w, lattice_height=h, lattice_depth=d,
                                      initial_flows_per_sample=args.flows, max_active_flows=max(args.flows, 100), **base)
@@ -211,6 +408,26 @@ def run(args: argparse.Namespace) -> dict:
             "sparse_memory_mb": s_row["memory_mb"], "dense_memory_mb": d_row["memory_mb"],
         })
         print(f"  dense {name}: {d_row['median_ms']:.1f} / {s_row['median_ms']:.1f} ms", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    base = dict(carrier_hidden_dim=args.hidden, carrier_num_layers=args.layers, carrier_type=args.carrier,
+                interaction_radius=args.radius)
+    results: dict[str, list[dict]] = {"lattice": [], "flows": [], "overhead": [], "dense": [], "prior": [], "gpu": []}
+    meta = {
+        "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(), "machine": platform.machine(), "args": vars(args),
+    }
+    if device.type == "cuda":
+        meta["gpu"] = torch.cuda.get_device_name(device)
+    if "gpu" in args.workload:
+        results["gpu"], peak_meta = run_gpu(args, device, base)
+        meta.update(peak_meta)
+    if "prior" in args.workload:
+        results["prior"] = run_prior(args, device)
+    if "sweeps" in args.workload:
+        run_sweeps(args, device, base, results)
     return {"meta": meta, **results}
 
 
@@ -242,12 +459,44 @@ def print_tables(res: dict) -> None:
         for r in res["dense"]:
             print(f"| {r['preset']} | {r['lattice']} | {r['batch']} | {r['flows']} | {r['sparse_ms']:.1f} "
                   f"| {r['dense_ms']:.1f} | {r['speedup']:.1f} | {r['sparse_memory_mb']:.1f} | {r['dense_memory_mb']:.1f} |")
+    if res["prior"]:
+        r0 = res["prior"][0]
+        cuda = m["device"].startswith("cuda")
+        print(f"\nprior workload: lattice {r0['lattice']}, batch {r0['batch']}, {r0['flows']} flows, {r0['carrier']}, "
+              f"{r0['steps']} steps per flow ({r0['flow_steps']:,} flow-steps), median of {len(r0['times_ms'])}")
+        print("\n| run | fwd+bwd ms | / carrier | / engine | saved MiB | held MiB |" + (" peak MiB |" if cuda else "")
+              + "\n|---|---:|---:|---:|---:|---:|" + ("---:|" if cuda else ""))
+        for r in res["prior"]:
+            print(f"| {r['variant']} | {r['median_ms']:.0f} | {r['vs_carrier']:.2f} | {r['vs_engine']:.2f} "
+                  f"| {_mb(r['saved_mb'])} | {_mb(r['held_mb'])} |" + (f" {_mb(r['peak_mb'])} |" if cuda else ""))
+    if res["gpu"]:
+        dtype = m["peak_dtype"]
+        peak = m["matmul_peak_tflops"][dtype]
+        mem = "peak MiB" if m["device"].startswith("cuda") else "held MiB"
+        key = "peak_mb" if m["device"].startswith("cuda") else "held_mb"
+        print(f"\nmeasured {dtype} matmul peak ({m['peak_size']}^2): {peak:.2f} TFLOP/s")
+        print(f"\n| preset | lattice | flows | steps | engine ms | carrier ms | engine / carrier | engine {mem} "
+              f"| carrier {mem} | flow-steps/s | ops / step | syncs / step | carrier TFLOP/s | carrier % of {dtype} peak "
+              f"| in engine % |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in res["gpu"]:
+            print(f"| {r['preset']} | {r['lattice']} | {r['flows']} | {r['steps']} | {r['engine_ms']:.1f} "
+                  f"| {r['carrier_ms']:.1f} | {r['ratio']:.2f} | {_mb(r['engine_memory'][key])} "
+                  f"| {_mb(r['carrier_memory'][key])} | {r['flow_steps_per_s']:,.0f} | {r['ops_per_step']:.0f} "
+                  f"| {r['syncs_per_step']:.1f} | {r['carrier_tflops']:.3g} | {100 * r['carrier_peak_share'][dtype]:.1f} "
+                  f"| {100 * r['engine_peak_share'][dtype]:.1f} |")
+
+
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}" if abs(value) >= 10 else f"{value:.1f}"
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--hidden", type=int, default=256, help="carrier hidden size (1024 is the design's; 256 fits a CPU)")
+    p.add_argument("--workload", nargs="+", choices=WORKLOADS, default=None,
+                   help="tables to run: sweeps (1-4), prior (5), gpu (6); default sweeps on CPU, gpu prior on CUDA")
+    p.add_argument("--hidden", type=int, default=None,
+                   help="carrier hidden size (default 1024, the design's, on CUDA; 256 on CPU)")
     p.add_argument("--layers", type=int, default=3, help="carrier layers")
     p.add_argument("--carrier", choices=["gru", "lstm"], default="gru")
     p.add_argument("--radius", type=int, default=1,
@@ -264,8 +513,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3, help="interleaved engine/carrier rounds for the overhead table")
+    g = p.add_argument_group("table 5 (prior workload)")
+    g.add_argument("--prior-shape", type=int, nargs=3, default=list(PRIOR["shape"]), metavar=("W", "H", "D"))
+    g.add_argument("--prior-batch", type=int, default=PRIOR["batch"])
+    g.add_argument("--prior-flows", type=int, default=PRIOR["flows"], help="flows per sample")
+    g.add_argument("--prior-hidden", type=int, default=PRIOR["hidden"])
+    g.add_argument("--prior-layers", type=int, default=PRIOR["layers"])
+    g.add_argument("--prior-steps", type=int, default=PRIOR["steps"])
+    g.add_argument("--prior-repeats", type=int, default=3)
+    g.add_argument("--prior-warmup", type=int, default=1)
+    g = p.add_argument_group("table 6 (gpu)")
+    g.add_argument("--gpu-presets", nargs="*", default=["debug", "experiment", "optimized"], choices=list(PRESETS))
+    g.add_argument("--gpu-batch", type=int, default=0, help="batch (0: the preset's)")
+    g.add_argument("--peak-size", type=int, default=0, help="matmul size for the peak (0: 8192 on CUDA, 2048 on CPU)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)
+    cuda = torch.device(args.device).type == "cuda"
+    if args.workload is None:
+        args.workload = ["gpu", "prior"] if cuda else ["sweeps"]
+    if args.hidden is None:
+        args.hidden = 1024 if cuda else 256
     res = run(args)
     print_tables(res)
     if args.json:

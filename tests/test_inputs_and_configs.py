@@ -3,25 +3,77 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import build_processor, tiny_config
-from efgraph import EnergyConfig, EnergyLattice, FlowProcessor, SimpleNeuron, create_debug_config
+from efgraph import (EnergyConfig, EnergyLattice, EnergyTrainer, FlowProcessor, SimpleNeuron, create_debug_config,
+                     create_experiment_config)
+from efgraph.training.run import seed_everything
+from efgraph.training.run_logger import RunLogger
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
-def test_seed_usage_works_as_written():
-    config = create_debug_config(carrier_hidden_dim=32, carrier_num_layers=1)
+class _Recorder(RunLogger):
+    """Keeps every logged row in memory (no run folder, no W&B)."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.rows: list[tuple[int, dict]] = []
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        super().log(metrics, step)
+        self.rows.append((step, dict(metrics)))
+
+
+def _usage(seed: int) -> tuple[FlowProcessor, list[float], object, dict]:
+    """README's "Using it from Python", on the experiment preset shrunk to run in a second:
+    config -> lattice, neuron, processor -> a forward and its trace -> EnergyTrainer(...).train."""
+    config = create_experiment_config(
+        lattice_width=6, lattice_height=5, lattice_depth=6, input_dim=12, output_dim=10,
+        initial_flows_per_sample=4, max_active_flows=12, max_spawn_per_step=3, carrier_hidden_dim=16,
+        carrier_num_layers=1, child_rank=4, face_channels=8, readout_hidden_dim=16, injection_rank=4,
+        batch_size=4, epochs=2, warmup_steps=1, learning_rate=1e-2, log_every=1, seed=seed,
+    )
+    seed_everything(config.seed)  # what scripts/train.py does with the config's seed
     lattice = EnergyLattice(config)
     neuron = SimpleNeuron(config)
     processor = FlowProcessor(lattice, neuron, config)
-    x = torch.randn(2, 768)
-    y = processor(x)
-    assert y.shape == (2, 768) and torch.isfinite(y).all()
+    y = processor(torch.randn(8, config.input_dim))
+    assert y.shape == (8, config.output_dim) and torch.isfinite(y).all()
+    summary = processor.last_trace.summary()
+
+    data = torch.Generator().manual_seed(1234)  # the same pairs for every seed
+    inputs, targets = torch.randn(16, 12, generator=data), torch.randn(16, 10, generator=data)
+    recorder = _Recorder()
+    result = EnergyTrainer(processor, config, run_logger=recorder, progress=False).train(inputs, targets, epochs=2)
+    losses = [m["train/loss"] for _, m in recorder.rows if "train/loss" in m]
+    return processor, losses, result, summary
+
+
+def test_seed_usage_works_as_written():
+    """The README's usage trains: same seed -> the same losses and parameters, bit for bit;
+    another seed -> another model."""
+    a, losses_a, result_a, summary = _usage(seed=3)
+    b, losses_b, _, _ = _usage(seed=3)
+    c, losses_c, _, _ = _usage(seed=4)
+
+    assert summary and all(math.isfinite(v) for v in summary.values())
+    assert result_a.steps == 8 and len(losses_a) == 8  # 16 pairs / batch 4 x 2 epochs, a row per step
+    assert all(math.isfinite(v) for v in losses_a) and result_a.last_train_loss == losses_a[-1]
+    assert losses_a == losses_b
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert losses_a != losses_c
+    assert any(not torch.equal(p, q) for p, q in zip(a.state_dict().values(), c.state_dict().values()))
+    # training moved the weights: the same seed's untrained model differs from the trained one
+    seed_everything(3)
+    untrained = FlowProcessor.from_config(a.config)
+    moved = {k for k, v in untrained.state_dict().items() if not torch.equal(v, a.state_dict()[k])}
+    assert {"carrier.rnn.weight_hh_l0", "lattice.output_gate", "lattice.readout_bias"} <= moved, moved
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)

@@ -316,3 +316,30 @@ def test_debug_convergence_logs_arrival_statistics_and_steps_log_mean_flow_energ
     # mean energy of a flow at the start of each lattice step: step 1 holds the injected energy
     assert metrics["flows/mean_energy_step_1"] == pytest.approx(float(trace.energy_injected) / trace.active[0], rel=1e-5)
     assert len([k for k in metrics if k.startswith("flows/mean_energy_step_")]) == trace.num_steps
+
+
+def test_training_in_micro_batches_follows_the_whole_batch_run(tmp_path):
+    """train() with micro-batches (6, 6 and 4 rows) and checkpointing: the same losses and
+    flow counts in the log and (fp tolerance) the same parameters as the whole-batch run."""
+    import json
+
+    train_x, train_y, _, _ = _teacher(n=72)  # 32 training pairs: 2 steps of 16
+
+    def run(folder, **overrides):
+        config = _config(epochs=1, log_every=1, checkpoint_every=100, **overrides)
+        torch.manual_seed(0)
+        trainer = EnergyTrainer(FlowProcessor.from_config(config), config, run_dir=folder, progress=False)
+        trainer.train(train_x, train_y)
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        return trainer, [r for r in rows if "train/loss" in r]
+
+    whole, whole_rows = run(tmp_path / "a")
+    micro, micro_rows = run(tmp_path / "b", micro_batch_size=6, activation_checkpointing=True)
+    assert whole.micro_batch_size == 16 and micro.micro_batch_size == 6
+    assert len(micro_rows) == len(whole_rows) == 2
+    for a, b in zip(whole_rows, micro_rows):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5)
+        for key in ("flows/arrived", "flows/spawned", "flows/died", "flows/active_step_1"):
+            assert b[key] == a[key], key
+    for (name, a), (_, b) in zip(whole.processor.state_dict().items(), micro.processor.state_dict().items()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=f"{name} differs")

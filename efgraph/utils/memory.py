@@ -42,7 +42,8 @@ which also sees what a checkpoint keeps and the recompute in backward): measured
 ``8.0 S + 320`` floats saved per flow-step (LSTM ``31 S``), a checkpointed flow-step keeps ``S``
 (LSTM ``2 S``), an injected flow ``S + 540`` and a deposit ``~8.5 * face_channels + 4 *
 readout_hidden_dim``. The test pins the worst case at hidden 1024 x 3 layers and checks that the
-estimate is >= the measurement and within 1.5x of it, with and without checkpointing.
+estimate is >= the measurement and within 1.5x of it, with and without checkpointing (measured:
+1.13x the peak and 1.19x the saved tensors without, 1.15x the peak with checkpointing).
 """
 
 from __future__ import annotations

@@ -23,7 +23,9 @@ Two more tables (``--workload``):
 5. *prior* (``--workload prior``): the prior implementation's workload -- a 28x28x40 lattice,
    batch 4, 784 flows per sample (every input-face cell), GRU 512 x 3, 19 steps per flow
    (59,584 flow-steps) -- run three ways, interleaved repeat by repeat: the engine, the engine
-   with ``activation_checkpointing: true``, and the carrier alone. Time, memory, ratios.
+   with ``activation_checkpointing: true``, and the carrier alone. Time, memory, ratios (each
+   the median over rounds of the ratio within a round, so that a load that comes and goes on a
+   shared machine cancels out).
 6. *gpu* (``--workload gpu``, the default on CUDA; runs on CPU too): per preset, engine /
    carrier alone, peak memory, flow-steps per second, dispatcher ops and host syncs per lattice
    step (:class:`efgraph.utils.dispatch_count.count_ops` over one forward+backward, divided by
@@ -304,9 +306,16 @@ def run_prior(args: argparse.Namespace, device: torch.device) -> list[dict]:
         print(f"  prior {name}: {rows[-1]['median_ms']:.0f} ms", file=sys.stderr)
     carrier_ms, engine_ms = rows[2]["median_ms"], rows[0]["median_ms"]
     for r in rows:
-        r.update(vs_carrier=r["median_ms"] / carrier_ms, vs_engine=r["median_ms"] / engine_ms,
+        # ratios: the median over rounds of the ratio within a round (the three runs of a round
+        # share the machine's load; on a shared CPU the load moves between rounds)
+        paired = {ref: statistics.median(t / u for t, u in zip(r["times_ms"], rows[k]["times_ms"]))
+                  for ref, k in (("carrier", 2), ("engine", 0))}
+        r.update(vs_carrier=paired["carrier"], vs_engine=paired["engine"],
+                 vs_carrier_of_medians=r["median_ms"] / carrier_ms, vs_engine_of_medians=r["median_ms"] / engine_ms,
                  lattice="x".join(map(str, args.prior_shape)), batch=batch, flows=flows, steps=steps,
-                 flow_steps=flows * steps, carrier=f"gru {args.prior_hidden}x{args.prior_layers}")
+                 flow_steps=flows * steps, carrier=f"gru {args.prior_hidden}x{args.prior_layers}",
+                 # what checkpointing must keep at least: every step's input hidden states, fp32
+                 hidden_states_mb=steps * args.prior_layers * flows * args.prior_hidden * 4 / 2**20)
     return rows
 
 
@@ -433,9 +442,11 @@ def run(args: argparse.Namespace) -> dict:
 
 def print_tables(res: dict) -> None:
     m = res["meta"]
-    print(f"device {m['device']} ({m.get('gpu', m['machine'])}), torch {m['torch']}, threads {m['cpu_threads']}, "
-          f"carrier {m['args']['carrier']} {m['args']['hidden']}x{m['args']['layers']}, steps {m['args']['steps']}, "
-          f"median of {m['args']['repeats']}")
+    line = f"device {m['device']} ({m.get('gpu', m['machine'])}), torch {m['torch']}, threads {m['cpu_threads']}"
+    if any(res[k] for k in ("lattice", "flows", "overhead", "dense", "gpu")):  # table 5 prints its own settings
+        line += (f", carrier {m['args']['carrier']} {m['args']['hidden']}x{m['args']['layers']}, "
+                 f"steps {m['args']['steps']}, median of {m['args']['repeats']}")
+    print(line)
     mem = "peak MiB" if m["device"].startswith("cuda") else "activation MiB"
     if res["lattice"]:
         print(f"\n| lattice | cells | flows | fwd+bwd ms | {mem} |\n|---|---:|---:|---:|---:|")
@@ -463,11 +474,12 @@ def print_tables(res: dict) -> None:
         r0 = res["prior"][0]
         cuda = m["device"].startswith("cuda")
         print(f"\nprior workload: lattice {r0['lattice']}, batch {r0['batch']}, {r0['flows']} flows, {r0['carrier']}, "
-              f"{r0['steps']} steps per flow ({r0['flow_steps']:,} flow-steps), median of {len(r0['times_ms'])}")
-        print("\n| run | fwd+bwd ms | / carrier | / engine | saved MiB | held MiB |" + (" peak MiB |" if cuda else "")
-              + "\n|---|---:|---:|---:|---:|---:|" + ("---:|" if cuda else ""))
+              f"{r0['steps']} steps per flow ({r0['flow_steps']:,} flow-steps), median of {len(r0['times_ms'])}; "
+              f"the hidden states of all steps: {r0['hidden_states_mb']:.0f} MiB")
+        print("\n| run | median ms | min ms | / carrier | / engine | saved MiB | held MiB |"
+              + (" peak MiB |" if cuda else "") + "\n|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if cuda else ""))
         for r in res["prior"]:
-            print(f"| {r['variant']} | {r['median_ms']:.0f} | {r['vs_carrier']:.2f} | {r['vs_engine']:.2f} "
+            print(f"| {r['variant']} | {r['median_ms']:.0f} | {r['min_ms']:.0f} | {r['vs_carrier']:.2f} | {r['vs_engine']:.2f} "
                   f"| {_mb(r['saved_mb'])} | {_mb(r['held_mb'])} |" + (f" {_mb(r['peak_mb'])} |" if cuda else ""))
     if res["gpu"]:
         dtype = m["peak_dtype"]

@@ -40,10 +40,12 @@ def test_prior_and_gpu_tables_run_tiny_and_write_sane_json(tmp_path, capsys):
     assert [r["variant"] for r in prior] == ["engine", "engine + activation_checkpointing", "carrier alone"]
     for r in prior:
         assert (r["flows"], r["steps"], r["flow_steps"]) == (40, 4, 160)
+        assert r["hidden_states_mb"] == pytest.approx(4 * 2 * 40 * 16 * 4 / 2**20)  # steps x layers x flows x hidden
         assert r["median_ms"] > 0 and len(r["times_ms"]) == 1
         assert r["saved_mb"] > 0 and r["held_mb"] is not None and r["held_mb"] > 0
         assert r["peak_mb"] is None  # CUDA only
-        assert math.isclose(r["vs_carrier"], r["median_ms"] / prior[2]["median_ms"])
+        assert math.isclose(r["vs_carrier"], r["times_ms"][0] / prior[2]["times_ms"][0])  # one round
+        assert math.isclose(r["vs_engine_of_medians"], r["median_ms"] / prior[0]["median_ms"])
     assert prior[2]["vs_carrier"] == 1.0 and prior[0]["vs_engine"] == 1.0
     assert "| engine + activation_checkpointing |" in printed and "4 steps per flow (160 flow-steps)" in printed
 

@@ -4,6 +4,7 @@ activation checkpointing), it makes the optimized preset fit 80 GiB, and it refu
 from __future__ import annotations
 
 import math
+import weakref
 
 import pytest
 import torch
@@ -170,3 +171,15 @@ def test_trainer_uses_the_plan_that_fits_the_device(monkeypatch):
     assert trainer.micro_batch_size == 16 and trainer.processor.config.activation_checkpointing
     assert not config.activation_checkpointing  # the caller's config is left alone
     assert math.ceil(64 / trainer.micro_batch_size) == trainer.memory_plan.num_micro_batches
+
+
+def test_counting_saved_activations_frees_the_graph_afterwards():
+    # a pack hook that returned a saved output as itself would tie it to its own grad_fn (a C++
+    # reference cycle): the tensor would outlive every Python reference to it
+    x = torch.randn(64, 64, requires_grad=True)
+    with saved_activation_bytes() as counter:
+        y = torch.sigmoid(x)  # sigmoid saves its output
+    assert counter[0] == 64 * 64 * 4
+    ref = weakref.ref(y)
+    del y
+    assert ref() is None

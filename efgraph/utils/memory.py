@@ -153,7 +153,9 @@ def saved_activation_bytes(params: Iterable[torch.Tensor] = ()) -> Iterator[list
         if ptr not in seen:
             seen.add(ptr)
             total[0] += t.untyped_storage().nbytes()
-        return t
+        # detached: a saved *output* returned as itself would hold its own grad_fn, a reference
+        # cycle through C++ that Python's collector cannot free (the graph would leak)
+        return t.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield total

@@ -44,4 +44,5 @@ class DenseReferenceProcessor(FlowProcessor):
         transformation = self.neuron(torch.cat([aggregated, cell_pe], dim=1))  # every cell
         occupied = torch.unique(cell_id)
         return CellStep(transformation.index_select(0, cell_id), occupied,
-                        counts.squeeze(1).index_select(0, cell_id).sum(), torch.tensor(occupied.numel()))
+                        counts.squeeze(1).index_select(0, cell_id).sum(),
+                        torch.tensor(occupied.numel(), device=cell_id.device))

@@ -99,7 +99,8 @@ class EnergyConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast; the recurrent cell and positions stay fp32)
     compile: bool = False  # torch.compile the dense part of each step (dynamic shapes, one graph)
     # recompute each lattice step in backward instead of keeping its activations: the saved
-    # activations fall to about the flows' hidden states, for ~1/3 more compute
+    # activations fall to about the flows' hidden states, for ~1/3 more compute. true = always;
+    # false = only when the trainer's memory plan needs it to fit (efgraph.utils.memory)
     activation_checkpointing: bool = False
     # rows per forward+backward; a batch is split into micro-batches whose gradients accumulate
     # (same update as the whole batch). 0 = the whole batch, or what the memory plan needs to fit

@@ -273,12 +273,14 @@ class FlowProcessor(nn.Module):
         # ... and the step's one host sync reads how many flows each mask holds (it fixes the
         # next step's shapes); the flows are then picked by slicing stable sorts, which give the
         # same ascending indices that nonzero would, at no further sync.
-        if not host_counts:
+        if host_counts:  # a recompute of this step (activation checkpointing): reuse what it read
+            read = host_counts
+        else:
             counts = [alive.sum(), arrived.sum(), spawns.sum(), cells.num_occupied]
             read = read_counts(counts + ([also_read] if also_read is not None else []))
             if host_counts is not None:
                 host_counts.extend(read)
-        n_alive, n_arrived, n_spawned, n_occupied, *extra = host_counts or read
+        n_alive, n_arrived, n_spawned, n_occupied, *extra = read
         n_died = state.num_flows - n_alive - n_arrived
         if n_alive == state.num_flows:  # fast path: nobody arrives or dies
             alive_idx = arrived_idx = died_idx = None

@@ -41,12 +41,17 @@ def _run(run_dir: Path, nproc: int, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
-def test_two_gloo_processes_match_one_process(tmp_path):
-    single = _run(tmp_path / "one", 1)
+def test_two_gloo_processes_in_micro_batches_match_one_process(tmp_path):
+    # each rank runs its 8 or 7 rows as micro-batches of 3 (3+3+2, 3+3+1) with activation
+    # checkpointing; the update must still be the one-process whole-batch one, which a micro-batch
+    # loss weighted by anything but its share of the global batch's rows would break
+    single = _run(tmp_path / "one", 1, "--stop-at-step", "6")
     assert single.returncode == 0, single.stderr[-3000:]
-    double = _run(tmp_path / "two", 2)
+    double = _run(tmp_path / "two", 2, "--stop-at-step", "6", "--set", "micro_batch_size=3",
+                  "--set", "activation_checkpointing=true")
     assert double.returncode == 0, double.stderr[-3000:]
     assert "2 process(es)" in double.stderr
+    assert "activation checkpointing on, micro-batches of 3" in double.stderr
     a = torch.load(tmp_path / "one/checkpoints/last.pt", weights_only=True)
     b = torch.load(tmp_path / "two/checkpoints/last.pt", weights_only=True)
     assert a["step"] == b["step"] == 6

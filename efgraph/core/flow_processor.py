@@ -2,10 +2,12 @@
 
 A step, for all F active flows of the batch at once (no Python loop over flows):
 
-1. *Occupied cells*: cell id = (sample, cell) compacted with ``torch.unique`` -> C cells.
+1. *Occupied cells*: cell id = (sample, cell) compacted by a sort at a static size
+   (:func:`~efgraph.core.compaction.unique_padded`) -> C cells in F rows.
 2. *Message passing* flows -> occupied cells within ``interaction_radius`` of each flow's cell
    (:class:`FlowToCellConv` over :func:`neighbourhood_edges`), the :class:`SimpleNeuron` on the
-   C occupied cells, each flow gathers its own cell's transformation.
+   F rows (the C occupied cells, then padding nobody reads), each flow gathers its own cell's
+   transformation.
 3. *Carrier*: one recurrent call over the F flows, then the heads.
 4. *Move*: lateral move reflected at the faces, ``dz >= 1`` and never past the output face.
 5. *Lifecycle*: the carrier *sets* each flow's energy (``sigmoid`` of its energy head, so it can
@@ -31,7 +33,7 @@ from torch import Tensor, nn
 from torch_geometric.utils import degree
 
 from efgraph.config import ARCHITECTURE_KEYS, EnergyConfig
-from efgraph.core.budget import rank_within_group
+from efgraph.core.budget import keep_top_per_group
 from efgraph.core.compaction import read_counts, unique_padded
 from efgraph.core.energy_carrier import CarrierHeads, EnergyCarrier
 from efgraph.core.energy_lattice import EnergyLattice
@@ -367,9 +369,10 @@ class FlowProcessor(nn.Module):
             return self._compiled_advance(self, *args)
 
     def cell_transformation(self, state: FlowState) -> CellStep:
-        """The neuron's transformation for every flow, computed on the occupied cells only.
+        """The neuron's transformation for every flow, computed per occupied cell.
 
-        Each occupied cell aggregates the messages of the flows of its sample within
+        The cells sit in F rows (a size the host knows, so no sync): the C occupied cells, then
+        padding rows that no flow reads. Each occupied cell aggregates the messages of the flows of its sample within
         ``interaction_radius`` cells, runs the neuron once, and every flow reads its own cell's
         result (see :class:`CellStep`).
         """
@@ -399,8 +402,8 @@ class FlowProcessor(nn.Module):
         alive_per_sample = torch.zeros(batch_size, dtype=torch.long, device=batch.device).index_add_(0, batch, alive.long())
         room = (cfg.max_active_flows - alive_per_sample).clamp(min=0, max=cfg.max_spawn_per_step)
         # non-candidates rank after every candidate of their sample
-        rank = rank_within_group(batch, torch.where(candidate, score.detach(), float("-inf")), batch_size)
-        return candidate & (rank < room.index_select(0, batch))
+        best = keep_top_per_group(batch, torch.where(candidate, score.detach(), float("-inf")), room, batch_size)
+        return candidate & best
 
     def _children(
         self, parents: FlowState, parent_idx: Tensor, child_energy: Tensor, child_dxy: Tensor, next_id: int

@@ -8,8 +8,8 @@ cell only hears the flows inside it (each flow has one edge); with radius r >= 1
 sample that come near each other exchange information through the neuron of each other's cells.
 
 Neighbours are found without a spatial index: cell ids are integers ordered by (sample, z, y, x),
-the occupied ids are sorted (they come from ``torch.unique``), so "is cell n occupied, and which
-row is it?" is one ``searchsorted`` per (flow, offset). Offsets that leave the lattice are masked
+the occupied ids are sorted (they come from :func:`~efgraph.core.compaction.unique_padded`), so
+"is cell n occupied, and which row is it?" is one ``searchsorted`` per (flow, offset). Offsets that leave the lattice are masked
 out before the look-up, so a neighbourhood never wraps around a face or reaches another sample.
 """
 
@@ -82,7 +82,8 @@ class FlowToCellConv(MessagePassing):
 
     with AGG = mean or sum (``config.aggregation``), taken over the flows of the same sample whose
     cell lies within ``r = interaction_radius`` cells of ``c`` (``c`` itself included). The graph
-    is bipartite flows -> occupied cells (``size=(F, C)``), so only occupied cells exist in it.
+    is bipartite flows -> cell rows (``size=(F, num_cells)``): the engine passes its padded rows
+    plus one row for the edges to empty cells, and drops the rows no flow reads.
 
     Args:
         hidden_dim: carrier hidden size H (messages read the top layer's state).

@@ -8,8 +8,8 @@ import torch
 
 from conftest import build_processor, force_spawning, tiny_config
 from efgraph import EnergyTrainer
+from efgraph.core.trace import FlowTrace
 from efgraph.training.schedule import warmup_cosine_scheduler
-from efgraph.training.trainer import merge_traces
 
 
 def _config(**overrides):
@@ -121,7 +121,7 @@ def test_merge_traces_adds_micro_batches_of_different_lengths():
         proc(xs[1])
         long = proc.last_trace
     assert (short.num_steps, long.num_steps) == (1, 5)
-    merged = merge_traces([short, long])
+    merged = FlowTrace.merge([short, long])
     assert merged.batch_size == 5 and merged.num_steps == 5
     assert merged.active == [short.active[0] + long.active[0], *long.active[1:]]
     assert merged.total_arrived == short.total_arrived + long.total_arrived

@@ -40,6 +40,42 @@ class FlowTrace:
     # CPU tensors flow_id [N], batch [N], pos [N, 3], energy [N]
     paths: list[dict[str, Tensor]] | None = None
 
+    @classmethod
+    def merge(cls, traces: list["FlowTrace"]) -> "FlowTrace":
+        """One trace of a batch from the traces of its micro-batches' forwards.
+
+        Counts add up step by step (a micro-batch whose forward ended earlier adds nothing to the
+        later steps); the cumulative energy books add up with a finished micro-batch's last row
+        carried on; ``paths`` are not merged (``None``). Device tensors are combined on the device:
+        no host copy.
+        """
+        if len(traces) == 1:
+            return traces[0]
+        steps = max(t.num_steps for t in traces)
+
+        def per_step(name: str) -> list[int]:
+            return [sum(getattr(t, name)[k] for t in traces if k < t.num_steps) for k in range(steps)]
+
+        def books(t: FlowTrace, k: int) -> Tensor:
+            if t.energy_rows:
+                return t.energy_rows[min(k, t.num_steps - 1)]
+            zero = torch.zeros_like(t.energy_injected)
+            return torch.stack([t.energy_injected, *[zero] * (len(ENERGY_COLUMNS) - 1)])
+
+        return cls(
+            batch_size=sum(t.batch_size for t in traces),
+            initial_flows=sum(t.initial_flows for t in traces),
+            energy_injected=torch.stack([t.energy_injected for t in traces]).sum(),
+            active=per_step("active"),
+            occupied=per_step("occupied"),
+            spawned=per_step("spawned"),
+            died=per_step("died"),
+            arrived=per_step("arrived"),
+            energy_rows=[torch.stack([books(t, k) for t in traces]).sum(0) for k in range(steps)],
+            neighbourhood_rows=[torch.stack([t.neighbourhood_rows[k] for t in traces if k < t.num_steps]).sum()
+                                for k in range(steps)],
+        )
+
     @property
     def num_steps(self) -> int:
         return len(self.active)

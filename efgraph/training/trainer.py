@@ -31,7 +31,7 @@ per lattice step; else also micro-batches) and follows it: the processor recompu
 backward when the plan says so, and a batch runs as micro-batches whose losses are weighted by
 their share of the rows, so the accumulated gradient is the whole batch's and the optimizer steps
 once per batch (:attr:`EnergyTrainer.memory_plan`, logged at start). The flow metrics of a step
-add up its micro-batches' traces (:func:`merge_traces`); they are summarised (a host copy) only
+add up its micro-batches' traces (:meth:`FlowTrace.merge`); they are summarised (a host copy) only
 on the steps that log them.
 
 Dead-run alarm: ``flows/zero_arrival_steps`` counts the consecutive training steps whose forward
@@ -332,6 +332,7 @@ class EnergyTrainer:
         bad: str | None = None
         preds: list[Tensor] = []  # detached, for naming a non-finite output
         traces: list[FlowTrace] = []
+        trace: FlowTrace | None = None  # their merge, made in the last micro-batch
         loss_sum: Tensor | None = None  # sum of the weighted micro-batch losses (the batch's loss, x world)
         grad_norm = float("nan")
         self.optimizer.zero_grad(set_to_none=True)
@@ -354,14 +355,17 @@ class EnergyTrainer:
                         weight = x.size(0) * world / global_batch
                         loss = embedding_loss(pred, y, self.config.mse_weight, self.config.cosine_weight) * weight
                         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
-                if last and self.dist.enabled:
-                    bad = self._agree_across_ranks(bad, loss_sum, traces)
-                    if bad is None and not math.isfinite(self._loss_value):
-                        bad = f"loss is {self._loss_value}"
+                if last:
+                    # the whole batch's forward, as without micro-batches (host counts: no sync)
+                    trace = FlowTrace.merge(traces) if traces else None
+                    if self.dist.enabled:
+                        bad = self._agree_across_ranks(bad, loss_sum, trace)
+                        if bad is None and not math.isfinite(self._loss_value):
+                            bad = f"loss is {self._loss_value}"
                 if loss is not None and bad is None:
                     loss.backward()
-        flow_steps = sum(sum(t.active) for t in traces)  # host integers: no synchronisation
-        arrivals: float | None = float(sum(t.total_arrived for t in traces))
+        flow_steps = sum(trace.active) if trace is not None else 0
+        arrivals: float | None = float(trace.total_arrived) if trace is not None else 0.0
         if self.dist.enabled:
             loss_value, flow_steps, arrivals = self._loss_value, self._global_flow_steps, self._global_arrivals
             if bad is not None:
@@ -398,12 +402,10 @@ class EnergyTrainer:
             "perf/samples_per_s": global_batch / elapsed,
             "perf/flow_steps_per_s": flow_steps / elapsed,
         }
-        if traces:  # whole batch: for the progress bar, from the host counts
-            steps = max(t.num_steps for t in traces)
-            metrics["flows/mean_active_flows"] = sum(sum(t.active) for t in traces) / max(steps, 1)
-        trace = merge_traces(traces) if traces else None
         if trace is not None:
-            self.processor.last_trace = trace  # the whole batch's forward, as without micro-batches
+            self.processor.last_trace = trace
+            # for the progress bar, from the host counts (trace.summary() would copy the energies)
+            metrics["flows/mean_active_flows"] = sum(trace.active) / max(trace.num_steps, 1)
         if log:
             metrics.update({f"memory/{k}": v for k, v in memory_report(self.device).items()})
             if trace is not None:
@@ -414,14 +416,14 @@ class EnergyTrainer:
             logger.log(DEBUG_CONVERGENCE, "step %d: %s", self.step + 1, arrival_statistics(trace))
         return metrics
 
-    def _agree_across_ranks(self, bad: str | None, loss_sum: Tensor | None, traces: list[FlowTrace]) -> str | None:
+    def _agree_across_ranks(self, bad: str | None, loss_sum: Tensor | None, trace: FlowTrace | None) -> str | None:
         """One all-reduce before the last backward (the one that reduces gradients): every rank gets
         the global loss, flow-steps, arrivals and whether any rank's forward failed, so that all
         ranks take the same branch (or collectives hang). Sets ``_loss_value``,
         ``_global_flow_steps`` and ``_global_arrivals``; returns this step's failure, if any."""
         zero = torch.zeros((), device=self.device)
-        flow_steps = sum(sum(t.active) for t in traces)
-        arrivals = sum(t.total_arrived for t in traces)
+        flow_steps = sum(trace.active) if trace is not None else 0
+        arrivals = trace.total_arrived if trace is not None else 0
         totals = torch.stack([loss_sum if loss_sum is not None and bad is None else zero, zero + flow_steps,
                               zero + (bad is not None), zero + arrivals])
         torch.distributed.all_reduce(totals)
@@ -602,41 +604,6 @@ class EnergyTrainer:
             if found.resolve() != target.resolve():
                 atomic_write(target, lambda tmp: shutil.copyfile(found, tmp))
             self._best_file_step = self._last_ckpt_best_step = self.best_step
-
-
-def merge_traces(traces: list[FlowTrace]) -> FlowTrace:
-    """One :class:`FlowTrace` of a batch from the traces of its micro-batches' forwards.
-
-    Counts add up step by step (a micro-batch whose forward ended earlier adds nothing to the
-    later steps); the cumulative energy books add up with a finished micro-batch's last row
-    carried on; ``paths`` are not merged (``None``). Device tensors are combined on the device:
-    no host copy.
-    """
-    if len(traces) == 1:
-        return traces[0]
-    steps = max(t.num_steps for t in traces)
-
-    def per_step(name: str) -> list[int]:
-        return [sum(getattr(t, name)[k] for t in traces if k < t.num_steps) for k in range(steps)]
-
-    def books(t: FlowTrace, k: int) -> Tensor:
-        if t.energy_rows:
-            return t.energy_rows[min(k, t.num_steps - 1)]
-        return torch.stack([t.energy_injected, *[torch.zeros_like(t.energy_injected)] * 3])
-
-    return FlowTrace(
-        batch_size=sum(t.batch_size for t in traces),
-        initial_flows=sum(t.initial_flows for t in traces),
-        energy_injected=torch.stack([t.energy_injected for t in traces]).sum(),
-        active=per_step("active"),
-        occupied=per_step("occupied"),
-        spawned=per_step("spawned"),
-        died=per_step("died"),
-        arrived=per_step("arrived"),
-        energy_rows=[torch.stack([books(t, k) for t in traces]).sum(0) for k in range(steps)],
-        neighbourhood_rows=[torch.stack([t.neighbourhood_rows[k] for t in traces if k < t.num_steps]).sum()
-                            for k in range(steps)],
-    )
 
 
 # Per-batch trace means, averaged over the pairs (batch-size weighted) by evaluate().

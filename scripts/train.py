@@ -11,7 +11,9 @@ Examples::
     python scripts/train.py --config configs/debug.yaml --print-config
 
 Exit status: 0 done (or stopped at --stop-at-step), 2 a usage error (one line naming the flag or
-config field), 1 a failure while training (with its traceback).
+config field), 1 a failure while training (with its traceback), 128 + the signal number when
+SIGTERM (143), SIGINT / Ctrl-C (130) or SIGUSR1 (138) stopped it: the current step is finished,
+checkpoints/last.pt written and the --resume command printed; a second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import yaml
 from efgraph.config import EnergyConfig
 from efgraph.training.run import RunInputError, WandbRunInfo, checkpoint_run_dir, run_training
 from efgraph.training.run_logger import WANDB_MODES
+from efgraph.training.signals import TrainingInterrupted
 from efgraph.utils.logging import setup_logging
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -141,6 +144,14 @@ def main(argv: list[str] | None = None) -> int:
         if logging.getLogger("efgraph").isEnabledFor(logging.DEBUG):
             raise  # --log-level DEBUG: the traceback too
         return _usage_error(str(err))
+    except TrainingInterrupted as stopped:  # a signal: the step finished and last.pt written, on every rank
+        if os.environ.get("RANK", "0") == "0":
+            world, local = int(os.environ.get("WORLD_SIZE", "1")), os.environ.get("LOCAL_WORLD_SIZE", "1")
+            launcher = ("python" if world == 1 else f"torchrun --nproc_per_node={local}" if str(world) == local
+                        else "torchrun <the same torchrun options on every node>")
+            print(f"\nStopped by {stopped.signal_name} after step {stopped.step}; continue with: "
+                  f"{launcher} scripts/train.py --resume {run_dir}", flush=True)
+        return int(stopped.code)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return 0
     if outcome.table:

@@ -25,6 +25,13 @@ went bad first, after writing ``checkpoints/last_good.pt`` (the parameters befor
 ``config.skip_nonfinite_steps`` the step's update is dropped instead and counted in
 ``train/skipped_steps``.
 
+Signals: SIGTERM (a scheduler's pre-emption), SIGINT (Ctrl-C) and SIGUSR1 (Slurm's early warning)
+received while :meth:`EnergyTrainer.train` runs stop it after the current optimizer step: ``last.pt``
+is written at that step and :class:`~efgraph.training.signals.TrainingInterrupted` is raised (a
+``SystemExit`` with status 128 + the signal number). With several processes the stop is agreed in
+the step's all-reduce, so every rank stops after the same step. A second Ctrl-C stops at once. The
+handlers exist only during ``train`` (main thread only) and the previous ones are restored.
+
 Memory plan: with ``memory_check`` the trainer asks :func:`efgraph.utils.memory.check_training_fits`
 for the cheapest plan whose worst case fits the device (whole batch; else activation checkpointing
 per lattice step; else also micro-batches) and follows it: the processor recomputes each step in
@@ -67,6 +74,7 @@ from efgraph.training.distributed import SINGLE_PROCESS, DistributedContext
 from efgraph.training.metrics import embedding_loss, evaluate_predictions
 from efgraph.training.run_logger import RunLogger
 from efgraph.training.schedule import warmup_cosine_scheduler
+from efgraph.training.signals import STOP_SIGNALS, StopRequest, TrainingInterrupted, signal_name
 from efgraph.utils.device import get_device, memory_report
 from efgraph.utils.logging import DEBUG_CONVERGENCE, get_logger
 from efgraph.utils.memory import MemoryEstimate, check_training_fits
@@ -254,6 +262,9 @@ class EnergyTrainer:
         # train/loss is logged as the mean over the steps since the previous log row, not the
         # noisy loss of the one step that happens to land on the log grid
         loss_sum, loss_count = 0.0, 0
+        # SIGTERM / SIGINT / SIGUSR1 ask for a stop after the current step (efgraph.training.signals);
+        # the handlers are installed for this loop only and restored in the finally below
+        self._stop_request, self._step_stop_signal, saved_at = StopRequest().__enter__(), None, None
         try:
             order_epoch, order = -1, None
             while self.step < stop:
@@ -285,9 +296,57 @@ class EnergyTrainer:
                     self._evaluate_and_keep_best(val_inputs, val_targets)
                 if self.run_dir is not None and (self.step % cfg.checkpoint_every == 0 or self.step == stop):
                     self._save_last()
+                    saved_at = self.step
+                if self._stop_signal(after_loop=False) is not None:
+                    break
+            signum = self._stop_signal(after_loop=True)
+            if signum is not None:
+                self._stop_on_signal(signum, saved=saved_at == self.step)
         finally:
+            self._stop_request.restore()
+            self._stop_request = None
             bar.close()
         return TrainResult(self.step, self.best_step, self.best_val_loss, list(self.evaluations), last_loss)
+
+    # the stop asked for by a signal while train() runs, and (several processes) the one this step's
+    # all-reduce agreed on
+    _stop_request: StopRequest | None = None
+    _step_stop_signal: int | None = None
+
+    def _stop_signal(self, *, after_loop: bool) -> int | None:
+        """The signal that stops training now, the same on every rank (``None``: go on).
+
+        One process: the signal received, if any. Several: the one agreed in this step's
+        all-reduce (:meth:`_agree_across_ranks`), so all ranks stop after the same step, whichever
+        of them got the signal; after the loop, a signal that came after the last step's all-reduce
+        is agreed on with one more all-reduce (a flag per signal), so no rank goes on to the test alone.
+        """
+        if not self.dist.enabled:
+            return self._stop_request.signum if self._stop_request is not None else None
+        if not after_loop or self._step_stop_signal is not None:
+            return self._step_stop_signal
+        flags = torch.tensor(self._stop_flags(), device=self.device)
+        torch.distributed.all_reduce(flags)
+        return _first_signal(flags.tolist())
+
+    def _stop_flags(self) -> list[float]:
+        """1.0 for the signal this rank received (in :data:`STOP_SIGNALS` order), else 0.0."""
+        signum = self._stop_request.signum if self._stop_request is not None else None
+        return [float(signum == sig) for sig in STOP_SIGNALS]
+
+    def _stop_on_signal(self, signum: int, *, saved: bool) -> None:
+        """Write ``last.pt`` at this step (rank 0; unless written at this step already), let every
+        rank leave together, and raise :class:`TrainingInterrupted` (exit status 128 + ``signum``)."""
+        path = None
+        if self.run_dir is not None:
+            path = self.run_dir / "checkpoints" / "last.pt"
+            if not saved:
+                self._save_last()
+        self.dist.barrier()  # no rank exits (and has torchrun stop the others) before last.pt is written
+        if self.dist.is_main:
+            logger.warning("%s: stopped after step %d of %s; %s", signal_name(signum), self.step, self.total_steps,
+                           f"state saved in {path}" if path is not None else "no run folder: nothing saved")
+        raise TrainingInterrupted(signum, self.step, path)
 
     def _watch_arrivals(self) -> None:
         """Count this step in ``zero_arrival_steps`` (or reset it) from the last forward's arrivals."""
@@ -420,13 +479,16 @@ class EnergyTrainer:
         """One all-reduce before the last backward (the one that reduces gradients): every rank gets
         the global loss, flow-steps, arrivals and whether any rank's forward failed, so that all
         ranks take the same branch (or collectives hang). Sets ``_loss_value``,
-        ``_global_flow_steps`` and ``_global_arrivals``; returns this step's failure, if any."""
+        ``_global_flow_steps``, ``_global_arrivals`` and ``_step_stop_signal`` (a stop signal on any
+        rank, see :meth:`_stop_signal`); returns this step's failure, if any."""
         zero = torch.zeros((), device=self.device)
         flow_steps = sum(trace.active) if trace is not None else 0
         arrivals = trace.total_arrived if trace is not None else 0
         totals = torch.stack([loss_sum if loss_sum is not None and bad is None else zero, zero + flow_steps,
-                              zero + (bad is not None), zero + arrivals])
+                              zero + (bad is not None), zero + arrivals, *(zero + f for f in self._stop_flags())])
         torch.distributed.all_reduce(totals)
+        # a stop signal on any rank stops every rank after this step (see _stop_signal)
+        self._step_stop_signal = _first_signal(totals[4:].tolist())
         self._loss_value = totals[0].item() / self.dist.world_size
         self._global_flow_steps = int(totals[1].item())
         # the dead-run alarm judges the global batch: a rank whose shard had no arrivals is not a dead run
@@ -643,6 +705,11 @@ def arrival_statistics(trace: FlowTrace) -> str:
     return (f"arrived {total} flows ({summary['arrived_per_sample']:.2f} per sample) of {summary['initial_flows']:.0f} "
             f"injected + {summary['spawned']:.0f} spawned, {when}, per step {arrived}, "
             f"{100 * summary['energy_arrived_fraction']:.1f}% of injected energy arrived")
+
+
+def _first_signal(counts: list[float]) -> int | None:
+    """The first of :data:`STOP_SIGNALS` that some rank received, from the all-reduced flags."""
+    return next((int(sig) for sig, count in zip(STOP_SIGNALS, counts) if count > 0), None)
 
 
 def _first_nonfinite(model: torch.nn.Module, pred: Tensor | None) -> str:

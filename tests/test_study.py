@@ -13,8 +13,9 @@ import pytest
 
 from conftest import ROOT
 from efgraph.config import EnergyConfig
-from efgraph.training.study import (DATA_KEYS, Variant, build_variants, paired_bootstrap_ci, parse_variant,
-                                    parse_variant_seeds, run_study)
+from efgraph.training.study import (DATA_KEYS, Variant, bootstrap_against_best_baseline, build_variants,
+                                    paired_bootstrap_ci, parse_variant, parse_variant_seeds,
+                                    run_study, summarize, two_level_bootstrap_ci)
 
 TINY = [
     "dataset=synthetic", "synthetic_pairs=120", "input_dim=12", "output_dim=12", "residual=true", "lattice_width=5",
@@ -56,6 +57,74 @@ def test_paired_bootstrap_ci_brackets_a_known_difference():
 def test_paired_bootstrap_ci_rejects_bad_input(kwargs, message):
     with pytest.raises(ValueError, match=message):
         paired_bootstrap_ci(**kwargs)
+
+
+def test_two_level_bootstrap_widens_when_seeds_disagree():
+    """Seeds that agree and seeds that disagree with the same seed mean: the pair bootstrap of the
+    seed means cannot tell them apart; resampling the seeds first must."""
+    rng = np.random.default_rng(1)
+    n = 800
+    b = rng.normal(0.5, 0.2, size=n)
+    a_mean = b + 0.01 + rng.normal(0.0, 0.05, size=n)  # per pair: standard error of the mean ~0.002
+    agree = np.stack([a_mean, a_mean, a_mean])
+    disagree = agree + np.array([[-0.03], [0.0], [0.03]])  # seed offsets: the same seed mean, std 0.03
+    np.testing.assert_allclose(disagree.mean(axis=0), a_mean)
+    kwargs = dict(resamples=2000, seed=5)
+    pairs = paired_bootstrap_ci(a_mean, b, **kwargs)
+    calm = two_level_bootstrap_ci(agree, b[None], **kwargs)
+    wild = two_level_bootstrap_ci(disagree, b[None], **kwargs)
+    assert calm.diff == pytest.approx(pairs.diff) and wild.diff == pytest.approx(pairs.diff)
+    # agreeing seeds add nothing: about the pair interval (same statistic, other draws)
+    assert calm.high - calm.low == pytest.approx(pairs.high - pairs.low, rel=0.15)
+    # disagreeing seeds: the seed level dominates (seed-mean spread ~0.03 * sqrt(2/3) / sqrt(3) ~ 0.014)
+    assert wild.high - wild.low > 3 * (pairs.high - pairs.low)
+    assert wild.low < 0.0 < 0.01 < wild.high and pairs.low > 0.0  # only the pair interval excludes 0
+    # the baseline's seeds count too: a baseline whose seeds disagree widens it as well
+    noisy_baseline = np.stack([b - 0.03, b + 0.03])
+    assert two_level_bootstrap_ci(agree, noisy_baseline, **kwargs).high - calm.high > 0.01
+    assert two_level_bootstrap_ci(disagree, b, **kwargs) == wild  # 1-D is one seed; seeded: reproducible
+    with pytest.raises(ValueError, match="same items"):
+        two_level_bootstrap_ci(agree, b[:-1])
+
+
+def _pair_scores(cosine: np.ndarray) -> dict[str, np.ndarray]:
+    return {"cosine": cosine, "hit": (cosine > 0.5).astype(np.float64)}
+
+
+def test_the_baseline_compared_with_is_the_best_on_validation_not_on_test():
+    """Two baselines: ``val-best`` is best on validation, ``test-best`` on test. The comparison must
+    be with ``val-best`` (a choice on test would flatter or hurt the variants after the fact)."""
+    rng = np.random.default_rng(0)
+    n, seeds = 300, (0, 1, 2)
+    common = rng.uniform(0.3, 0.9, size=n)  # how hard each pair is
+    scores = {name: common + shift + rng.normal(0.0, 0.01, size=n) for name, shift in
+              (("val-best", 0.0), ("test-best", 0.05), ("full", 0.02))}
+
+    def record(val: float, test: float, **key) -> dict:
+        return {**key, "validation": {"cosine": val}, "test": {"cosine": test, "mse": 0.1, "r_at_1": 0.5}}
+
+    baselines = [record(0.90, float(scores["val-best"].mean()), model="val-best", seed=s) for s in seeds]
+    baselines += [record(0.80, float(scores["test-best"].mean()), model="test-best", seed=s) for s in seeds]
+    runs = [{**record(0.85, float(scores["full"].mean()), variant="full", seed=s), "dead": False,
+             "test_dynamics": {}} for s in seeds]
+    summary = summarize(runs, baselines)
+    assert (summary["baselines"]["test-best"]["test_cosine"]["mean"]
+            > summary["baselines"]["val-best"]["test_cosine"]["mean"])  # the trap: test would pick the other
+    baseline_pairs = {name: {s: _pair_scores(scores[name]) for s in seeds} for name in ("val-best", "test-best")}
+    run_pairs = {"full": {s: _pair_scores(scores["full"] + 0.01 * (s - 1)) for s in seeds}}
+    boot = bootstrap_against_best_baseline(summary, run_pairs, baseline_pairs, resamples=200)
+    assert boot["against"] == "val-best" and boot["chosen_by"] == "mean validation cosine"
+    cos = boot["variants"]["full"]["cosine"]
+    assert cos["diff"] == pytest.approx(scores["full"].mean() - scores["val-best"].mean())
+    assert cos["diff"] > 0.0  # against the test-best one it would be negative
+    assert cos["seed_margins"] == pytest.approx({s: cos["diff"] + 0.01 * (s - 1) for s in seeds})
+    assert cos["seed_margin"]["std"] == pytest.approx(0.01)
+    assert cos["pairs_ci"][0] < cos["diff"] < cos["pairs_ci"][1]
+    assert set(boot["variants"]["full"]) == {"cosine", "r_at_1"}
+    # a baseline that lacks a variant's seed is refused, naming it
+    del baseline_pairs["val-best"][2]
+    with pytest.raises(ValueError, match=r"'val-best': no scores for seed\(s\) \[2\]"):
+        bootstrap_against_best_baseline(summary, run_pairs, baseline_pairs, resamples=10)
 
 
 # ---- variants --------------------------------------------------------------------------------------
@@ -124,8 +193,12 @@ def test_study_script_trains_variants_x_seeds_on_one_split_and_resumes(tmp_path)
     assert study["bootstrap"]["against"] in study["summary"]["baselines"]
     table = (out / "study.md").read_text()
     for row in ["| full | 0,1 |", "| no-spawn | 0,1 |", "| identity (baseline) |", "| residual-ridge (baseline) |",
-                "| residual-mlp (baseline) |", "Compare variants on the validation column"]:
+                "| residual-mlp (baseline) |", "Compare variants on the validation column",
+                "Difference to the best baseline on validation", "| full | cosine |", "| no-spawn | R@1 |",
+                "seeds + pairs 95% CI"]:
         assert row in table
+    assert study["bootstrap"]["against"] == max(study["summary"]["baselines"], key=lambda m: study["summary"][
+        "baselines"][m]["val_cosine"]["mean"])
     assert table.count("/2 |") == 2  # dead runs k/n per variant
 
     # a second invocation reads every finished run and trains nothing

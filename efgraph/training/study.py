@@ -20,7 +20,8 @@ Resumable: a run folder with ``results.json`` is read, not retrained; one with o
 
 Model selection happens on validation only: every run keeps its best-validation state and reads
 the test split once, with that state. Variants should be compared on the validation columns; the
-test columns and the bootstrap are the final report.
+test columns and the bootstrap are the final report. The baseline the bootstrap compares with is
+also chosen on validation (:func:`bootstrap_against_best_baseline`).
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ import json
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.stats
 
 from efgraph.config import RESUME_MUTABLE_KEYS, EnergyConfig
 from efgraph.core.flow_processor import FlowProcessor
@@ -168,13 +170,22 @@ class BootstrapCI:
     high: float
 
 
+def _check_level(resamples: int, level: float) -> None:
+    if resamples < 1:
+        raise ValueError(f"resamples: must be >= 1, got {resamples}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level: must be in (0, 1), got {level}")
+
+
 def paired_bootstrap_ci(
     a: np.ndarray, b: np.ndarray, *, resamples: int = 1000, seed: int = 0, level: float = 0.95
 ) -> BootstrapCI:
     """Percentile bootstrap CI of ``mean(a - b)`` over paired items (e.g. test pairs).
 
     Items are resampled with replacement, the *same* items for ``a`` and ``b`` (paired), so the
-    interval reflects which pairs were drawn for the test, not the spread between the two models.
+    interval reflects which pairs were drawn for the test, not the spread between the two models
+    (nor between their seeds: see :func:`two_level_bootstrap_ci`). This is
+    ``scipy.stats.bootstrap`` with ``paired=True`` and ``method="percentile"``.
 
     Args:
         a, b: ``[N]`` per-item scores of two models on the same items (e.g. cosine, or R@1 hits
@@ -193,21 +204,65 @@ def paired_bootstrap_ci(
         raise ValueError(f"a, b: expected two non-empty 1-D arrays of one length, got shapes {a.shape} and {b.shape}")
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         raise ValueError("a, b: contain NaN or infinite values")
-    if resamples < 1:
-        raise ValueError(f"resamples: must be >= 1, got {resamples}")
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level: must be in (0, 1), got {level}")
-    diff = a - b
-    n = diff.size
+    _check_level(resamples, level)
+    diff = float((a - b).mean())
+    if a.size == 1:  # every resample is the one item (scipy refuses a sample of one)
+        return BootstrapCI(diff, diff, diff)
+    result = scipy.stats.bootstrap(
+        (a, b), lambda x, y, axis: np.mean(x - y, axis=axis), paired=True, vectorized=True,
+        n_resamples=resamples, batch=max(1, (1 << 22) // a.size),  # at most ~4M drawn items at a time
+        confidence_level=level, method="percentile", rng=np.random.default_rng(seed),
+    )
+    return BootstrapCI(diff, float(result.confidence_interval.low), float(result.confidence_interval.high))
+
+
+def two_level_bootstrap_ci(
+    a: np.ndarray, b: np.ndarray, *, resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> BootstrapCI:
+    """Percentile bootstrap CI of ``mean(a) - mean(b)`` resampling seeds, then paired items.
+
+    Each resample draws ``a``'s seeds (rows) with replacement, ``b``'s seeds independently with
+    replacement (a seed of one model has nothing in common with the same seed of the other), and
+    the items (columns) with replacement, the *same* items for both models (paired). Its
+    statistic is the difference of the two models' means over the drawn seeds and items. So the
+    interval holds both sources of uncertainty: which test pairs were drawn and which training
+    seeds. With equal rows (seeds that agree) it is :func:`paired_bootstrap_ci` of the row
+    means; the more the seeds disagree, the wider it gets. With few seeds (3-5) the seed level
+    is a rough resampling: the interval is only as good as those few seeds' spread.
+
+    ``scipy.stats.bootstrap`` has no nested resampling, so this draws counts itself: seed weights
+    ``Wa [R, Sa]``, ``Wb [R, Sb]`` and item counts ``C [R, N]`` from multinomials, and the
+    statistic of resample ``r`` is ``sum_j C[r, j] (Wa[r] @ a - Wb[r] @ b)[j] / N``.
+
+    Args:
+        a, b: ``[Sa, N]`` and ``[Sb, N]`` per-seed, per-item scores of two models on the same
+            ``N`` items (a 1-D array is one seed).
+        resamples, seed, level: as in :func:`paired_bootstrap_ci`.
+
+    Raises:
+        ValueError: naming the argument for arrays of other item counts, empty or non-finite
+            ones, or ``resamples`` / ``level`` out of range.
+    """
+    a = np.atleast_2d(np.asarray(a, dtype=np.float64))
+    b = np.atleast_2d(np.asarray(b, dtype=np.float64))
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or a.size == 0 or b.size == 0:
+        raise ValueError(f"a, b: expected [seeds, items] arrays with the same items, got shapes {a.shape} and {b.shape}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("a, b: contain NaN or infinite values")
+    _check_level(resamples, level)
+    (sa, n), sb = a.shape, b.shape[0]
     rng = np.random.default_rng(seed)
-    means = np.empty(resamples)
-    chunk = max(1, (1 << 22) // n)  # at most ~4M drawn indices at a time
+    stats = np.empty(resamples)
+    chunk = max(1, (1 << 22) // n)  # at most ~4M item counts at a time
     for start in range(0, resamples, chunk):
-        stop = min(start + chunk, resamples)
-        means[start:stop] = diff[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
+        r = min(chunk, resamples - start)
+        wa = rng.multinomial(sa, np.full(sa, 1.0 / sa), size=r) / sa
+        wb = rng.multinomial(sb, np.full(sb, 1.0 / sb), size=r) / sb
+        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=r)
+        stats[start:start + r] = (counts * (wa @ a - wb @ b)).sum(axis=1) / n
     tail = (1.0 - level) / 2.0
-    low, high = np.quantile(means, [tail, 1.0 - tail])
-    return BootstrapCI(float(diff.mean()), float(low), float(high))
+    low, high = np.quantile(stats, [tail, 1.0 - tail])
+    return BootstrapCI(float(a.mean() - b.mean()), float(low), float(high))
 
 
 def mean_std(values: Sequence[float]) -> dict[str, float | None]:
@@ -258,45 +313,68 @@ def summarize(runs: list[dict[str, Any]], baselines: list[dict[str, Any]]) -> di
 
 def bootstrap_against_best_baseline(
     summary: dict[str, dict[str, Any]],
-    run_pairs: dict[str, list[dict[str, np.ndarray]]],
-    baseline_pairs: dict[str, list[dict[str, np.ndarray]]],
+    run_pairs: dict[str, dict[int, dict[str, np.ndarray]]],
+    baseline_pairs: dict[str, dict[int, dict[str, np.ndarray]]],
     *,
     resamples: int = 1000,
     seed: int = 0,
     level: float = 0.95,
 ) -> dict[str, Any]:
-    """Each variant minus the best baseline (highest mean test cosine), paired over test pairs.
+    """Each variant minus the best baseline on *validation* (highest mean validation cosine).
+
+    The baseline is chosen on the validation split, as every other choice of a study is; the
+    test split only reports the difference to it.
 
     Args:
-        summary: from :func:`summarize`.
-        run_pairs: variant -> one :func:`~efgraph.training.metrics.pair_scores` dict per seed.
-        baseline_pairs: baseline -> one per seed.
+        summary: from :func:`summarize` (its baselines' ``val_cosine``).
+        run_pairs: variant -> seed -> :func:`~efgraph.training.metrics.pair_scores` on the test split.
+        baseline_pairs: baseline -> seed -> the same; it must hold every seed of every variant.
 
-    Per-pair scores are first averaged over each model's seeds (a hit becomes the fraction of
-    seeds that hit), then :func:`paired_bootstrap_ci` gives the difference in cosine and R@1.
+    For cosine and R@1 (a hit is 0 or 1), per variant:
+
+    * ``diff``: the variant's mean over its seeds and the test pairs minus the baseline's;
+    * ``pairs_ci``: :func:`paired_bootstrap_ci` of the seed-averaged per-pair scores, i.e. the
+      uncertainty from which test pairs were drawn, for *these* trained models;
+    * ``seeds_and_pairs_ci``: :func:`two_level_bootstrap_ci`, resampling each model's seeds and
+      then the test pairs, i.e. also the uncertainty from which seeds were trained;
+    * ``seed_margins``: seed -> the variant's mean over the test pairs minus the baseline's of the
+      same seed, and ``seed_margin``: their :func:`mean_std`.
 
     Returns:
-        ``{"against", "resamples", "seed", "level", "variants": {name: {"cosine": ci,
-        "r_at_1": ci}}}`` with each ``ci`` a dict of :class:`BootstrapCI`.
+        ``{"against", "chosen_by", "resamples", "seed", "level", "variants": {name: {metric: ...}}}``.
+
+    Raises:
+        ValueError: without baselines, when a baseline lacks a variant's seed, or when seeds were
+            scored on different numbers of pairs.
     """
     if not summary["baselines"]:
         raise ValueError("baselines: none to compare with")
-    best = max(summary["baselines"], key=lambda name: summary["baselines"][name]["test_cosine"]["mean"])
+    best = max(summary["baselines"], key=lambda name: summary["baselines"][name]["val_cosine"]["mean"])
+    reference = baseline_pairs[best]
 
-    def seed_mean(per_seed: list[dict[str, np.ndarray]], what: str) -> np.ndarray:
-        lengths = {len(p[what]) for p in per_seed}
+    def matrix(per_seed: dict[int, dict[str, np.ndarray]], what: str) -> np.ndarray:
+        lengths = {len(p[what]) for p in per_seed.values()}
         if len(lengths) != 1:
             raise ValueError(f"test pairs: seeds were scored on different numbers of pairs {sorted(lengths)}")
-        return np.mean([p[what].astype(np.float64) for p in per_seed], axis=0)
+        return np.stack([p[what].astype(np.float64) for p in per_seed.values()])
 
-    reference = {what: seed_mean(baseline_pairs[best], what) for what in ("cosine", "hit")}
-    out: dict[str, Any] = {"against": best, "resamples": resamples, "seed": seed, "level": level, "variants": {}}
+    out: dict[str, Any] = {"against": best, "chosen_by": "mean validation cosine", "resamples": resamples,
+                           "seed": seed, "level": level, "variants": {}}
     for name, per_seed in run_pairs.items():
-        out["variants"][name] = {
-            metric: asdict(paired_bootstrap_ci(seed_mean(per_seed, what), reference[what], resamples=resamples,
-                                               seed=seed, level=level))
-            for metric, what in (("cosine", "cosine"), ("r_at_1", "hit"))
-        }
+        missing = sorted(set(per_seed) - set(reference))
+        if missing:
+            raise ValueError(f"baseline {best!r}: no scores for seed(s) {missing} of variant {name!r}")
+        out["variants"][name] = {}
+        for metric, what in (("cosine", "cosine"), ("r_at_1", "hit")):
+            a, b = matrix(per_seed, what), matrix(reference, what)
+            pairs = paired_bootstrap_ci(a.mean(axis=0), b.mean(axis=0), resamples=resamples, seed=seed, level=level)
+            both = two_level_bootstrap_ci(a, b, resamples=resamples, seed=seed, level=level)
+            margins = {s: float(p[what].astype(np.float64).mean() - reference[s][what].astype(np.float64).mean())
+                       for s, p in per_seed.items()}
+            out["variants"][name][metric] = {
+                "diff": pairs.diff, "pairs_ci": [pairs.low, pairs.high], "seeds_and_pairs_ci": [both.low, both.high],
+                "seed_margins": margins, "seed_margin": mean_std(list(margins.values())),
+            }
     return out
 
 
@@ -343,21 +421,43 @@ def format_study_table(study: dict[str, Any]) -> str:
         lines.append(row(f"{name} (baseline)", stats, study["baseline_seeds"], ["–"] * (len(DYNAMICS_COLUMNS) + 1)))
 
     boot = study["bootstrap"]
+    level = f"{boot['level']:.0%}"
+    best_val = study["summary"]["baselines"][boot["against"]]["val_cosine"]["mean"]
     lines += [
         "",
-        f"## Difference to the best baseline, `{boot['against']}` (highest mean test cosine)",
+        f"## Difference to the best baseline on validation, `{boot['against']}` (mean validation cosine "
+        f"{best_val:.4f})",
         "",
-        f"Paired bootstrap over the {split['test']} test pairs ({boot['resamples']} resamples, seed {boot['seed']}), "
-        f"per-pair scores averaged over each model's seeds; {boot['level']:.0%} percentile intervals. An "
-        "interval above 0 means the variant beats the baseline on this test set.",
+        "The baseline is the one with the highest mean validation cosine over its seeds (chosen on validation, "
+        f"never on test). Δ is the variant's mean over its seeds and the {split['test']} test pairs minus the "
+        "baseline's (R@1: the fraction of pairs whose nearest target is their own). Its uncertainty, three ways "
+        f"({level} percentile intervals, {boot['resamples']} resamples, seed {boot['seed']}):",
         "",
-        f"| variant | Δ cosine | {boot['level']:.0%} CI | Δ R@1 | {boot['level']:.0%} CI |",
-        "|---|---:|---:|---:|---:|",
+        "- **pairs**: paired bootstrap over the test pairs (`scipy.stats.bootstrap`, `paired=True`): each "
+        "model's per-pair scores are first averaged over its seeds, then pairs are drawn with replacement, the "
+        "same pairs for both models. It is the uncertainty of which pairs make up the test set, for *these* "
+        "trained models; it leaves out the seed-to-seed variance.",
+        "- **seeds + pairs**: two-level bootstrap: each model's seeds are drawn with replacement (the "
+        "variant's and the baseline's independently), then the test pairs (the same for both models), and the "
+        "statistic is the difference of the means over the drawn seeds and pairs. It adds the seed-to-seed "
+        "variance; with 3-5 seeds that level is a rough resampling of those few seeds.",
+        "- **per-seed Δ**: the variant's seed *k* against the baseline's seed *k* (a baseline without "
+        "randomness, e.g. ridge, is the same for every seed), mean ± sample std over the seeds.",
+        "",
+        "An interval above 0 means the variant beats the baseline: on this test set (pairs), or also across "
+        "the seeds it could have been given (seeds + pairs).",
+        "",
+        f"| variant | metric | Δ | pairs {level} CI | seeds + pairs {level} CI | per-seed Δ |",
+        "|---|---|---:|---:|---:|---:|",
     ]
-    for name, cis in boot["variants"].items():
-        cos, r1 = cis["cosine"], cis["r_at_1"]
-        lines.append(f"| {name} | {cos['diff']:+.4f} | [{cos['low']:+.4f}, {cos['high']:+.4f}] | "
-                     f"{r1['diff']:+.4f} | [{r1['low']:+.4f}, {r1['high']:+.4f}] |")
+    for name, metrics in boot["variants"].items():
+        for metric, label in (("cosine", "cosine"), ("r_at_1", "R@1")):
+            m = metrics[metric]
+            (p_low, p_high), (s_low, s_high) = m["pairs_ci"], m["seeds_and_pairs_ci"]
+            margin = m["seed_margin"]
+            per_seed = f"{margin['mean']:+.4f}" + ("" if margin["std"] is None else f" ± {margin['std']:.4f}")
+            lines.append(f"| {name} | {label} | {m['diff']:+.4f} | [{p_low:+.4f}, {p_high:+.4f}] | "
+                         f"[{s_low:+.4f}, {s_high:+.4f}] | {per_seed} |")
     return "\n".join(lines) + "\n"
 
 
@@ -416,7 +516,7 @@ def run_study(
 
     seeds = sorted({s for v in variants for s in v.seeds})
     baseline_records: list[dict[str, Any]] = []
-    baseline_pairs: dict[str, list[dict[str, np.ndarray]]] = {}
+    baseline_pairs: dict[str, dict[int, dict[str, np.ndarray]]] = {}
     for seed in seeds:
         folder = out / BASELINES_DIR / f"seed{seed}"
         if (folder / "results.json").exists():
@@ -429,11 +529,11 @@ def run_study(
             baseline_records.append({"model": model, "seed": seed, "test": metrics,
                                      "validation": saved["validation"][model]})
         for model, scores in load_pair_scores(folder / "test_pairs.npz").items():
-            baseline_pairs.setdefault(model, []).append(scores)
+            baseline_pairs.setdefault(model, {})[seed] = scores
 
     todo = [(v, s) for v in variants for s in v.seeds]
     runs: list[dict[str, Any]] = []
-    run_pairs: dict[str, list[dict[str, np.ndarray]]] = {}
+    run_pairs: dict[str, dict[int, dict[str, np.ndarray]]] = {}
     for i, (variant, seed) in enumerate(todo, 1):
         config = variant_config(base, variant, seed)
         run_dir = out / variant.name / f"seed{seed}"
@@ -459,7 +559,7 @@ def run_study(
             raise ValueError(f"{run_dir}/split.json: differs from the study's split {out / 'split.json'}")
         record = _run_record(run_dir, variant.name, seed)
         runs.append(record)
-        run_pairs.setdefault(variant.name, []).append(load_pair_scores(run_dir / "test_pairs.npz")["energy-flow"])
+        run_pairs.setdefault(variant.name, {})[seed] = load_pair_scores(run_dir / "test_pairs.npz")["energy-flow"]
         say(f"{label}: val cosine {record['validation']['cosine']:.4f}, test cosine {record['test']['cosine']:.4f}"
             f"{', DEAD (no flow arrives)' if record['dead'] else ''}")
 

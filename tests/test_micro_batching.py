@@ -50,13 +50,16 @@ def whole(batch):
     return _step(_config(), *batch)
 
 
-@pytest.mark.parametrize("micro, checkpointing", [(3, False), (1, False), (7, True), (2, True)])
-def test_micro_batches_and_checkpointing_give_the_whole_batch_gradient(batch, whole, micro, checkpointing):
+def _assert_same_step_as_the_whole_batch(run, whole):
+    """The trainer's step ``run`` (trainer, metrics, gradients) equals the whole-batch step: the
+    gradients (fp tolerance), the loss and grad norm, the merged trace and the flow metrics."""
+    trainer, metrics, grads = run
     ref_trainer, ref_metrics, ref_grads = whole
-    assert ref_trainer.micro_batch_size == 7 and not ref_trainer.processor.config.activation_checkpointing
-    trainer, metrics, grads = _step(_config(micro_batch_size=micro, activation_checkpointing=checkpointing), *batch)
-    assert trainer.micro_batch_size == micro
-    assert trainer.processor.config.activation_checkpointing == checkpointing
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        # fp tolerance: summation order differs (measured: <= 3e-6 of the largest entry; checkpointing alone: exact)
+        scale = float(ref_grads[name].abs().max())
+        assert (g - ref_grads[name]).abs().max() <= 1e-5 * scale + 1e-12, f"gradient of {name}"
     trace, ref_trace = trainer.processor.last_trace, ref_trainer.processor.last_trace
     # the dynamics are exercised, and the micro-batches' traces add up to the whole batch's
     assert ref_trace.total_died > 0 and ref_trace.total_spawned > 0 and ref_trace.total_arrived > 0
@@ -69,30 +72,41 @@ def test_micro_batches_and_checkpointing_give_the_whole_batch_gradient(batch, wh
     for key in ("flows/arrived", "flows/spawned", "flows/died", "flows/mean_active_flows", "flows/active_step_1",
                 "flows/energy_arrived_fraction", "flows/neighbourhood_flows", "flows/mean_energy_step_2"):
         assert metrics[key] == pytest.approx(ref_metrics[key], rel=1e-5), key
-    assert grads.keys() == ref_grads.keys()
-    for name, g in grads.items():
-        # fp tolerance: summation order differs (measured: <= 3e-6 of the largest entry; checkpointing alone: exact)
-        scale = float(ref_grads[name].abs().max())
-        assert (g - ref_grads[name]).abs().max() <= 1e-5 * scale + 1e-12, f"gradient of {name}"
     # one optimizer step per batch, whatever the micro-batching
     assert trainer.optimizer.state[next(iter(trainer.processor.parameters()))]["step"] == 1
 
 
-def test_a_gradient_of_the_wrong_weighting_would_be_caught(batch, whole):
-    """The comparison above can fail: micro-batch losses summed without their row weights give
-    another gradient (a mean of unequal micro-batch means is not the batch mean)."""
-    from efgraph.training.metrics import embedding_loss
+@pytest.mark.parametrize("micro, checkpointing", [(3, False), (1, False), (7, True), (2, True)])
+def test_micro_batches_and_checkpointing_give_the_whole_batch_gradient(batch, whole, micro, checkpointing):
+    assert whole[0].micro_batch_size == 7 and not whole[0].processor.config.activation_checkpointing
+    run = _step(_config(micro_batch_size=micro, activation_checkpointing=checkpointing), *batch)
+    assert run[0].micro_batch_size == micro
+    assert run[0].processor.config.activation_checkpointing == checkpointing
+    _assert_same_step_as_the_whole_batch(run, whole)
 
-    _, _, ref_grads = whole
-    config = _config()
-    trainer = _trainer(config)
-    x, y = batch
-    for xs, ys in zip(x.split(3), y.split(3)):  # 3 + 3 + 1 rows, each micro-batch's mean unweighted
-        embedding_loss(trainer.processor(xs), ys, config.mse_weight, config.cosine_weight).div(3).backward()
-    name = "lattice.readout_bias"
-    got = dict(trainer.processor.named_parameters())[name].grad
-    ref = ref_grads[name]
-    assert (got - ref).abs().max() > 1e-2 * ref.abs().max()  # far outside the tolerance used above
+
+def test_a_wrong_micro_batch_weighting_in_the_trainer_fails_the_comparison(batch, whole, monkeypatch):
+    """The trainer itself, with its micro-batch weighting broken, fails the comparison above, at
+    the gradients: 7 rows in micro-batches of 3 + 3 + 1, each micro-batch's mean loss weighted 1/3
+    (a plain mean of the micro-batch means) instead of its share of the rows, 3/7, 3/7, 1/7.
+
+    The trainer computes its weight inline (``rows * world / global_batch``, then
+    ``embedding_loss(...) * weight``), so the bug is put in through the loss it looks up,
+    ``efgraph.training.trainer.embedding_loss``, which here cancels the row weight the trainer
+    applies after it and puts the unweighted 1/3 in its place."""
+    from efgraph.training import trainer as trainer_module
+
+    rows, chunks = 7, 3
+    real_loss = trainer_module.embedding_loss
+
+    def mean_of_micro_batch_means(pred, target, *weights):
+        return real_loss(pred, target, *weights) * (rows / pred.size(0)) / chunks
+
+    monkeypatch.setattr(trainer_module, "embedding_loss", mean_of_micro_batch_means)
+    run = _step(_config(micro_batch_size=3), *batch)
+    assert run[0].micro_batch_size == 3 and batch[0].size(0) == rows
+    with pytest.raises(AssertionError, match="gradient of"):
+        _assert_same_step_as_the_whole_batch(run, whole)
 
 
 def test_flow_summaries_only_on_logging_steps_and_the_arrival_count_kept(batch):

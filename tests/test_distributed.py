@@ -1,18 +1,24 @@
-"""Two gloo processes under torchrun end with the parameters of one process on the same global batches."""
+"""Two gloo processes under torchrun end with the parameters of one process on the same global batches,
+also after a resume, and a signal to one rank stops both after the same step."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
 from conftest import train_script_command
+from test_signals import END, _assert_same_parameters, _outputs, _run_here, _start, _wait_for_step
+from test_signals import _cmd as _signals_cmd
 
 # 80 training pairs in global batches of 15: ranks get 8 and 7 rows (and 3 and 2 in the last
 # batch), so the per-rank loss scaling is exercised, not just equal halves.
@@ -82,3 +88,32 @@ def test_a_distributed_run_resumes_to_the_parameters_of_an_uninterrupted_one(tmp
     assert a["step"] == b["step"] == 6
     for name, value in a["model"].items():
         torch.testing.assert_close(b["model"][name], value, rtol=1e-5, atol=1e-6, msg=f"{name} differs")
+
+
+def test_a_signal_to_one_rank_of_two_stops_both_after_the_same_step(tmp_path):
+    # SIGUSR1 to rank 1 only (torchrun does not forward SIGUSR1: Slurm signals each task): rank 0
+    # learns of it in the step's all-reduce, writes last.pt at that step and prints the command
+    # (test_signals' tiny 40-step run, compared at step 30; ~2x a one-process case there: two
+    # start-ups, and torchrun's)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+                "--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
+    run_dir = tmp_path / "two"
+    torchrun = _start(_signals_cmd(run_dir, launcher=launcher), tmp_path / "out")
+    signalled_at = _wait_for_step(torchrun, run_dir, 2)
+    rank1 = next(p for p in psutil.Process(torchrun.pid).children() if p.environ().get("RANK") == "1")
+    rank1.send_signal(signal.SIGUSR1)
+    torchrun.wait(timeout=120)
+    out, err = _outputs(tmp_path / "out")
+    # torchrun reports ranks that exit 138 as failed; once one has exited it stops the others, so a
+    # rank still shutting down (its files written, its W&B run finished) may be reported as SIGTERM
+    assert torchrun.returncode != 0
+    assert "exitcode  : 138" in err, err[-3000:]
+    said = re.search(rf"Stopped by SIGUSR1 after step (\d+); continue with: torchrun --nproc_per_node=2 "
+                     rf"scripts/train\.py --resume {re.escape(str(run_dir))}\n", out)
+    assert said, (out, err[-3000:])  # printed by rank 0, which got no signal
+    stopped_at = int(said.group(1))
+    assert signalled_at <= stopped_at < END
+    assert torch.load(run_dir / "checkpoints/last.pt", weights_only=True)["step"] == stopped_at
+    _run_here(run_dir, resume=run_dir)  # one process continues it (results do not depend on the ranks)
+    _run_here(tmp_path / "straight")  # and ends where one uninterrupted process does
+    _assert_same_parameters(tmp_path / "straight", run_dir, rtol=1e-5, atol=1e-6)

@@ -53,6 +53,7 @@ from efgraph.training.distributed import DistributedContext, init_distributed, l
 from efgraph.training.figures import flow_counts_figure, flow_paths_figure, landing_arrays, landing_figure
 from efgraph.training.metrics import evaluate_predictions, pair_scores, save_pair_scores
 from efgraph.training.run_logger import RunLogger, resolve_wandb_mode
+from efgraph.training.signals import TrainingInterrupted
 from efgraph.training.trainer import EnergyTrainer
 from efgraph.utils.device import get_device
 from efgraph.utils.logging import get_logger
@@ -210,6 +211,9 @@ def run_training(
     Raises:
         RunInputError: the config, the data, the resume target or ``run_dir`` cannot be run as
             asked (before any file of ``run_dir`` is written).
+        TrainingInterrupted: SIGTERM, SIGINT or SIGUSR1 stopped training after a whole step, with
+            ``checkpoints/last.pt`` written at it (see :mod:`efgraph.training.signals`); continue
+            with ``resume=run_dir``.
     """
     run_dir = Path(run_dir)
     dev = get_device(device)
@@ -218,6 +222,11 @@ def run_training(
         return _run(config, run_dir, local_device(dev, ctx), ctx, wandb_mode=wandb_mode, resume=resume,
                     progress=progress, total_steps=total_steps, stop_at_step=stop_at_step, pairs=pairs,
                     with_baselines=baselines, wandb_info=wandb_info)
+    except TrainingInterrupted:
+        # stopped by a signal (last.pt written): rank 0 has also finished its W&B run by now; no
+        # rank exits (and has torchrun stop the others) before that
+        ctx.barrier()
+        raise
     finally:
         shutdown_distributed(ctx)
 

@@ -20,7 +20,10 @@ import yaml
 
 CARRIER_TYPES = ("gru", "lstm")
 AGGREGATIONS = ("mean", "sum")
-DATASETS = ("synthetic", "bible", "pairs", "text")
+DATASETS = ("synthetic", "bible", "pairs", "text", "routing")
+# how the input embedding enters the lattice / how the output embedding leaves it
+INJECTIONS = ("face", "broadcast")
+READOUTS = ("face", "shared")
 # Fields a resumed run may change: they do not affect which batches it sees or what it computes.
 RESUME_MUTABLE_KEYS = ("log_every", "checkpoint_every", "wandb_project", "compile", "skip_nonfinite_steps",
                        "memory_check", "activation_checkpointing", "micro_batch_size")
@@ -32,7 +35,7 @@ ARCHITECTURE_KEYS = (
     "lattice_width", "lattice_height", "lattice_depth", "input_dim", "output_dim", "carrier_type",
     "carrier_hidden_dim", "carrier_num_layers", "child_rank", "message_dim", "position_frequencies",
     "neuron_hidden_dim", "neuron_output_dim", "aggregation", "injection_rank", "face_channels",
-    "readout_hidden_dim", "residual", "interaction_radius",
+    "readout_hidden_dim", "residual", "interaction_radius", "injection", "readout", "readout_rank",
 )
 
 
@@ -76,9 +79,18 @@ class EnergyConfig:
     neuron_output_dim: int = 16
     aggregation: str = "mean"
     # --- injection and readout -----------------------------------------------------------------
+    # face: the embedding is laid across the input face (each cell holds its own face_channels-wide
+    # part, a rank-injection_rank field) and each flow carries its start cell's part;
+    # broadcast: every flow starts from the whole embedding plus its cell's position code
+    injection: str = "face"
+    # face: each output-face cell owns its readout weights (rank readout_rank), so where a flow
+    # lands decides which part of y it writes; shared: one per-cell MLP summed over the hit cells,
+    # blind to where the flows land (position enters only as an additive code)
+    readout: str = "face"
     injection_rank: int = 16
     face_channels: int = 64
-    readout_hidden_dim: int = 256
+    readout_rank: int = 16  # readout: face
+    readout_hidden_dim: int = 256  # readout: shared
     residual: bool = False  # y = x + f(x); needs input_dim == output_dim
     # initial value of the learned scalar gate on the flows' contribution to the output
     # (y = [x +] gate * lattice(x) + bias): 0 scales the lattice in from zero, so silencing an
@@ -116,7 +128,12 @@ class EnergyConfig:
     target_version: str = "WEB"  # bible: target translation
     max_pairs: int = 0  # use at most this many pairs (0 = all)
     verses_per_book: int = 0  # bible: the first N verses of every book (0 = all), a fast subset of all books
-    synthetic_pairs: int = 2000  # synthetic: number of teacher pairs
+    synthetic_pairs: int = 2000  # synthetic and routing: number of generated pairs
+    # routing: slots x token width; the target puts each token into the slot its address names
+    # (input_dim = routing_slots * (routing_token_dim + routing_slots), output_dim = slots * token)
+    routing_slots: int = 4
+    routing_token_dim: int = 8
+    routing_noise: float = 0.0  # routing: target noise, relative to a token entry's size
     embedding_model: str = ""  # text/bible: local sentence-transformers folder ("" = packaged MiniLM)
     val_fraction: float = 0.1
     test_fraction: float = 0.1
@@ -163,8 +180,8 @@ class EnergyConfig:
             "lattice_width", "lattice_height", "input_dim", "output_dim", "initial_flows_per_sample",
             "max_active_flows", "carrier_hidden_dim", "carrier_num_layers", "child_rank", "message_dim",
             "position_frequencies", "neuron_hidden_dim", "neuron_output_dim", "injection_rank",
-            "face_channels", "readout_hidden_dim", "batch_size", "epochs", "eval_every", "log_every",
-            "checkpoint_every", "synthetic_pairs",
+            "face_channels", "readout_hidden_dim", "readout_rank", "batch_size", "epochs", "eval_every", "log_every",
+            "checkpoint_every", "synthetic_pairs", "routing_slots", "routing_token_dim",
         ]
         for name in positive:
             if getattr(self, name) < 1:
@@ -207,6 +224,12 @@ class EnergyConfig:
             raise ValueError("mse_weight, cosine_weight: at least one loss weight must be > 0")
         if self.carrier_type not in CARRIER_TYPES:
             raise ValueError(f"carrier_type: must be one of {CARRIER_TYPES}, got {self.carrier_type!r}")
+        if self.injection not in INJECTIONS:
+            raise ValueError(f"injection: must be one of {INJECTIONS}, got {self.injection!r}")
+        if self.readout not in READOUTS:
+            raise ValueError(f"readout: must be one of {READOUTS}, got {self.readout!r}")
+        if self.routing_noise < 0:
+            raise ValueError(f"routing_noise: must be >= 0, got {self.routing_noise}")
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation: must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         if self.residual and self.input_dim != self.output_dim:

@@ -147,7 +147,8 @@ def reference_step(proc: FlowProcessor, state: FlowState, batch_size: int, next_
 
 
 def dense_face(proc: FlowProcessor, batch, xy, energy, value, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense output face ``[B, H, W, C]`` and energy ``[B, H, W]`` built arrival by arrival."""
+    """Dense output face ``[B, H, W, C]`` and energy ``[B, H, W]`` built arrival by arrival
+    (with ``readout: shared`` each deposit's value includes its cell's position code)."""
     cfg = proc.config
     w, h = cfg.lattice_width, cfg.lattice_height
     values = torch.zeros(batch_size, h, w, cfg.face_channels)
@@ -158,8 +159,29 @@ def dense_face(proc: FlowProcessor, batch, xy, energy, value, batch_size: int) -
         fx, fy = x - x0, y - y0
         for cx, cy, wt in [(x0, y0, (1 - fx) * (1 - fy)), (min(x0 + 1, w - 1), y0, fx * (1 - fy)),
                            (x0, min(y0 + 1, h - 1), (1 - fx) * fy), (min(x0 + 1, w - 1), min(y0 + 1, h - 1), fx * fy)]:
-            pe = position_encoding(cfg, cx, cy, cfg.lattice_depth - 1)
-            v = value[a] + proc.lattice.face_position_value(pe)
+            v = value[a]
+            if cfg.readout == "shared":
+                v = v + proc.lattice.face_position_value(position_encoding(cfg, cx, cy, cfg.lattice_depth - 1))
             values[batch[a], cy, cx] += float(energy[a]) * wt * v
             energies[batch[a], cy, cx] += float(energy[a]) * wt
     return values, energies
+
+
+def dense_readout(proc: FlowProcessor, face: torch.Tensor) -> torch.Tensor:
+    """``[B, H, W, C]`` dense face -> ``[B, output_dim]``, cell by cell: ``readout: face`` gives
+    every cell its own matrix ``R_q = sum_k L_qk B_k`` (materialised here, never in the engine);
+    ``readout: shared`` runs one MLP on every cell (empty cells add GELU(0) = 0)."""
+    cfg, lat = proc.config, proc.lattice
+    b, h, w, c = face.shape
+    total = torch.zeros(b, cfg.output_dim)
+    for cy in range(h):
+        for cx in range(w):
+            f = face[:, cy, cx]  # [B, C]
+            if cfg.readout == "face":
+                keys = lat.readout_keys[cy * w + cx]  # [r]
+                blocks = lat.readout_out.weight.view(cfg.output_dim, cfg.readout_rank, c)
+                cell_matrix = torch.einsum("k,okc->oc", keys, blocks)  # R_q [output_dim, C]
+                total += f @ cell_matrix.t()
+            else:
+                total += lat.readout_out(torch.nn.functional.gelu(lat.readout_hidden(f)))
+    return lat.output_gate * total + lat.readout_bias

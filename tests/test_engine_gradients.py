@@ -13,29 +13,57 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import build_processor, force_spawning, tiny_config
 
 
-@pytest.mark.parametrize("carrier_type", ["gru", "lstm"])
-def test_every_parameter_gets_a_finite_nonzero_gradient(carrier_type):
-    config = tiny_config(carrier_type=carrier_type, energy_threshold=0.001, spawn_threshold=0.002, lattice_depth=5)
+def _spawning_model(carrier_type: str, **overrides):
+    config = tiny_config(carrier_type=carrier_type, energy_threshold=0.001, spawn_threshold=0.002, lattice_depth=5,
+                         **overrides)
     proc = build_processor(config)
     force_spawning(proc)
     x = torch.randn(3, config.input_dim, generator=torch.Generator().manual_seed(0))
     target = torch.randn(3, config.output_dim, generator=torch.Generator().manual_seed(1))
-    loss = torch.nn.functional.mse_loss(proc(x), target)
-    loss.backward()
-    assert proc.last_trace.total_spawned > 0
+    return proc, x, target
+
+
+def _assert_every_gradient_finite_and_nonzero(proc):
     for name, p in proc.named_parameters():
         assert p.grad is not None, f"{name}: no gradient"
         assert torch.isfinite(p.grad).all(), f"{name}: non-finite gradient"
         assert p.grad.abs().sum() > 0, f"{name}: zero gradient"
 
 
-def test_landing_position_receives_gradient():
-    config = tiny_config()
+@pytest.mark.parametrize("carrier_type", ["gru", "lstm"])
+@pytest.mark.parametrize("injection,readout", [("face", "face"), ("broadcast", "shared")])
+def test_at_the_defaults_every_parameter_gets_a_gradient_after_one_optimizer_step(carrier_type, injection, readout):
+    """The gate starts at 0 (the default): the first backward reaches only the gate and the
+    readout bias (the lattice is scaled in from zero); after one optimizer step every parameter
+    gets a finite, non-zero gradient."""
+    proc, x, target = _spawning_model(carrier_type, injection=injection, readout=readout)
+    assert float(proc.lattice.output_gate.detach()) == 0.0
+    torch.nn.functional.mse_loss(proc(x), target).backward()
+    reached = {name for name, p in proc.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert reached == {"lattice.output_gate", "lattice.readout_bias"}
+    torch.optim.AdamW(proc.parameters(), lr=1e-3).step()
+    proc.zero_grad()
+    torch.nn.functional.mse_loss(proc(x), target).backward()
+    assert proc.last_trace.total_spawned > 0
+    _assert_every_gradient_finite_and_nonzero(proc)
+
+
+@pytest.mark.parametrize("carrier_type", ["gru", "lstm"])
+def test_with_the_gate_open_every_parameter_gets_a_gradient_at_initialisation(carrier_type):
+    proc, x, target = _spawning_model(carrier_type, output_gate_init=1.0)
+    torch.nn.functional.mse_loss(proc(x), target).backward()
+    assert proc.last_trace.total_spawned > 0
+    _assert_every_gradient_finite_and_nonzero(proc)
+
+
+@pytest.mark.parametrize("readout", ["face", "shared"])
+def test_with_the_gate_open_the_landing_position_receives_gradient(readout):
+    config = tiny_config(output_gate_init=1.0, readout=readout)
     proc = build_processor(config)
     xy = torch.tensor([[1.3, 2.6], [4.0, 0.2]], requires_grad=True)
-    dep = proc.lattice.collect_output_energy(torch.tensor([0, 1]), xy, torch.tensor([0.5, 0.9]),
-                                             torch.randn(2, config.face_channels), 2)
-    proc.lattice.read_out(dep, 2).sum().backward()
+    collected = proc.lattice.collect_output_energy(torch.tensor([0, 1]), xy, torch.tensor([0.5, 0.9]),
+                                                   torch.randn(2, config.face_channels), 2)
+    proc.lattice.read_out(collected).sum().backward()
     assert (xy.grad.abs() > 0).all()
 
 

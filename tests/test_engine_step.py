@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reference import dense_face, reference_step
+from reference import dense_face, dense_readout, reference_step
 from conftest import build_processor, force_spawning, spread_next_energies, tiny_config
 
 
@@ -53,11 +53,13 @@ def _assert_step_equal(proc, state, batch_size, next_id):
 @pytest.mark.parametrize("radius", [0, 1])
 def test_every_step_of_a_forward_equals_the_reference(carrier_type, aggregation, spawning, radius):
     overrides = dict(carrier_type=carrier_type, aggregation=aggregation, max_lateral_step=3.0,
-                     interaction_radius=radius, lattice_width=3, lattice_height=3)  # small face: flows share cells
+                     interaction_radius=radius, lattice_width=2, lattice_height=3)  # small face: flows share cells
     if spawning:
         overrides.update(energy_threshold=0.001, spawn_threshold=0.002)
     else:
-        overrides.update(energy_threshold=0.5)  # energies set around 0.5: some flows die, some arrive
+        # energies set around 0.5: some flows die, some arrive; depth 3: every flow's first jump
+        # ends in the z = 1 layer (dz < 2), where flows of a sample share cells on the small face
+        overrides.update(energy_threshold=0.5, lattice_depth=3, initial_flows_per_sample=6)
     config = tiny_config(**overrides)
     proc = build_processor(config, seed=1)
     x = torch.randn(3, config.input_dim, generator=torch.Generator().manual_seed(2))
@@ -91,19 +93,34 @@ def test_every_step_of_a_forward_equals_the_reference(carrier_type, aggregation,
         assert seen["died"] > 0 and seen["arrived"] > 0
 
 
-def test_output_face_scatter_equals_dense_reference():
-    config = tiny_config(output_gate_init=0.7)
-    proc = build_processor(config)
-    g = torch.Generator().manual_seed(3)
-    a = 40
+def _random_arrivals(config, a=40, seed=3):
+    g = torch.Generator().manual_seed(seed)
     batch = torch.randint(0, 3, (a,), generator=g)
     xy = torch.rand(a, 2, generator=g) * torch.tensor([config.lattice_width - 1.0, config.lattice_height - 1.0])
     xy[0] = torch.tensor([config.lattice_width - 1.0, config.lattice_height - 1.0])  # exact corner of the face
     xy[1] = torch.tensor([0.0, 2.0])  # exactly on cell centres
-    energy = torch.rand(a, generator=g)
-    value = torch.randn(a, config.face_channels, generator=g)
+    return batch, xy, torch.rand(a, generator=g), torch.randn(a, config.face_channels, generator=g)
+
+
+@pytest.mark.parametrize("readout", ["face", "shared"])
+def test_output_face_equals_a_dense_face_read_cell_by_cell(readout):
+    config = tiny_config(output_gate_init=0.7, readout=readout)
+    proc = build_processor(config)
     with torch.no_grad():
-        dep = proc.lattice.collect_output_energy(batch, xy, energy, value, 3)
+        proc.lattice.readout_bias.normal_()
+    batch, xy, energy, value = _random_arrivals(config)
+    with torch.no_grad():
+        fast_y = proc.lattice.read_out(proc.lattice.collect_output_energy(batch, xy, energy, value, 3))
+        dense_v, _ = dense_face(proc, batch, xy, energy, value, 3)
+        torch.testing.assert_close(fast_y, dense_readout(proc, dense_v), atol=1e-5, rtol=1e-5)
+
+
+def test_shared_readout_deposits_equal_a_dense_face():
+    config = tiny_config(readout="shared")
+    proc = build_processor(config)
+    batch, xy, energy, value = _random_arrivals(config)
+    with torch.no_grad():
+        dep = proc.lattice.deposit_on_cells(batch, xy, energy, value, 3)
         dense_v, dense_e = dense_face(proc, batch, xy, energy, value, 3)
         w, h = config.lattice_width, config.lattice_height
         fast_v = torch.zeros(3 * h * w, config.face_channels).index_add_(0, dep.cell_id, dep.values).view(3, h, w, -1)
@@ -112,12 +129,53 @@ def test_output_face_scatter_equals_dense_reference():
         torch.testing.assert_close(fast_e, dense_e, atol=1e-6, rtol=1e-6)
         # energy is conserved by the bilinear deposit
         assert float(dep.energy.sum()) == pytest.approx(float(energy.sum()), rel=1e-6)
-        # readout over the hit cells equals the readout over the whole dense face (empty cells give 0)
-        lat = proc.lattice
-        dense_y = lat.output_gate * lat.readout_out(torch.nn.functional.gelu(lat.readout_hidden(dense_v))).sum(dim=(1, 2)) + lat.readout_bias
-        torch.testing.assert_close(lat.read_out(dep, 3), dense_y, atol=1e-5, rtol=1e-5)
-    # only hit cells are materialised
-    assert dep.cell_id.numel() <= 4 * a
+    # only hit cells are materialised; the padding rows belong to no sample
+    assert dep.cell_id.numel() <= 4 * batch.numel()
+    assert (dep.batch[int(dep.num_cells):] == 3).all()
+
+
+def test_shared_readout_padding_rows_reach_no_sample_even_with_a_bias():
+    """The padding rows of the compacted face used to land on sample 0 and add 0 only because the
+    hidden layer has no bias; with a bias they must still add nothing to any sample."""
+    config = tiny_config(readout="shared")
+    proc = build_processor(config)
+    lat = proc.lattice
+    biased = torch.nn.Linear(config.face_channels, config.readout_hidden_dim, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(lat.readout_hidden.weight)
+        biased.bias.normal_()
+    lat.readout_hidden = biased
+    batch, xy, energy, value = _random_arrivals(config, a=6)
+    batch = torch.full_like(batch, 1)  # every arrival in sample 1; samples 0 and 2 get nothing
+    xy[:] = torch.tensor([1.0, 1.0])  # on one cell centre: 1 hit cell, 23 padding rows
+    with torch.no_grad():
+        collected = lat.collect_output_energy(batch, xy, energy, value, 3)
+    assert collected[0].abs().max() == 0 and collected[2].abs().max() == 0
+    # sample 1 gets its hit cells' hidden vectors only (the bias once per hit cell, not per padding row)
+    with torch.no_grad():
+        dep = lat.deposit_on_cells(batch, xy, energy, value, 3)
+        hit = int(dep.num_cells)
+        assert hit < dep.cell_id.numel()  # there are padding rows to leak
+        expected = torch.nn.functional.gelu(biased(dep.values[:hit])).sum(dim=0)
+    torch.testing.assert_close(collected[1], expected)
+
+
+def test_face_readout_depends_on_where_a_flow_lands():
+    """The same deposit on another cell writes another output (the position-blind readout does not)."""
+    outputs = {}
+    for readout in ["face", "shared"]:
+        config = tiny_config(readout=readout, output_gate_init=1.0)  # gate open: the flows' part shows
+        proc = build_processor(config)
+        if readout == "shared":
+            with torch.no_grad():
+                proc.lattice.face_position_value.weight.zero_()  # position only as an additive code: off
+        value = torch.randn(1, config.face_channels, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            ys = [proc.lattice.read_out(proc.lattice.collect_output_energy(
+                torch.tensor([0]), torch.tensor([xy]), torch.tensor([0.8]), value, 1)) for xy in ([1.0, 1.0], [4.0, 3.0])]
+        outputs[readout] = (ys[0] - ys[1]).abs().max().item()
+    assert outputs["shared"] == 0.0
+    assert outputs["face"] > 1e-3
 
 
 def test_dense_reference_gives_the_same_output():

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import build_processor, tiny_config
+from conftest import build_processor, spread_next_energies, tiny_config
 
 
 def _dead_processor(survival: bool, seed: int = 0):
@@ -61,6 +61,53 @@ def test_the_survival_gradient_changes_no_output_and_reaches_the_energy_head():
         outputs[survival], grads[survival] = y.detach(), proc.carrier.energy_head.bias.grad.clone()
     assert torch.equal(outputs[False], outputs[True])
     assert not torch.equal(grads[False], grads[True])
+
+
+@pytest.mark.parametrize("gate", [0.0, 1.0])
+def test_the_survival_gradient_points_where_keeping_the_flow_alive_would(gate, monkeypatch):
+    """For every flow that dies, the sign of the surrogate gradient on its energy logit equals the
+    sign of a finite difference: the loss with that flow kept alive (depositing, at the threshold
+    energy, its value where it stood) minus the loss without it. One lattice step (depth 2), so a
+    flow that lives arrives at once and "kept alive" is exactly one more deposit. The gate closed
+    (the default) must not silence the signal: the finite difference is then taken as if the gate
+    were open (a closed gate makes every deposit count 0), which is what the phantom reads."""
+    import efgraph.core.flow_processor as fp
+
+    config = tiny_config(input_dim=10, output_dim=10, lattice_depth=2, energy_threshold=0.5,
+                         output_gate_init=gate, initial_flows_per_sample=6)
+    proc = build_processor(config, seed=3)
+    x, target = next(_teacher_batches(0, 1, batch=4))
+    spread_next_energies(proc, x)  # energies straddle the threshold: half of the flows die
+    logits = []
+
+    def keep_logits(energy_logit, threshold):
+        energy_logit.retain_grad()
+        logits.append(energy_logit)
+        return fp_survival(energy_logit, threshold)
+
+    fp_survival = fp.survival_phantom_energy
+    monkeypatch.setattr(fp, "survival_phantom_energy", keep_logits)
+    phantoms = []
+    collect = proc.collect
+    monkeypatch.setattr(proc, "collect", lambda landed, ph, b: phantoms.append(ph) or collect(landed, ph, b))
+    y = proc(x)
+    loss = torch.nn.functional.mse_loss(y, target)
+    loss.backward()
+    died = proc.last_trace.total_died
+    assert died >= 8 and len(logits) == 1 and logits[0].numel() == died
+    surrogate = logits[0].grad
+    lat, ph = proc.lattice, phantoms[0]
+    open_gate = max(abs(float(lat.output_gate.detach())), 1.0)
+    agree = 0
+    with torch.no_grad():
+        for i in range(died):
+            kept = lat.collect_output_energy(ph.batch[i:i + 1], ph.xy[i:i + 1],
+                                             torch.tensor([config.energy_threshold]), ph.value[i:i + 1], x.size(0))
+            y_kept = y.detach() + open_gate * lat.readout_out(kept)
+            delta = torch.nn.functional.mse_loss(y_kept, target) - loss.detach()
+            assert surrogate[i] != 0 and delta != 0
+            agree += int(torch.sign(surrogate[i]) == torch.sign(delta))
+    assert agree == died
 
 
 @pytest.mark.parametrize("survival", [False, True])

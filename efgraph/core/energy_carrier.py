@@ -15,6 +15,9 @@ from efgraph.config import EnergyConfig
 # remaining depth, so a forward takes ~log2(D) steps rather than D-1.
 ENERGY_INIT_BIAS = 2.0
 DZ_INIT_BIAS = 0.0
+# a spawn score centred on 0: about half of the flows above the spawn threshold want to spawn,
+# whatever the random draw of the head's bias (a negative draw used to switch spawning off)
+SPAWN_INIT_BIAS = 0.0
 
 
 @dataclass
@@ -65,8 +68,12 @@ class EnergyCarrier(nn.Module):
         self.step_input_dim = config.neuron_output_dim + 1 + config.position_encoding_dim
         rnn_cls = nn.LSTM if self.is_lstm else nn.GRU
         self.rnn = rnn_cls(self.step_input_dim, self.hidden_dim, self.num_layers)
-        # initial state = tanh(W_x x + W_p pe(cell) + b): the input part is computed once per sample
-        self.init_from_input = nn.Linear(config.input_dim, self.num_layers * self.hidden_dim)
+        # initial state = tanh(W_u u + W_p pe(cell) + b) from the flow's own cell content u
+        # (injection: face), or tanh(W_x x + W_p pe(cell) + b) from the whole input (broadcast)
+        if config.injection == "face":
+            self.init_from_cell = nn.Linear(config.face_channels, self.num_layers * self.hidden_dim)
+        else:
+            self.init_from_input = nn.Linear(config.input_dim, self.num_layers * self.hidden_dim)
         self.init_from_position = nn.Linear(
             config.position_encoding_dim, self.num_layers * self.hidden_dim, bias=False
         )
@@ -85,23 +92,31 @@ class EnergyCarrier(nn.Module):
         with torch.no_grad():
             self.energy_head.bias.fill_(ENERGY_INIT_BIAS)
             self.displacement_head.bias[2] = DZ_INIT_BIAS
+            self.spawn_head.bias[0] = SPAWN_INIT_BIAS
 
     # ---- state -----------------------------------------------------------------------------------
     def initial_state(
-        self, x: Tensor, batch: Tensor, position_encoding: Tensor
+        self, x: Tensor, batch: Tensor, position_encoding: Tensor, content: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
         """Hidden state of freshly injected flows.
 
         Args:
-            x: ``[B, input_dim]`` input embeddings.
+            x: ``[B, input_dim]`` input embeddings (read only by ``injection: broadcast``).
             batch: ``[F0]`` sample of each flow.
             position_encoding: ``[F0, P]`` encoding of each flow's start cell.
+            content: ``[F0, face_channels]`` each flow's part of the input face
+                (``injection: face``), else ``None``.
 
         Returns:
             ``h [L, F0, H]`` and, for an LSTM, ``c [L, F0, H]`` (zeros) else ``None``.
         """
-        per_sample = self.init_from_input(x)  # [B, L*H]
-        h = torch.tanh(per_sample.index_select(0, batch) + self.init_from_position(position_encoding))
+        if self.config.injection == "face":
+            if content is None:
+                raise ValueError("content: injection 'face' starts each flow from its cell's content; got None")
+            own = self.init_from_cell(content)  # [F0, L*H]
+        else:
+            own = self.init_from_input(x).index_select(0, batch)  # computed once per sample
+        h = torch.tanh(own + self.init_from_position(position_encoding))
         # fp32 even under autocast: the carrier state stays fp32 (see ``step``)
         h = h.view(-1, self.num_layers, self.hidden_dim).transpose(0, 1).float().contiguous()
         return h, (torch.zeros_like(h) if self.is_lstm else None)

@@ -66,24 +66,28 @@ class InjectedFlows:
         batch: ``[F0]`` sample index of each flow.
         pos: ``[F0, 3]`` start position (integer x, y of the chosen cell, z = 0).
         energy: ``[F0]`` start energy in (0, 1), a differentiable function of the amplitude.
+        content: ``[F0, face_channels]`` the part of the embedding that lies on the flow's start
+            cell (``injection: face``), or ``None`` (``injection: broadcast``: every flow starts
+            from the whole embedding).
     """
 
     batch: Tensor
     pos: Tensor
     energy: Tensor
+    content: Tensor | None = None
 
 
 @dataclass
 class FaceDeposit:
-    """What arrived on the output face, compacted to the cells that were hit.
+    """What arrived on the output face, compacted to the cells that were hit (``readout: shared``).
 
     A forward with A arrivals has N = 4A rows (a static size, so compaction needs no host
-    sync): rows ``< num_cells`` are the M hit cells, ascending; the rest are padding rows with
-    ``cell_id`` 0 and zero values and energy, which add exactly nothing to the readout.
+    sync): rows ``< num_cells`` are the M hit cells, ascending; the rest are padding rows, which
+    the readout masks out (their ``batch`` is B, a row that is dropped).
 
     Attributes:
-        cell_id: ``[N]`` sample * W * H + y * W + x.
-        batch: ``[N]`` sample index of each cell.
+        cell_id: ``[N]`` sample * W * H + y * W + x (padding rows: 0).
+        batch: ``[N]`` sample index of each cell; B for the padding rows.
         values: ``[N, face_channels]`` sum of energy * bilinear weight * value.
         energy: ``[N]`` sum of energy * bilinear weight (sums to the arrived energy).
         num_cells: scalar int64 tensor, M.
@@ -97,17 +101,35 @@ class FaceDeposit:
 
 
 class EnergyLattice(nn.Module):
-    """The lattice: geometry, position encoding, and the learned input and output faces.
+    r"""The lattice: geometry, position encoding, and the learned input and output faces.
 
-    Injection (``place_initial_energy``) maps an input embedding to an amplitude per input-face
-    cell with a low-rank product ``(x W_q) K^T / sqrt(r)`` (``K``: one learned key per face cell),
-    keeps the top ``initial_flows_per_sample`` cells, and gives each flow the energy
-    ``sigmoid(amplitude + b)``.
+    **Input face** (:meth:`place_initial_energy`). With ``injection: face`` the embedding is laid
+    across the face as a ``(1 + c)``-channel field of rank ``r`` (``c = face_channels``,
+    ``r = injection_rank``): cell ``p`` holds
 
-    Readout (``read_out``) runs a bias-free two-layer MLP on every hit face cell, sums per
-    sample, scales by a learned gate (initialised to ``output_gate_init``) and adds a bias: a
-    cell with no deposit contributes exactly zero, so the output is continuous in the bilinear
-    weights.
+    .. math::
+        a_p = K_p^\top (W_q x) / \sqrt{r}, \qquad u_p = K_p^\top \mathrm{mat}_{r \times c}(W_u x) / \sqrt{r},
+
+    an amplitude and its own ``c``-wide part of x (``K``: one learned key per face cell). The
+    ``initial_flows_per_sample`` cells of highest amplitude start flows with energy
+    ``sigmoid(a_p + b)``; a flow's carrier state starts from *its cell's* ``u_p`` and position
+    only. With ``injection: broadcast`` (the earlier formulation) every flow starts from the whole
+    ``x``, ``tanh(W_x x + W_p pe(p))``, so flows differ only by a position code.
+
+    **Output face** (:meth:`collect_output_energy`, :meth:`read_out`). An arriving flow deposits
+    ``f = energy * value`` with bilinear weights on the four face cells nearest its landing
+    point. With ``readout: face`` each face cell ``q`` owns its readout ``R_q = \sum_k L_{qk} B_k``
+    (rank ``readout_rank``; ``L``: a learned key per cell, ``B_k``: ``[output_dim, c]``)::
+
+        y = g * sum_q R_q f_q + b = g * B vec(sum_q L_q f_q^T) + b
+
+    so the same deposit on another cell writes another part of y, and moving a flow moves y
+    through the weights. Only the landing points cost compute: ``sum_q L_q f_q^T`` is a sum over
+    arrivals of ``energy * L(xy) value^T``, with ``L(xy)`` the bilinear interpolation of the
+    keys at the landing point (which is how the landing position gets its gradient).
+    With ``readout: shared`` (the earlier formulation) one bias-free MLP runs on every hit cell
+    and is summed per sample, position entering only as an additive code in each deposit: y is
+    blind to where the flows land. ``g`` is a learned gate initialised to ``output_gate_init``.
     """
 
     def __init__(self, config: EnergyConfig) -> None:
@@ -120,14 +142,20 @@ class EnergyLattice(nn.Module):
         self.register_buffer("id_stride", torch.tensor([1, self.width, self.width * self.height]), persistent=False)
         self.register_buffer("face_upper", torch.tensor([self.width - 1.0, self.height - 1.0]), persistent=False)
         self.register_buffer("cell_bounds", torch.tensor([self.width, self.height, self.depth]), persistent=False)
-        # injection
+        # input face: amplitude (both injections) and, for injection: face, each cell's content
         self.input_query = nn.Linear(config.input_dim, config.injection_rank)
         self.face_keys = nn.Parameter(torch.empty(config.face_cells, config.injection_rank))
         self.energy_bias = nn.Parameter(torch.empty(()))
-        # collection and readout
-        self.face_position_value = nn.Linear(config.position_encoding_dim, config.face_channels, bias=False)
-        self.readout_hidden = nn.Linear(config.face_channels, config.readout_hidden_dim, bias=False)
-        self.readout_out = nn.Linear(config.readout_hidden_dim, config.output_dim, bias=False)
+        self.input_content = (nn.Linear(config.input_dim, config.injection_rank * config.face_channels)
+                              if config.injection == "face" else None)
+        # output face
+        if config.readout == "face":
+            self.readout_keys = nn.Parameter(torch.empty(config.face_cells, config.readout_rank))
+            self.readout_out = nn.Linear(config.readout_rank * config.face_channels, config.output_dim, bias=False)
+        else:
+            self.face_position_value = nn.Linear(config.position_encoding_dim, config.face_channels, bias=False)
+            self.readout_hidden = nn.Linear(config.face_channels, config.readout_hidden_dim, bias=False)
+            self.readout_out = nn.Linear(config.readout_hidden_dim, config.output_dim, bias=False)
         self.readout_bias = nn.Parameter(torch.empty(config.output_dim))
         # learned scalar on the flows' contribution; starting at 0 scales the lattice in from zero
         self.output_gate = nn.Parameter(torch.empty(()))
@@ -137,8 +165,14 @@ class EnergyLattice(nn.Module):
         self.input_query.reset_parameters()
         nn.init.normal_(self.face_keys, std=1.0)
         nn.init.constant_(self.energy_bias, 1.0)  # start energies near sigmoid(1) = 0.73
-        self.face_position_value.reset_parameters()
-        self.readout_hidden.reset_parameters()
+        if self.input_content is not None:
+            self.input_content.reset_parameters()
+        if self.config.readout == "face":
+            with torch.no_grad():
+                self.readout_keys.copy_(smooth_face_field(self.width, self.height, self.config.readout_rank))
+        else:
+            self.face_position_value.reset_parameters()
+            self.readout_hidden.reset_parameters()
         self.readout_out.reset_parameters()
         nn.init.zeros_(self.readout_bias)
         nn.init.constant_(self.output_gate, self.config.output_gate_init)
@@ -192,8 +226,25 @@ class EnergyLattice(nn.Module):
         query = self.input_query(x)
         return query @ self.face_keys.t() / math.sqrt(self.config.injection_rank)
 
+    def face_content(self, x: Tensor, cell: Tensor) -> Tensor:
+        """The part of ``x`` that lies on some input-face cells (``injection: face``).
+
+        Args:
+            x: ``[B, input_dim]``.
+            cell: ``[B, K]`` face cell index (``y * W + x``) per sample.
+
+        Returns:
+            ``[B, K, face_channels]``: ``K_p^T mat(W_u x) / sqrt(r)`` for each chosen cell; only the
+            chosen cells are computed, never the whole face.
+        """
+        r, c = self.config.injection_rank, self.config.face_channels
+        coefficients = self.input_content(x).view(x.size(0), r, c)  # [B, r, c]
+        keys = self.face_keys.index_select(0, cell.reshape(-1)).view(*cell.shape, r)  # [B, K, r]
+        return torch.bmm(keys, coefficients) / math.sqrt(r)
+
     def place_initial_energy(self, x: Tensor) -> InjectedFlows:
-        """Start ``K = initial_flows_per_sample`` flows per sample on its top-K amplitude cells."""
+        """Start ``K = initial_flows_per_sample`` flows per sample on its top-K amplitude cells,
+        each carrying its cell's part of ``x`` (``injection: face``)."""
         k = self.config.initial_flows_per_sample
         amp = self.amplitudes(x)
         top_amp, top_cell = amp.topk(k, dim=1)  # [B, K]
@@ -205,20 +256,21 @@ class EnergyLattice(nn.Module):
         )
         # energies are bookkept in fp32 even under autocast, so energy accounting stays exact
         energy = torch.sigmoid(top_amp.reshape(-1).float() + self.energy_bias)
-        return InjectedFlows(batch=batch, pos=pos, energy=energy)
+        content = None
+        if self.input_content is not None:
+            content = self.face_content(x, top_cell).reshape(batch.numel(), -1)
+        return InjectedFlows(batch=batch, pos=pos, energy=energy, content=content)
 
     # ---- output face -----------------------------------------------------------------------------
-    def collect_output_energy(
-        self, batch: Tensor, xy: Tensor, energy: Tensor, values: Tensor, batch_size: int
-    ) -> FaceDeposit:
-        """Deposit arriving flows on the output face with bilinear weights.
+    def landing_corners(self, xy: Tensor) -> tuple[Tensor, Tensor]:
+        """The four face cells nearest each landing point and their bilinear weights.
 
         Args:
-            batch: ``[A]`` sample of each arriving flow.
-            xy: ``[A, 2]`` continuous landing position.
-            energy: ``[A]`` energy on arrival.
-            values: ``[A, face_channels]`` the flow's value vector (from the carrier).
-            batch_size: B, for the id space.
+            xy: ``[A, 2]`` continuous landing positions in ``[0, W-1] x [0, H-1]``.
+
+        Returns:
+            ``(cell [A, 4] int64 face index y * W + x, weight [A, 4])``; the weights sum to 1 and
+            carry the gradient of the landing point.
         """
         w, h = self.width, self.height
         x0f = torch.floor(xy[:, 0]).clamp(max=w - 1)
@@ -229,11 +281,48 @@ class EnergyLattice(nn.Module):
         corner_x = torch.stack([x0, x1, x0, x1], dim=1)  # [A, 4]
         corner_y = torch.stack([y0, y0, y1, y1], dim=1)
         weight = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], dim=1)
-        corner_batch = batch.unsqueeze(1).expand(-1, 4)
-        corner_id = (corner_batch * h + corner_y) * w + corner_x  # [A, 4]
+        return corner_y * w + corner_x, weight
 
+    def collect_output_energy(
+        self, batch: Tensor, xy: Tensor, energy: Tensor, values: Tensor, batch_size: int
+    ) -> Tensor:
+        """Deposit arriving flows on the output face and gather each sample's face for the readout.
+
+        Args:
+            batch: ``[A]`` sample of each arriving flow.
+            xy: ``[A, 2]`` continuous landing position.
+            energy: ``[A]`` energy on arrival.
+            values: ``[A, face_channels]`` the flow's value vector (from the carrier).
+            batch_size: B.
+
+        Returns:
+            ``[B, K]`` what :meth:`read_out` turns into y. ``readout: face``: ``vec(sum_q L_q f_q^T)``
+            (``K = readout_rank * face_channels``), the face's deposits in its rank-r cell basis;
+            ``readout: shared``: ``sum_q GELU(W_1 f_q)`` over the hit cells (``K = readout_hidden_dim``).
+            Linear in the deposits for ``readout: face``, so a zero-energy deposit adds exactly 0.
+        """
+        if self.config.readout == "shared":
+            deposit = self.deposit_on_cells(batch, xy, energy, values, batch_size)
+            per_cell = nn.functional.gelu(self.readout_hidden(deposit.values))
+            # padding rows go to row B, which is dropped: nothing of them reaches any sample
+            return scatter(per_cell, deposit.batch, dim=0, dim_size=batch_size + 1, reduce="sum")[:batch_size]
+        cell, weight = self.landing_corners(xy)
+        r, c = self.config.readout_rank, self.config.face_channels
+        keys = (weight.unsqueeze(-1) * self.readout_keys[cell]).sum(dim=1)  # [A, r]: L at the landing point
+        outer = keys.unsqueeze(2) * (energy.unsqueeze(1) * values).unsqueeze(1)  # [A, r, c]
+        return scatter(outer.reshape(-1, r * c), batch, dim=0, dim_size=batch_size, reduce="sum")
+
+    def deposit_on_cells(
+        self, batch: Tensor, xy: Tensor, energy: Tensor, values: Tensor, batch_size: int
+    ) -> FaceDeposit:
+        """The bilinear deposits compacted to the hit cells (``readout: shared``), each deposit's
+        value plus the position code of its cell; see :class:`FaceDeposit`."""
+        w, h = self.width, self.height
+        face_cell, weight = self.landing_corners(xy)
+        corner_id = batch.unsqueeze(1) * (w * h) + face_cell  # [A, 4]
         corner_pos = torch.stack(
-            [corner_x.float(), corner_y.float(), torch.full_like(corner_x, self.depth - 1, dtype=torch.float)], dim=-1
+            [(face_cell % w).float(), (face_cell // w).float(),
+             torch.full_like(face_cell, self.depth - 1, dtype=torch.float)], dim=-1
         ).reshape(-1, 3)
         corner_value = values.unsqueeze(1) + self.face_position_value(self.position_encoding(corner_pos)).view(
             -1, 4, values.size(1)
@@ -243,21 +332,48 @@ class EnergyLattice(nn.Module):
 
         cell_id, inverse, num_cells = unique_padded(corner_id.reshape(-1), fill=0)
         m = cell_id.numel()
+        real = torch.arange(m, device=cell_id.device) < num_cells
         return FaceDeposit(
             cell_id=cell_id,
-            batch=cell_id // (w * h),
+            batch=torch.where(real, cell_id // (w * h), batch_size),
             values=scatter(deposit.reshape(-1, values.size(1)), inverse, dim=0, dim_size=m, reduce="sum"),
             energy=scatter(deposit_energy.reshape(-1), inverse, dim=0, dim_size=m, reduce="sum"),
             num_cells=num_cells,
         )
 
-    def read_out(self, deposit: FaceDeposit, batch_size: int) -> Tensor:
-        """``FaceDeposit`` -> ``[B, output_dim]``: per-cell MLP, summed per sample, gated, plus a bias.
+    def read_out(self, collected: Tensor, phantom: Tensor | None = None) -> Tensor:
+        """``[B, K]`` collected face (:meth:`collect_output_energy`) -> ``[B, output_dim]``.
 
-        ``sum_c W_2 GELU(W_1 f_c) = W_2 sum_c GELU(W_1 f_c)``: the second layer is linear and
-        bias-free, so the sum over cells is taken in the hidden space and ``W_2`` runs on B rows
-        instead of M (M up to 4 x arrivals; 768-wide outputs made it the costliest product).
+        ``y = g * W_out(collected) + b``. ``phantom`` is the collected face of the dying flows'
+        zero-energy deposits (:mod:`efgraph.core.survival`): exactly zero in the forward, it enters
+        with a gate of ``+-max(|g|, 1)`` (detached) instead of ``g``, so the survival gradient
+        still reaches the energy head when ``g`` is 0 (the default start), which is what lets a
+        dead lattice come back.
         """
-        per_cell = nn.functional.gelu(self.readout_hidden(deposit.values))
-        summed = scatter(per_cell, deposit.batch, dim=0, dim_size=batch_size, reduce="sum")
-        return self.output_gate * self.readout_out(summed) + self.readout_bias
+        gate = self.output_gate
+        summed = gate * collected
+        if phantom is not None:
+            g = gate.detach()
+            phantom_gate = torch.where(g < 0, -1.0, 1.0) * g.abs().clamp(min=1.0)
+            summed = summed + phantom_gate * phantom
+        # sum over cells before the (linear, bias-free) last layer: it runs on B rows, not 4A
+        return self.readout_out(summed) + self.readout_bias
+
+
+def smooth_face_field(width: int, height: int, channels: int, components: int = 4) -> Tensor:
+    """``[W*H, channels]`` random smooth fields over the face (row ``y * W + x``), unit std each.
+
+    Each channel is a sum of ``components`` random plane waves of at most 1.5 cycles across the
+    face. The readout keys start smooth so that the gradient with respect to a landing point
+    (the difference of the keys of neighbouring cells) points the same way over several cells
+    instead of changing at every cell; training is free to make them rough.
+    """
+    u = torch.arange(width, dtype=torch.float32) / max(width - 1, 1)
+    v = torch.arange(height, dtype=torch.float32) / max(height - 1, 1)
+    uv = torch.stack(torch.meshgrid(v, u, indexing="ij")[::-1], dim=-1).reshape(-1, 2)  # [W*H, (u, v)]
+    freq = (torch.rand(channels, components, 2) * 2 - 1) * 1.5
+    phase = torch.rand(channels, components) * 2 * math.pi
+    waves = torch.cos(2 * math.pi * torch.einsum("pd,kjd->pkj", uv, freq) + phase).sum(dim=-1)  # [W*H, channels]
+    if width * height == 1:
+        return torch.randn(1, channels)
+    return (waves - waves.mean(dim=0)) / waves.std(dim=0).clamp(min=1e-6)

@@ -210,12 +210,19 @@ class FlowProcessor(nn.Module):
                 _path_record(landed.flow_id, landed.batch, _face_pos(landed.xy, self.config), landed.energy)
             )
         self.last_trace = trace
-        # phantoms deposit exactly zero (forward unchanged) but carry the survival gradient
-        deposited = _cat_arrivals(arrivals + phantoms) if phantoms else landed
-        deposit = self.lattice.collect_output_energy(deposited.batch, deposited.xy, deposited.energy,
-                                                     deposited.value, batch_size)
-        y = self.lattice.read_out(deposit, batch_size)
+        y = self.collect(landed, _cat_arrivals(phantoms) if phantoms else None, batch_size)
         return x + y if self.config.residual else y
+
+    def collect(self, landed: Arrivals, phantoms: Arrivals | None, batch_size: int) -> Tensor:
+        """The output face: what landed (and the dying flows' phantoms) -> ``[B, output_dim]``.
+
+        Phantoms deposit exactly zero (the forward is unchanged) but carry the survival gradient;
+        they are collected apart so the readout can pass that gradient past a closed gate."""
+        lattice = self.lattice
+        collected = lattice.collect_output_energy(landed.batch, landed.xy, landed.energy, landed.value, batch_size)
+        phantom = None if phantoms is None else lattice.collect_output_energy(
+            phantoms.batch, phantoms.xy, phantoms.energy, phantoms.value, batch_size)
+        return lattice.read_out(collected, phantom)
 
     def _run_step(self, state: FlowState, batch_size: int, next_id: int, also_read: Tensor | None) -> StepResult:
         """:meth:`step`, recomputed in backward when ``activation_checkpointing`` is on.
@@ -238,7 +245,8 @@ class FlowProcessor(nn.Module):
     def inject(self, x: Tensor) -> FlowState:
         """Start the flows of a batch at the input face."""
         injected = self.lattice.place_initial_energy(x)
-        h, c = self.carrier.initial_state(x, injected.batch, self.lattice.position_encoding(injected.pos))
+        h, c = self.carrier.initial_state(x, injected.batch, self.lattice.position_encoding(injected.pos),
+                                          injected.content)
         return FlowState(
             h=h,
             c=c,

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from torch import Tensor, nn
 
 from efgraph.training.metrics import embedding_loss, evaluate_predictions
+from efgraph.training.optim import adamw
 from efgraph.training.schedule import warmup_cosine_scheduler
 
 Split = tuple[Tensor, Tensor]
@@ -400,7 +401,7 @@ class MLPBaseline:
             model = _MLP(in_dim, hidden, out_dim, self.residual)
         model = model.to(device=device, dtype=dtype)
         self.model = model
-        optimizer = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        optimizer = adamw(model, self.lr, self.weight_decay)  # the model's recipe: no decay on biases
         scheduler = warmup_cosine_scheduler(optimizer, self.warmup_steps, self.steps)
         generator = torch.Generator().manual_seed(self.seed)  # CPU: indices are moved to `device`
 

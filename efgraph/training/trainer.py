@@ -72,6 +72,7 @@ from efgraph.data._atomic import atomic_write
 from efgraph.training.checkpoint import check_compatible, load_checkpoint, restore_rng_state, save_checkpoint
 from efgraph.training.distributed import SINGLE_PROCESS, DistributedContext
 from efgraph.training.metrics import embedding_loss, evaluate_predictions
+from efgraph.training.optim import adamw
 from efgraph.training.run_logger import RunLogger
 from efgraph.training.schedule import warmup_cosine_scheduler
 from efgraph.training.signals import STOP_SIGNALS, StopRequest, TrainingInterrupted, signal_name
@@ -150,9 +151,8 @@ class EnergyTrainer:
                 self.processor, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=True,
             )
-        self.optimizer = torch.optim.AdamW(
-            self.processor.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
-        )
+        # weight decay on the weight matrices only, not on gates, biases, scalars (efgraph.training.optim)
+        self.optimizer = adamw(self.processor, config.learning_rate, config.weight_decay)
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.run_dir = Path(run_dir) if run_dir is not None and distributed.is_main else None
         if self.run_dir is not None:

@@ -1,4 +1,22 @@
-"""Learning-rate schedule: linear warm-up, then cosine decay to ``min_ratio`` of the peak."""
+"""Learning-rate schedule: linear warm-up, then cosine decay to ``min_ratio`` of the peak.
+
+One ``LambdaLR`` over a closed-form factor, rather than torch's
+``SequentialLR([LinearLR(start_factor=1/warmup, total_iters=warmup-1),
+CosineAnnealingLR(T_max=total-warmup)], milestones=[warmup])``. From step 0 the two give the
+same learning rate at every step up to ``total_steps`` (``tests/test_optimizer_and_schedule.py``
+checks it step by step), but the closed form is what resuming needs:
+
+* ``current_step > 0`` (a second ``train`` call that stretches the run to a new total) is
+  ``LambdaLR(last_epoch=current_step - 1)``: the factor of any step is computed, not replayed.
+  ``SequentialLR`` (torch 2.13) built with ``last_epoch=k - 1`` starts at the peak and follows
+  another curve, and ``CosineAnnealingLR`` is recursive (each step's lr from the previous one),
+  so it cannot be placed mid-run with a new span;
+* past ``total_steps`` the factor stays at ``min_ratio``; ``CosineAnnealingLR`` rises again;
+* ``warmup_steps == total_steps`` is a warm-up and nothing else here; ``CosineAnnealingLR``
+  with ``T_max=0`` divides by zero.
+
+A checkpoint's ``LambdaLR`` state (its step) restores the schedule exactly on resume.
+"""
 
 from __future__ import annotations
 

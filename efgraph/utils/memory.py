@@ -1,11 +1,17 @@
 """Will a training step fit? A worst-case memory estimate, the plan that makes it fit, and the limit.
 
-Worst case. The engine bounds a forward: at most ``max_active_flows`` flows per sample are alive in
-any step and a forward takes at most ``lattice_depth - 1`` steps. So the forward of ``m`` rows runs
-at most ``m * max_active_flows * (lattice_depth - 1)`` flow-steps, and at most
-``m * max_active_flows`` flows in its largest step. That worst case is what a run can reach once
-training drives flows to spawn up to the budget and to move one cell per step; if it does not
-fit, the run would die of out-of-memory hours in, so it is planned for (or refused) up front.
+Worst case. The engine bounds a forward: a forward takes at most ``lattice_depth - 1`` steps, and a
+sample starts with ``initial_flows_per_sample`` flows and gains in a step at most one child per flow
+and ``max_spawn_per_step`` in all, never past ``max_active_flows`` (:func:`flows_per_step_bound`:
+``n -> min(n + min(n, max_spawn_per_step), max_active_flows)``). So the forward of ``m`` rows runs
+at most ``m * sum(flows_per_step_bound)`` flow-steps, and at most ``m * max(flows_per_step_bound)``
+flows in its largest step. That worst case is what a run can reach once training drives flows to
+spawn whenever they may, none to die, and all to move one cell per step (the tests pin such a
+forward and it reaches the bound at every step); if it does not fit, the run would die of
+out-of-memory hours in, so it is planned for (or refused) up front. (``max_active_flows`` at every
+step would be no worst case but an unreachable one when spawning cannot fill the budget in time:
+the optimized preset's 32 flows + 10 a step reach 512 of their 1000 in 49 steps, 3.7x fewer
+flow-steps.)
 
 What a training step holds (bytes; ``S = carrier_num_layers * carrier_hidden_dim``, the state
 of a flow is ``S`` floats, ``2 S`` for an LSTM with its cell state):
@@ -22,8 +28,8 @@ of a flow is ``S`` floats, ``2 S`` for an LSTM with its cell state):
   backward): per flow-step only what the checkpoint keeps, the step's input state (hidden state,
   positions, energy, batch and id: ``S + 8`` floats, ``2 S + 8`` for an LSTM), plus the same
   injection, deposits and readout (they outlive the steps), plus the peak of recomputing ONE step
-  in backward: the largest step's full activations (``m * max_active_flows`` flows at the full
-  per-flow-step size) and their gradients.
+  in backward: the largest step's full activations (``m * max(flows_per_step_bound)`` flows at
+  the full per-flow-step size) and their gradients.
 
 The plan. :func:`estimate_training_memory` picks the cheapest plan that fits ``limit_bytes``: the
 whole batch without checkpointing; else with activation checkpointing (~1/3 more compute); else
@@ -32,8 +38,9 @@ batch's (``EnergyTrainer`` runs them; one optimizer step per batch). Explicit se
 honoured: ``activation_checkpointing: true`` is always on, ``micro_batch_size > 0`` is that size.
 When even checkpointed micro-batches of one row do not fit it raises ``ValueError`` naming the
 fields to lower. For ``create_optimized_config()`` (100x100x50, 1000 flows per sample, batch 32,
-GRU 1024 x 3) the whole batch would need 164 GiB of activations; the plan is checkpointing with
-the whole batch, 22.6 GiB in all (``describe()`` lists the parts).
+GRU 1024 x 3) the whole batch needs 44.7 GiB of activations at most (426,496 flow-steps); the plan
+is the whole batch without checkpointing, 45.5 GiB in all (``describe()`` lists the parts); with
+checkpointing it would be 7.5 GiB.
 
 Calibration (``tests/test_memory.py``): the sizes above are fitted to, and bound from above, the
 tensors this engine really holds, measured on the CPU with :func:`saved_activation_bytes` (what
@@ -43,7 +50,10 @@ which also sees what a checkpoint keeps and the recompute in backward): measured
 (LSTM ``2 S``), an injected flow ``S + 540`` and a deposit ``~8.5 * face_channels + 4 *
 readout_hidden_dim``. The test pins the worst case at hidden 1024 x 3 layers and checks that the
 estimate is >= the measurement and within 1.5x of it, with and without checkpointing (measured:
-1.13x the peak and 1.19x the saved tensors without, 1.15x the peak with checkpointing).
+1.13x the peak and 1.19x the saved tensors without, 1.15x the peak with checkpointing). It also
+measures a scaled-down optimized preset (20x20x10, radius 1, 4 flows + 1 a step of 125 per sample,
+GRU 128 x 3, batch 2) at its worst case, flows spawning at every step: the estimate is 1.26x the
+measured peak without checkpointing, 1.22x with it.
 """
 
 from __future__ import annotations
@@ -225,6 +235,19 @@ def activation_bytes_per_flow_step(config: EnergyConfig) -> float:
     return 4.0 * (FLOATS_PER_STATE_UNIT[config.carrier_type] * state + FLOATS_PER_FLOW_STEP)
 
 
+def flows_per_step_bound(config: EnergyConfig) -> list[int]:
+    """The most flows one sample can have at the start of each of its ``lattice_depth - 1`` steps.
+
+    A sample starts with ``initial_flows_per_sample`` flows; in a step each flow spawns at most one
+    child, the sample at most ``max_spawn_per_step``, never past ``max_active_flows``. The bound is
+    reached when no flow dies, every flow moves one cell in z per step and spawns whenever it may."""
+    flows = [config.initial_flows_per_sample]
+    for _ in range(config.lattice_depth - 2):
+        n = flows[-1]
+        flows.append(min(n + min(n, config.max_spawn_per_step), config.max_active_flows))
+    return flows
+
+
 def kept_bytes_per_flow_step(config: EnergyConfig) -> float:
     """Bytes a checkpointed flow-step keeps: its input state, position, energy, batch and id."""
     return 4.0 * (state_floats(config) + KEPT_FLOATS_PER_FLOW_STEP)
@@ -236,9 +259,9 @@ def plan_memory(config: EnergyConfig, num_parameters: int, batch_size: int, micr
     cfg, m = config, micro_batch_size
     if not 1 <= m <= batch_size:
         raise ValueError(f"micro_batch_size: must be in [1, {batch_size}], got {m}")
-    depth_steps = cfg.lattice_depth - 1
-    flow_steps = m * cfg.max_active_flows * depth_steps
-    step_flows = m * cfg.max_active_flows  # the largest step
+    per_step = flows_per_step_bound(cfg)
+    flow_steps = m * sum(per_step)
+    step_flows = m * max(per_step)  # the largest step
     injected = m * cfg.initial_flows_per_sample
     # every flow ends once (arrives, or dies and deposits the survival gradient); flows are the
     # injected ones and the children, spawned in steps 1..D-2 (a child needs another step)
@@ -312,12 +335,15 @@ def estimate_training_memory(config: EnergyConfig, num_parameters: int, batch_si
     raise ValueError(
         f"memory_check: a training step needs up to {human_bytes(smallest.total_bytes)} even with activation "
         f"checkpointing and micro-batches of {smallest.micro_batch_size} row(s), but {human_bytes(limit)} "
-        f"are available ({where}): max_active_flows {config.max_active_flows} x (lattice_depth - 1) "
-        f"{config.lattice_depth - 1} = {smallest.flow_steps:,} flow-steps per row of "
+        f"are available ({where}): up to {smallest.flow_steps // smallest.micro_batch_size:,} flow-steps per row "
+        f"(initial_flows_per_sample {config.initial_flows_per_sample}, growing by max_spawn_per_step "
+        f"{config.max_spawn_per_step} a step up to max_active_flows {config.max_active_flows}, over lattice_depth - 1 = "
+        f"{config.lattice_depth - 1} steps) of "
         f"{kept_bytes_per_flow_step(config) / 1024:.1f} KiB kept (carrier {config.carrier_num_layers} x "
         f"{config.carrier_hidden_dim}), the largest step recomputed with its gradients {human_bytes(smallest.backward_peak_bytes)}, plus "
         f"{num_parameters:,} parameters with gradients and AdamW state. Lower {fields}max_active_flows, "
-        f"lattice_depth, carrier_hidden_dim or carrier_num_layers, or set memory_check: false to run anyway."
+        f"lattice_depth, carrier_hidden_dim, carrier_num_layers or max_spawn_per_step, or set memory_check: false "
+        f"to run anyway."
     )
 
 

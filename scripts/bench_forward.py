@@ -44,11 +44,15 @@ Memory, three measures (MiB in the tables):
   non-tensor arguments -- the ``FlowState`` with the flows' hidden states -- by Python
   reference, not through the hooks, so only the tensors saved outside the checkpointed steps
   are counted.
-- *held*: what a forward leaves allocated until its backward: on CPU the live heap after the
-  forward minus before it (glibc ``mallinfo2``: in-use arena bytes + mmapped bytes; PyTorch's
-  CPU allocator returns freed tensors to malloc at once, so this is the graph's saved tensors +
-  checkpointed inputs + the loss), on CUDA ``memory_allocated`` after minus before. Without
+- *held*: what a forward leaves allocated until its backward: the graph's saved tensors, the
+  checkpointed steps' inputs and the loss. On CPU, ``torch.profiler`` with ``profile_memory``
+  over the forward: the bytes PyTorch's CPU allocator handed out minus those it got back
+  (:func:`forward_held_bytes`); on CUDA ``memory_allocated`` after minus before. Without
   checkpointing it agrees with *saved* to within a few MiB; with it, it is the honest number.
+  (Until this version the CPU figure was glibc ``mallinfo2``'s live heap after minus before: on
+  the debug workload below, 20x20x10, 256 flows, GRU 256 x 3, 5 steps, it read 33.7 MiB against
+  the profiler's 33.1 without checkpointing and 5.6 against 5.1 with it; the profiler counts
+  tensors only and does not depend on glibc or on the allocator giving memory back at once.)
 - *peak* (CUDA only): peak allocated memory over one forward+backward.
 
 Usage::
@@ -62,7 +66,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import math
@@ -129,29 +132,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-def _mallinfo2() -> Callable[[], _MallInfo2] | None:
-    try:
-        fn = ctypes.CDLL("libc.so.6").mallinfo2  # glibc >= 2.33
-    except (OSError, AttributeError):
-        return None
-    fn.restype = _MallInfo2
-    return fn
-
-
-_MALLINFO2 = _mallinfo2()
-
-
-def heap_live_bytes() -> int | None:
-    """Bytes malloc has handed out and not had back (arena in-use + mmapped), or ``None`` off glibc."""
-    if _MALLINFO2 is None:
-        return None
-    info = _MALLINFO2()
-    return int(info.uordblks + info.hblkhd)
+def forward_held_bytes(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Run the forward ``fn()`` under ``torch.profiler`` with ``profile_memory``: its result and
+    the bytes of the tensors it allocated that are still allocated when it returns (every
+    allocation minus every free that PyTorch's CPU allocator reported during the call: the graph's
+    saved tensors, what checkpoints keep, the output). Tensors only, whatever the malloc."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    return out, int(sum(e.self_cpu_memory_usage for e in prof.key_averages()))
 
 
 def timings(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> list[float]:
@@ -174,16 +162,15 @@ def memory(fn: Callable[[], torch.Tensor], device: torch.device, params: list[to
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-    else:
-        before = heap_live_bytes()
     with saved_activation_bytes(params) as counter:
-        loss = fn()
+        if device.type == "cuda":
+            loss = fn()
+        else:
+            loss, held_bytes = forward_held_bytes(fn)
     gc.collect()
     if device.type == "cuda":
-        held: float | None = (torch.cuda.memory_allocated(device) - before) / mib
-    else:
-        after = heap_live_bytes()
-        held = None if before is None or after is None else (after - before) / mib
+        held_bytes = torch.cuda.memory_allocated(device) - before
+    held = held_bytes / mib
     loss.backward()
     del loss
     peak = torch.cuda.max_memory_allocated(device) / mib if device.type == "cuda" else None

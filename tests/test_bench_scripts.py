@@ -98,11 +98,10 @@ def test_recurrent_flop_count_matches_torch_flop_counter():
     assert lstm / gru == pytest.approx(4 / 3)
 
 
-@pytest.mark.skipif(bench.heap_live_bytes() is None, reason="needs glibc mallinfo2")
 def test_held_memory_sees_what_checkpointing_keeps_and_saved_bytes_do_not():
     """Without checkpointing the two CPU measures agree; with it the saved-tensor hooks miss the
-    checkpointed steps' inputs (the FlowState, kept by reference), and the heap measure holds at
-    least the flows' hidden states of every step."""
+    checkpointed steps' inputs (the FlowState, kept by reference), and the profiler's held bytes
+    hold at least the flows' hidden states of every step."""
     flows, steps, layers, hidden = 2 * 36, 5, 3, 512
     config = tiny_config(lattice_width=6, lattice_height=6, lattice_depth=8, initial_flows_per_sample=36,
                          max_active_flows=36, carrier_hidden_dim=hidden, carrier_num_layers=layers)
@@ -122,3 +121,15 @@ def test_held_memory_sees_what_checkpointing_keeps_and_saved_bytes_do_not():
     assert checkpointed.last_trace.num_steps == steps
     assert ck["saved_mb"] < 0.5 * hidden_states_mb  # the hooks' blind spot
     assert hidden_states_mb < ck["held_mb"] < 0.8 * mem["held_mb"]
+
+
+def test_forward_held_bytes_counts_the_tensors_a_call_leaves_allocated():
+    kept = []
+
+    def fn():
+        a = torch.ones(1000)  # freed on return: not held
+        kept.append(torch.empty(2048))  # 8 KiB kept
+        return (a * 2).sum()  # the 4-byte result is held
+
+    out, held = bench.forward_held_bytes(fn)
+    assert out.item() == 2000.0 and held == 2048 * 4 + 4

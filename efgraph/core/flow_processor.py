@@ -163,6 +163,7 @@ class FlowProcessor(nn.Module):
             initial_flows=state.num_flows,
             energy_injected=state.energy.detach().sum(),
             paths=[] if self.record_paths else None,
+            parent_of={} if self.record_paths else None,
         )
         next_id = state.num_flows
         # x's finiteness is read in the first step's sync instead of a sync of its own
@@ -180,6 +181,9 @@ class FlowProcessor(nn.Module):
                 if result.also_read:
                     self._raise_nonfinite_rows(x)
                 nonfinite = None
+            if trace.parent_of is not None:  # children get ids next_id, next_id + 1, ... in spawner order
+                trace.parent_of.update(zip(range(next_id, next_id + result.num_spawned),
+                                           result.spawner_flow_id.tolist()))
             next_id += result.num_spawned
             arrivals.append(result.arrivals)
             if result.phantoms is not None:

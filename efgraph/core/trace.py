@@ -39,6 +39,9 @@ class FlowTrace:
     # when recorded: one dict per step (flows at its start) plus one for the arrivals, each with
     # CPU tensors flow_id [N], batch [N], pos [N, 3], energy [N]
     paths: list[dict[str, Tensor]] | None = None
+    # recorded with the paths: flow id of each child's parent, so every arrival can be traced back
+    # to the input-face cell its lineage started from (channel figures)
+    parent_of: dict[int, int] | None = None
 
     @classmethod
     def merge(cls, traces: list["FlowTrace"]) -> "FlowTrace":

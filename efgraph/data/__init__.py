@@ -8,6 +8,7 @@
 * :func:`load_bible_pairs` - the built-in dataset: verses in two translations (``bible``),
   guarded by a text alignment check (``alignment``).
 * :func:`make_teacher_pairs` - a seeded synthetic teacher task (``synthetic``).
+* :func:`make_routing_pairs` - a seeded task that needs routing, with a known ceiling (``routing``).
 * :func:`make_split` / :func:`split_pairs` / :class:`Split` - deterministic, group-aware
   train/validation/test splits (``split``).
 """
@@ -25,6 +26,7 @@ from efgraph.data.embed import embed_texts, resolve_model_path
 from efgraph.data.files import SUPPORTED_EXTENSIONS, load_embedding_pairs, save_embedding_pairs
 from efgraph.data.pairs import EmbeddingPairs
 from efgraph.data.split import Split, make_split, split_pairs
+from efgraph.data.routing import make_routing_pairs, routing_ceiling, routing_dims, routing_oracle
 from efgraph.data.synthetic import make_teacher_pairs
 from efgraph.data.text import TextPairs, load_text_pairs, read_text_pairs
 
@@ -44,12 +46,16 @@ __all__ = [
     "load_bible_pairs",
     "load_embedding_pairs",
     "load_text_pairs",
+    "make_routing_pairs",
     "make_split",
     "make_teacher_pairs",
     "read_bible_verses",
     "read_text_pairs",
     "resolve_cache_dir",
     "resolve_model_path",
+    "routing_ceiling",
+    "routing_dims",
+    "routing_oracle",
     "save_embedding_pairs",
     "split_pairs",
 ]

@@ -14,7 +14,7 @@ Run folder layout::
                                of the selected state and of the last evaluation, the test dynamics
     RUN_DIR/results.md         the test metrics as a Markdown table
     RUN_DIR/test_pairs.npz     per test pair and model: cosine and R@1 hit (see metrics.save_pair_scores)
-    RUN_DIR/flow_paths.png, RUN_DIR/landing.png, RUN_DIR/flow_counts.png
+    RUN_DIR/flow_paths.png, RUN_DIR/landing.png, RUN_DIR/flow_counts.png, RUN_DIR/channels.png
     RUN_DIR/model/             model.safetensors + config.yaml (see efgraph.load_model)
 
 Resuming (``resume=``): the checkpoint's own folder is continued in place, or with another
@@ -42,7 +42,7 @@ import yaml
 
 from efgraph.config import RESUME_MUTABLE_KEYS, EnergyConfig
 from efgraph.core.flow_processor import FlowProcessor
-from efgraph.data import EmbeddingPairs, Split, load_bible_pairs, load_embedding_pairs, load_text_pairs, make_teacher_pairs
+from efgraph.data import EmbeddingPairs, Split, load_bible_pairs, load_embedding_pairs, load_text_pairs, make_routing_pairs, make_teacher_pairs
 from efgraph.data._atomic import atomic_write, atomic_write_text
 from efgraph.data.split import make_split
 from efgraph.data.text import TEXT_GROUP_FIELD, text_file_has_field
@@ -50,6 +50,7 @@ from efgraph.model_io import export_model
 from efgraph.training.baselines import fit_baselines, format_results_table
 from efgraph.training.checkpoint import load_checkpoint
 from efgraph.training.distributed import DistributedContext, init_distributed, local_device, shutdown_distributed
+from efgraph.training.channels import channel_metrics, channels_figure
 from efgraph.training.figures import flow_counts_figure, flow_paths_figure, landing_arrays, landing_figure
 from efgraph.training.metrics import evaluate_predictions, pair_scores, save_pair_scores
 from efgraph.training.run_logger import RunLogger, resolve_wandb_mode
@@ -112,6 +113,9 @@ def load_pairs(config: EnergyConfig, progress: bool = True) -> EmbeddingPairs:
     if config.dataset == "synthetic":
         # the teacher is part of the data: fixed by data_seed, so model seeds share one data set
         pairs = make_teacher_pairs(config.synthetic_pairs, config.input_dim, config.output_dim, seed=config.data_seed)
+    elif config.dataset == "routing":
+        pairs = make_routing_pairs(config.synthetic_pairs, config.routing_slots, config.routing_token_dim,
+                                   seed=config.data_seed, noise=config.routing_noise)
     elif config.dataset == "bible":
         pairs = load_bible_pairs(config.source_version, config.target_version, max_verses=limit, model=model,
                                  verses_per_book=config.verses_per_book or None, progress=progress)
@@ -148,7 +152,8 @@ def make_run_split(config: EnergyConfig, pairs: EmbeddingPairs) -> Split:
 def describe_split(config: EnergyConfig, pairs: EmbeddingPairs, split: Split) -> dict[str, Any]:
     """How the split was made, for the log, ``results.json`` and W&B: by group or by pair, the
     grouping, the group count and the data seed."""
-    grouping = {"synthetic": None, "bible": "book", "pairs": "group (from the pair file)", "text": None}[config.dataset]
+    grouping = {"synthetic": None, "routing": None, "bible": "book", "pairs": "group (from the pair file)",
+                "text": None}[config.dataset]
     if config.dataset == "text":
         grouping = ("the file's group column" if text_file_has_field(config.data_path, TEXT_GROUP_FIELD)
                     else "source text")
@@ -409,7 +414,7 @@ def _run(config: EnergyConfig, run_dir: Path, dev: torch.device, ctx: Distribute
                 fitted[baseline.name] = baseline_record(baseline)
         save_pair_scores(run_dir / "test_pairs.npz", per_pair)
         table = format_results_table(results)
-        _figures(trainer, test, config, run_dir, run_logger, result.steps)
+        channels = _figures(trainer, test, config, run_dir, run_logger, result.steps)
         run_logger.log_table("test/results", ["model", "cosine", "mse", "r_at_1"],
                              [[name, r["cosine"], r["mse"], r["r_at_1"]] for name, r in results.items()], result.steps)
         for name, record in fitted.items():
@@ -439,7 +444,8 @@ def _run(config: EnergyConfig, run_dir: Path, dev: torch.device, ctx: Distribute
             "validation": selected,
             # the evaluation at the last step: with flows_arrived_per_sample 0 the run ended dead
             "final_validation": evaluations.get(total),
-            "test_dynamics": {k: v for k, v in test_metrics.items() if k.startswith("flows_")},
+            "test_dynamics": {**{k: v for k, v in test_metrics.items() if k.startswith("flows_")},
+                              **{k.replace("/", "_"): v for k, v in channels.items()}},
             "total_steps": total,
             "split": split_info,
             # how each baseline was fitted: ridge alpha and its validation losses, MLP width and curve
@@ -529,7 +535,9 @@ def _write_report(run_dir: Path, config: EnergyConfig, results: dict[str, dict[s
 
 
 def _figures(trainer: EnergyTrainer, test: EmbeddingPairs, config: EnergyConfig, run_dir: Path,
-             run_logger: RunLogger, step: int) -> None:
+             run_logger: RunLogger, step: int) -> dict[str, float]:
+    """The run's figures from one traced forward over (up to 64) test pairs; returns the channel
+    metrics of that forward (:mod:`efgraph.training.channels`)."""
     proc = trainer.processor
     proc.eval()
     proc.record_paths = True
@@ -544,5 +552,11 @@ def _figures(trainer: EnergyTrainer, test: EmbeddingPairs, config: EnergyConfig,
         "figures/landing": landing_figure(trace, config, run_dir / "landing.png"),
         "figures/flow_counts": flow_counts_figure(trace, run_dir / "flow_counts.png"),
     }
+    channels: dict[str, float] = {}
+    if trace.total_arrived:  # a dead lattice has no channels to draw
+        paths["figures/channels"] = channels_figure(trace, config, run_dir / "channels.png")
+        channels = channel_metrics(trace, config)
+        run_logger.log_summary({f"test/{k}": v for k, v in channels.items()})
     run_logger.log_images(paths, step)
     run_logger.log_histograms({k: v.numpy() for k, v in landing_arrays(trace).items()}, step)
+    return channels

@@ -1,0 +1,122 @@
+"""Channels through the lattice: where the energy from each region of the input face lands.
+
+The input and output faces are cut into the same ``grid x grid`` regions. Every arrival is traced
+back through its ancestors (``FlowTrace.parent_of``) to the input-face cell its lineage started
+from, and its energy is booked in ``M[input region, output region]``. Two numbers summarise M:
+
+* ``channel_concentration`` -- ``1 - H(out | in) / log(G)`` over the pooled batch, with ``G`` the
+  number of regions: 1 when each input region sends all of its energy to one output region in
+  every sample (fixed channels), 0 when it spreads evenly over the output face.
+* ``sample_channel_concentration`` -- the same within each sample, averaged (weighted by energy):
+  1 when, in each input, each region's energy goes to one place, even if that place depends on the
+  input (routing by content gives high values here and lower ones above).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from efgraph.config import EnergyConfig  # noqa: E402
+from efgraph.core.trace import FlowTrace  # noqa: E402
+
+
+def _region(x: Tensor, y: Tensor, config: EnergyConfig, grid: int) -> Tensor:
+    gx = (x.round().clamp(0, config.lattice_width - 1) * grid / config.lattice_width).long().clamp(max=grid - 1)
+    gy = (y.round().clamp(0, config.lattice_height - 1) * grid / config.lattice_height).long().clamp(max=grid - 1)
+    return gy * grid + gx
+
+
+def arrival_origins(trace: FlowTrace) -> dict[str, Tensor]:
+    """Each arrival's batch, input-face origin (x, y), landing (x, y) and energy (CPU tensors)."""
+    if trace.paths is None or trace.parent_of is None:
+        raise ValueError("trace: recorded without paths; set processor.record_paths = True before the forward")
+    start = trace.paths[0]  # the injected flows, on the input face
+    origin = {int(f): (float(p[0]), float(p[1])) for f, p in zip(start["flow_id"], start["pos"])}
+    arrivals = trace.paths[-1]
+    xy = []
+    for fid in arrivals["flow_id"].tolist():
+        while fid not in origin:  # a child: climb to the injected ancestor
+            fid = trace.parent_of[fid]
+        xy.append(origin[fid])
+    return {"batch": arrivals["batch"], "origin": torch.tensor(xy, dtype=torch.float32).reshape(-1, 2),
+            "landing": arrivals["pos"][:, :2], "energy": arrivals["energy"]}
+
+
+def channel_map(trace: FlowTrace, config: EnergyConfig, grid: int = 3) -> Tensor:
+    """``[G, G]`` energy landed in output region j from input region i (``G = grid * grid``)."""
+    a = arrival_origins(trace)
+    g = grid * grid
+    src = _region(a["origin"][:, 0], a["origin"][:, 1], config, grid)
+    dst = _region(a["landing"][:, 0], a["landing"][:, 1], config, grid)
+    return torch.zeros(g * g).index_add_(0, src * g + dst, a["energy"].float()).view(g, g)
+
+
+def concentration(m: Tensor) -> float:
+    """``1 - H(out | in) / log(G)`` of an energy map ``m [G_in, G_out]`` (rows weighted by their energy)."""
+    total = float(m.sum())
+    if total <= 0 or m.size(1) < 2:
+        return float("nan")
+    rows = m.sum(dim=1)
+    p = m / rows.clamp(min=1e-12).unsqueeze(1)
+    entropy = -(p * p.clamp(min=1e-12).log()).sum(dim=1)
+    return 1.0 - float((rows / total * entropy).sum()) / math.log(m.size(1))
+
+
+def channel_metrics(trace: FlowTrace, config: EnergyConfig, grid: int = 3) -> dict[str, float]:
+    """``channels/concentration`` (pooled) and ``channels/sample_concentration`` (within samples)."""
+    a = arrival_origins(trace)
+    g = grid * grid
+    src = _region(a["origin"][:, 0], a["origin"][:, 1], config, grid)
+    dst = _region(a["landing"][:, 0], a["landing"][:, 1], config, grid)
+    energy = a["energy"].float()
+    per_sample = torch.zeros(trace.batch_size, g * g).index_put_((a["batch"], src * g + dst), energy, accumulate=True)
+    weights = per_sample.sum(dim=1)
+    scores = [concentration(per_sample[b].view(g, g)) for b in range(trace.batch_size) if weights[b] > 0]
+    live = weights[weights > 0]
+    sample = float((torch.tensor(scores) * live).sum() / live.sum()) if scores else float("nan")
+    return {"channels/concentration": concentration(per_sample.sum(dim=0).view(g, g)),
+            "channels/sample_concentration": sample}
+
+
+def channels_figure(trace: FlowTrace, config: EnergyConfig, path: str | Path, grid: int = 3,
+                    sample: int = 0) -> Path:
+    """Left: the row-normalised channel map (input region -> output region, energy share).
+    Right: one sample's arrivals as arrows from their input-face origin to their landing point."""
+    m = channel_map(trace, config, grid)
+    metrics = channel_metrics(trace, config, grid)
+    a = arrival_origins(trace)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    share = m / m.sum(dim=1, keepdim=True).clamp(min=1e-12)
+    im = axes[0].imshow(share.numpy(), cmap="magma", vmin=0, vmax=1)
+    axes[0].set_xlabel(f"output-face region ({grid}x{grid}, row-major)")
+    axes[0].set_ylabel(f"input-face region ({grid}x{grid})")
+    axes[0].set_title(f"where each input region's energy lands\nconcentration {metrics['channels/concentration']:.2f}"
+                      f" (within samples {metrics['channels/sample_concentration']:.2f})")
+    fig.colorbar(im, ax=axes[0], label="share of the region's energy")
+    mine = a["batch"] == sample
+    cmap = plt.get_cmap("tab10")
+    regions = _region(a["origin"][:, 0], a["origin"][:, 1], config, grid)
+    for (ox, oy), (lx, ly), e, r in zip(a["origin"][mine].tolist(), a["landing"][mine].tolist(),
+                                        a["energy"][mine].tolist(), regions[mine].tolist()):
+        axes[1].annotate("", xy=(lx, ly), xytext=(ox, oy),
+                         arrowprops=dict(arrowstyle="->", color=cmap(r % 10), lw=0.5 + 2 * min(e, 1.0), alpha=0.8))
+        axes[1].plot(ox, oy, "o", color=cmap(r % 10), ms=4)
+    axes[1].set_xlim(-0.5, config.lattice_width - 0.5)
+    axes[1].set_ylim(-0.5, config.lattice_height - 0.5)
+    axes[1].set_aspect("equal")
+    axes[1].set_title(f"sample {sample}: input-face origin (dot) -> landing (arrow head)")
+    axes[1].set_xlabel("x")
+    axes[1].set_ylabel("y")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

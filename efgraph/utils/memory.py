@@ -268,9 +268,18 @@ def plan_memory(config: EnergyConfig, num_parameters: int, batch_size: int, micr
     flows = m * (cfg.initial_flows_per_sample + max(cfg.lattice_depth - 2, 0) * cfg.max_spawn_per_step)
     deposits = min(flow_steps, flows)
     layer_state = cfg.carrier_num_layers * cfg.carrier_hidden_dim
-    deposit_floats = 9 * cfg.face_channels + 4 * cfg.readout_hidden_dim + 64
-    sample_floats = cfg.input_dim + 2 * cfg.output_dim + cfg.readout_hidden_dim
-    outside_steps = 4 * (injected * (layer_state + INJECTION_FLOATS) + deposits * deposit_floats + m * sample_floats)
+    if cfg.readout == "face":  # per arrival: the interpolated keys, energy * value and their outer product
+        deposit_floats = 2 * cfg.face_channels + 6 * cfg.readout_rank + 2 * cfg.readout_rank * cfg.face_channels + 64
+        face_floats = cfg.readout_rank * cfg.face_channels
+    else:  # per arrival: 4 corners of values, position codes and the per-cell MLP
+        deposit_floats = 9 * cfg.face_channels + 4 * cfg.readout_hidden_dim + 64
+        face_floats = cfg.readout_hidden_dim
+    if cfg.injection == "face":  # per sample: the content field's coefficients [r, c]
+        face_floats += cfg.injection_rank * cfg.face_channels
+    sample_floats = cfg.input_dim + 2 * cfg.output_dim + face_floats
+    injection_floats = INJECTION_FLOATS + (2 * (cfg.injection_rank + cfg.face_channels)
+                                           if cfg.injection == "face" else 0)
+    outside_steps = 4 * (injected * (layer_state + injection_floats) + deposits * deposit_floats + m * sample_floats)
     full_step = step_flows * activation_bytes_per_flow_step(cfg)
     gradients = 4 * step_flows * GRADIENT_STATES_PER_FLOW * state_floats(cfg)
     if activation_checkpointing:

@@ -120,7 +120,7 @@ def test_estimate_bounds_a_scaled_down_optimized_preset_within_1_5x(checkpointin
     """Measured, not derived from the estimator: the peak of live tensors over a forward + backward
     of the scaled-down preset at its worst case (:func:`peak_tensor_bytes`), against
     :func:`estimate_training_memory`'s activations for the same config, with and without
-    activation checkpointing. Measured (CPU): estimate / peak 1.26 without, 1.22 with checkpointing.
+    activation checkpointing. Measured (CPU): estimate / peak 1.28 without, 1.28 with checkpointing.
 
     The forward reaches :func:`flows_per_step_bound` at every step: the estimate's worst case is a
     real forward, not the unreachable ``max_active_flows`` at every step (which would over-estimate

@@ -52,8 +52,8 @@ readout_hidden_dim``. The test pins the worst case at hidden 1024 x 3 layers and
 estimate is >= the measurement and within 1.5x of it, with and without checkpointing (measured:
 1.13x the peak and 1.19x the saved tensors without, 1.15x the peak with checkpointing). It also
 measures a scaled-down optimized preset (20x20x10, radius 1, 4 flows + 1 a step of 125 per sample,
-GRU 128 x 3, batch 2) at its worst case, flows spawning at every step: the estimate is 1.26x the
-measured peak without checkpointing, 1.22x with it.
+GRU 128 x 3, batch 2) at its worst case, flows spawning at every step: the estimate is 1.28x the
+measured peak without checkpointing, 1.28x with it.
 """
 
 from __future__ import annotations

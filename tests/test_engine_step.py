@@ -191,3 +191,16 @@ def test_dense_reference_gives_the_same_output():
         torch.testing.assert_close(dense(x), sparse(x), atol=1e-5, rtol=1e-5)
     assert dense.last_trace.occupied == sparse.last_trace.occupied
     assert sparse.last_trace.total_spawned > 0
+
+
+def test_optimized_faces_parameter_counts():
+    """The faces at the optimized preset (100 x 100, 768 in and out, c = 64, r = 16): low rank, so
+    the readout is 946k parameters, not 472 M for a dense 768 x 64 matrix per output cell."""
+    from efgraph import create_optimized_config
+    from efgraph.core.energy_lattice import EnergyLattice
+
+    counts = {n: p.numel() for n, p in EnergyLattice(create_optimized_config()).named_parameters()}
+    assert counts["readout_keys"] == 100 * 100 * 16 and counts["readout_out.weight"] == 16 * 64 * 768
+    assert counts["face_keys"] == 100 * 100 * 16
+    assert counts["input_content.weight"] + counts["input_content.bias"] == 768 * 16 * 64 + 16 * 64
+    assert counts["input_query.weight"] + counts["input_query.bias"] == 768 * 16 + 16

@@ -115,8 +115,18 @@ def _pin_worst_case_with_spawning(proc: FlowProcessor) -> None:
         proc.carrier.spawn_head.bias[0] = 30.0  # every flow wants to spawn (its energy ~1 is above the threshold)
 
 
+@pytest.fixture
+def one_thread():
+    """Small tensors one op after another: a second intra-op thread only adds waits (several
+    times the time on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_estimate_bounds_a_scaled_down_optimized_preset_within_1_5x(checkpointing):
+def test_estimate_bounds_a_scaled_down_optimized_preset_within_1_5x(checkpointing, one_thread):
     """Measured, not derived from the estimator: the peak of live tensors over a forward + backward
     of the scaled-down preset at its worst case (:func:`peak_tensor_bytes`), against
     :func:`estimate_training_memory`'s activations for the same config, with and without
@@ -144,7 +154,7 @@ def test_estimate_bounds_a_scaled_down_optimized_preset_within_1_5x(checkpointin
     assert estimate.flow_steps == sum(proc.last_trace.active)
 
 
-def test_no_forward_runs_more_flows_than_the_bound_the_plan_assumes():
+def test_no_forward_runs_more_flows_than_the_bound_the_plan_assumes(one_thread):
     """Each flow spawns at most one child a step, then the spawn budget binds, then max_active_flows:
     the bound the plan assumes follows them, and a forward that spawns all it may reaches it."""
     config = _worst_case_config(initial_flows_per_sample=2, max_spawn_per_step=3, max_active_flows=9, lattice_depth=7)

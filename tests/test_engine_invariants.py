@@ -162,7 +162,9 @@ def test_energy_books_balance_at_every_step_recomputed_flow_by_flow(regime):
         assert events["died"] > 0
 
 
-def test_spawning_conserves_energy_within_the_step():
+def test_children_start_with_positive_energy():
+    """(Conservation within a spawn is checked against a step re-run without spawning in
+    tests/test_properties.py, not against the engine's own books.)"""
     config = tiny_config(energy_threshold=0.001, spawn_threshold=0.002)
     proc = build_processor(config)
     force_spawning(proc)
@@ -170,9 +172,6 @@ def test_spawning_conserves_energy_within_the_step():
         state = proc.inject(_x(config))
         result = proc.step(state, 3, state.num_flows)
     assert result.num_spawned > 0
-    set_by_carrier = (state.energy.sum() + result.energy_created - result.energy_dissipated
-                      - result.energy_died - result.energy_arrived)
-    assert float(result.next_state.energy.sum()) == pytest.approx(float(set_by_carrier), rel=1e-6)
     children = result.next_state.flow_id >= state.num_flows
     assert bool((result.next_state.energy[children] > 0).all())
 
@@ -273,9 +272,7 @@ def test_trace_holds_no_graph():
     proc(_x(config)).sum().backward()
     trace = proc.last_trace
     assert not trace.energy.requires_grad and not trace.energy_injected.requires_grad
-    summary = trace.summary()
-    # energy that arrives was injected or created on the way
-    assert 0.0 <= summary["energy_arrived_fraction"] <= 1.0 + summary["energy_created_fraction"] + 1e-6
+    summary = trace.summary()  # (its energy fractions are checked against the reference in test_properties.py)
     assert summary["peak_active_flows"] >= summary["initial_flows"] == 12
 
 

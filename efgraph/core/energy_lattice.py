@@ -108,9 +108,10 @@ class EnergyLattice(nn.Module):
     ``r = injection_rank``): cell ``p`` holds
 
     .. math::
-        a_p = K_p^\top (W_q x) / \sqrt{r}, \qquad u_p = K_p^\top \mathrm{mat}_{r \times c}(W_u x) / \sqrt{r},
+        a_p = K_p^\top (W_q x) / \sqrt{r}, \qquad u_p = C_p^\top \mathrm{mat}_{r \times c}(W_u x),
 
-    an amplitude and its own ``c``-wide part of x (``K``: one learned key per face cell). The
+    an amplitude and its own ``c``-wide part of x (``K``, ``C``: learned amplitude and content
+    keys per face cell; ``C`` starts as ``r`` tiles of the face, :func:`face_tiles`). The
     ``initial_flows_per_sample`` cells of highest amplitude start flows with energy
     ``sigmoid(a_p + b)``; a flow's carrier state starts from *its cell's* ``u_p`` and position
     only. With ``injection: broadcast`` (the earlier formulation) every flow starts from the whole
@@ -146,8 +147,10 @@ class EnergyLattice(nn.Module):
         self.input_query = nn.Linear(config.input_dim, config.injection_rank)
         self.face_keys = nn.Parameter(torch.empty(config.face_cells, config.injection_rank))
         self.energy_bias = nn.Parameter(torch.empty(()))
-        self.input_content = (nn.Linear(config.input_dim, config.injection_rank * config.face_channels)
-                              if config.injection == "face" else None)
+        self.input_content = None
+        if config.injection == "face":  # each cell's part of x: content_keys[p] . mat(W_u x)
+            self.input_content = nn.Linear(config.input_dim, config.injection_rank * config.face_channels)
+            self.content_keys = nn.Parameter(torch.empty(config.face_cells, config.injection_rank))
         # output face
         if config.readout == "face":
             self.readout_keys = nn.Parameter(torch.empty(config.face_cells, config.readout_rank))
@@ -167,6 +170,8 @@ class EnergyLattice(nn.Module):
         nn.init.constant_(self.energy_bias, 1.0)  # start energies near sigmoid(1) = 0.73
         if self.input_content is not None:
             self.input_content.reset_parameters()
+            with torch.no_grad():
+                self.content_keys.copy_(face_tiles(self.width, self.height, self.config.injection_rank))
         if self.config.readout == "face":
             with torch.no_grad():
                 self.readout_keys.copy_(smooth_face_field(self.width, self.height, self.config.readout_rank))
@@ -234,13 +239,13 @@ class EnergyLattice(nn.Module):
             cell: ``[B, K]`` face cell index (``y * W + x``) per sample.
 
         Returns:
-            ``[B, K, face_channels]``: ``K_p^T mat(W_u x) / sqrt(r)`` for each chosen cell; only the
-            chosen cells are computed, never the whole face.
+            ``[B, K, face_channels]``: ``C_p^T mat(W_u x)`` for each chosen cell; only the chosen
+            cells are computed, never the whole face.
         """
         r, c = self.config.injection_rank, self.config.face_channels
         coefficients = self.input_content(x).view(x.size(0), r, c)  # [B, r, c]
-        keys = self.face_keys.index_select(0, cell.reshape(-1)).view(*cell.shape, r)  # [B, K, r]
-        return torch.bmm(keys, coefficients) / math.sqrt(r)
+        keys = self.content_keys.index_select(0, cell.reshape(-1)).view(*cell.shape, r)  # [B, K, r]
+        return torch.bmm(keys, coefficients)
 
     def place_initial_energy(self, x: Tensor) -> InjectedFlows:
         """Start ``K = initial_flows_per_sample`` flows per sample on its top-K amplitude cells,
@@ -358,6 +363,25 @@ class EnergyLattice(nn.Module):
             summed = summed + phantom_gate * phantom
         # sum over cells before the (linear, bias-free) last layer: it runs on B rows, not 4A
         return self.readout_out(summed) + self.readout_bias
+
+
+def face_tiles(width: int, height: int, channels: int) -> Tensor:
+    """``[W*H, channels]``: the face cut into ``channels`` rectangular tiles (a ``gx x gy`` grid
+    with ``gx * gy = channels``, as square as the factors allow), each cell one-hot on its tile.
+
+    The input face's content keys start so: tile k holds row k of ``mat(W_u x)``, a part of x
+    of its own, learned independently of the other tiles' parts -- the embedding laid across
+    the face. (Random keys start every cell on a random mixture of all the parts, which no
+    flow can route: measured on the routing task, see the README.)
+    """
+    gx = max(d for d in range(1, int(math.isqrt(channels)) + 1) if channels % d == 0)
+    gy = channels // gx
+    if width < height:
+        gx, gy = gy, gx  # more tiles along the longer side
+    xs = torch.arange(width) * gx // width
+    ys = torch.arange(height) * gy // height
+    tile = (ys.view(-1, 1) * gx + xs.view(1, -1)).reshape(-1)  # [W*H], row y * W + x
+    return nn.functional.one_hot(tile, channels).float()
 
 
 def smooth_face_field(width: int, height: int, channels: int, components: int = 4) -> Tensor:

@@ -12,8 +12,8 @@ from efgraph import EnergyConfig, EnergyLattice, FlowProcessor, SimpleNeuron, cr
 
 
 def tiny_config(**overrides) -> EnergyConfig:
-    """A 6x5x6 lattice, small widths, every other field at its default (the output gate starts
-    at 0, as users run it; a test that needs it open says so); override anything."""
+    """A 6x5x6 lattice, small widths, every other field at its default (as users run it: the
+    output gate starts open; a test of the residual configs' closed gate says so); override anything."""
     base = dict(
         lattice_width=6, lattice_height=5, lattice_depth=6, input_dim=12, output_dim=10,
         initial_flows_per_sample=4, max_active_flows=12, max_spawn_per_step=3,

@@ -16,10 +16,11 @@ import torch
 from conftest import build_processor, spread_next_energies, tiny_config
 
 
-def _dead_processor(survival: bool, seed: int = 0):
-    """A residual model whose flows all die in their first step (next energy ~ sigmoid(-4) = 0.018)."""
+def _dead_processor(survival: bool, seed: int = 0, gate: float = 0.0):
+    """A residual model whose flows all die in their first step (next energy ~ sigmoid(-4) = 0.018),
+    with the residual configs' closed gate by default."""
     config = tiny_config(input_dim=10, output_dim=10, residual=True, survival_gradient=survival,
-                         max_active_flows=8, max_spawn_per_step=2)
+                         max_active_flows=8, max_spawn_per_step=2, output_gate_init=gate)
     proc = build_processor(config, seed=seed)
     with torch.no_grad():
         proc.carrier.energy_head.bias.fill_(-4.0)
@@ -110,9 +111,11 @@ def test_the_survival_gradient_points_where_keeping_the_flow_alive_would(gate, m
     assert agree == died
 
 
+@pytest.mark.parametrize("gate", [0.0, 1.0])
 @pytest.mark.parametrize("survival", [False, True])
-def test_training_recovers_from_a_dead_lattice_only_with_the_survival_gradient(survival):
-    _, proc = _dead_processor(survival, seed=2)
+def test_training_recovers_from_a_dead_lattice_only_with_the_survival_gradient(survival, gate):
+    """At the residual configs' closed gate (0) and the default open one (1)."""
+    _, proc = _dead_processor(survival, seed=2, gate=gate)
     opt = torch.optim.AdamW(proc.parameters(), lr=3e-3)
     arrivals = []
     for x, target in _teacher_batches(2, 60):

@@ -93,7 +93,7 @@ def channels_figure(trace: FlowTrace, config: EnergyConfig, path: str | Path, gr
     m = channel_map(trace, config, grid)
     metrics = channel_metrics(trace, config, grid)
     a = arrival_origins(trace)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.0))
     share = m / m.sum(dim=1, keepdim=True).clamp(min=1e-12)
     im = axes[0].imshow(share.numpy(), cmap="magma", vmin=0, vmax=1)
     axes[0].set_xlabel(f"output-face region ({grid}x{grid}, row-major)")

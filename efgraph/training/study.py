@@ -49,7 +49,7 @@ from efgraph.training.run import WandbRunInfo, baseline_options, load_pairs, mak
 # may not set them (use --set for all runs).
 DATA_KEYS = ("dataset", "data_path", "source_version", "target_version", "max_pairs", "verses_per_book",
              "synthetic_pairs", "embedding_model", "val_fraction", "test_fraction", "data_seed", "input_dim",
-             "output_dim")
+             "output_dim", "routing_slots", "routing_token_dim", "routing_noise")
 BASELINES_DIR = "baselines"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 TEST_METRICS = ("cosine", "mse", "r_at_1")

@@ -61,8 +61,12 @@ def test_two_gloo_processes_in_micro_batches_match_one_process(tmp_path):
     a = torch.load(tmp_path / "one/checkpoints/last.pt", weights_only=True)
     b = torch.load(tmp_path / "two/checkpoints/last.pt", weights_only=True)
     assert a["step"] == b["step"] == 6
+    # atol 5e-5: summation order differs between the runs, and AdamW divides each entry's step by
+    # its gradient's running size, so an entry whose gradient is ~0 can move ~1e-5 apart (measured
+    # 1.5e-5 on one entry of 128 with the face injection); a mis-weighted micro-batch moves
+    # parameters ~lr = 3e-3 apart
     for name, value in a["model"].items():
-        torch.testing.assert_close(b["model"][name], value, rtol=1e-5, atol=1e-6, msg=f"{name} differs")
+        torch.testing.assert_close(b["model"][name], value, rtol=1e-5, atol=5e-5, msg=f"{name} differs")
     # the logged (global) losses agree step by step, and training really moved: not two untouched models
     rows_one, rows_two = (
         [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]

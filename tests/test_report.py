@@ -101,7 +101,7 @@ def test_wandb_report_object_is_built_without_network(tiny_run, study, monkeypat
     assert {("train/loss",), ("val/loss",), ("flows/arrived_per_sample", "flows/spawned_per_sample")} <= lines
     assert any(isinstance(p, wr.WeavePanelSummaryTable) and p.table_name == "test/results" for p in panels)
     media = [p for p in panels if isinstance(p, wr.MediaBrowser)][0]
-    assert media.media_keys == ["figures/flow_paths", "figures/landing", "figures/flow_counts"]
+    assert media.media_keys == ["figures/flow_paths", "figures/landing", "figures/flow_counts", "figures/channels"]
     text = " ".join(b.text for b in report.blocks if isinstance(b, wr.MarkdownBlock))
     assert "| energy-flow |" in text and "| base | 0.5 |" in text
 

@@ -41,7 +41,7 @@ DYNAMICS_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
      ("flows/energy_arrived_fraction", "flows/energy_created_fraction")),
     ("Steps without any arrival (dead-run alarm)", ("flows/zero_arrival_steps",)),
 )
-FIGURES = ("flow_paths", "landing", "flow_counts")
+FIGURES = ("flow_paths", "landing", "flow_counts", "channels")
 
 
 @dataclass

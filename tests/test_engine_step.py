@@ -209,6 +209,6 @@ def test_optimized_faces_parameter_counts():
 
     counts = {n: p.numel() for n, p in EnergyLattice(create_optimized_config()).named_parameters()}
     assert counts["readout_keys"] == 100 * 100 * 16 and counts["readout_out.weight"] == 16 * 64 * 768
-    assert counts["face_keys"] == 100 * 100 * 16
+    assert counts["face_keys"] == counts["content_keys"] == 100 * 100 * 16  # amplitude and content keys
     assert counts["input_content.weight"] + counts["input_content.bias"] == 768 * 16 * 64 + 16 * 64
     assert counts["input_query.weight"] + counts["input_query.bias"] == 768 * 16 + 16

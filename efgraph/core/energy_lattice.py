@@ -104,8 +104,8 @@ class EnergyLattice(nn.Module):
     r"""The lattice: geometry, position encoding, and the learned input and output faces.
 
     **Input face** (:meth:`place_initial_energy`). With ``injection: face`` the embedding is laid
-    across the face as a ``(1 + c)``-channel field of rank ``r`` (``c = face_channels``,
-    ``r = injection_rank``): cell ``p`` holds
+    across the face as two fields of rank ``r`` (``c = face_channels``, ``r = injection_rank``):
+    cell ``p`` holds
 
     .. math::
         a_p = K_p^\top (W_q x) / \sqrt{r}, \qquad u_p = C_p^\top \mathrm{mat}_{r \times c}(W_u x),
@@ -371,8 +371,8 @@ def face_tiles(width: int, height: int, channels: int) -> Tensor:
 
     The input face's content keys start so: tile k holds row k of ``mat(W_u x)``, a part of x
     of its own, learned independently of the other tiles' parts -- the embedding laid across
-    the face. (Random keys start every cell on a random mixture of all the parts, which no
-    flow can route: measured on the routing task, see the README.)
+    the face. (Random keys would start every cell on a random mixture of all the parts; the two
+    starts were not compared over whole runs.)
     """
     gx = max(d for d in range(1, int(math.isqrt(channels)) + 1) if channels % d == 0)
     gy = channels // gx

@@ -392,12 +392,12 @@ def smooth_face_field(width: int, height: int, channels: int, components: int = 
     (the difference of the keys of neighbouring cells) points the same way over several cells
     instead of changing at every cell; training is free to make them rough.
     """
+    if width * height == 1:
+        return torch.randn(1, channels)
     u = torch.arange(width, dtype=torch.float32) / max(width - 1, 1)
     v = torch.arange(height, dtype=torch.float32) / max(height - 1, 1)
     uv = torch.stack(torch.meshgrid(v, u, indexing="ij")[::-1], dim=-1).reshape(-1, 2)  # [W*H, (u, v)]
     freq = (torch.rand(channels, components, 2) * 2 - 1) * 1.5
     phase = torch.rand(channels, components) * 2 * math.pi
     waves = torch.cos(2 * math.pi * torch.einsum("pd,kjd->pkj", uv, freq) + phase).sum(dim=-1)  # [W*H, channels]
-    if width * height == 1:
-        return torch.randn(1, channels)
     return (waves - waves.mean(dim=0)) / waves.std(dim=0).clamp(min=1e-6)

@@ -50,13 +50,26 @@ def arrival_origins(trace: FlowTrace) -> dict[str, Tensor]:
             "landing": arrivals["pos"][:, :2], "energy": arrivals["energy"]}
 
 
-def channel_map(trace: FlowTrace, config: EnergyConfig, grid: int = 3) -> Tensor:
-    """``[G, G]`` energy landed in output region j from input region i (``G = grid * grid``)."""
-    a = arrival_origins(trace)
+def _sample_maps(a: dict[str, Tensor], config: EnergyConfig, grid: int, batch_size: int) -> Tensor:
+    """``[B, G, G]`` per sample: energy landed in output region j from input region i."""
     g = grid * grid
     src = _region(a["origin"][:, 0], a["origin"][:, 1], config, grid)
     dst = _region(a["landing"][:, 0], a["landing"][:, 1], config, grid)
-    return torch.zeros(g * g).index_add_(0, src * g + dst, a["energy"].float()).view(g, g)
+    maps = torch.zeros(batch_size, g * g).index_put_((a["batch"], src * g + dst), a["energy"].float(), accumulate=True)
+    return maps.view(batch_size, g, g)
+
+
+def _metrics(maps: Tensor) -> dict[str, float]:
+    weights = maps.sum(dim=(1, 2))
+    live = weights > 0
+    scores = torch.tensor([concentration(m) for m in maps[live]])
+    sample = float((scores * weights[live]).sum() / weights[live].sum()) if live.any() else float("nan")
+    return {"channels/concentration": concentration(maps.sum(dim=0)), "channels/sample_concentration": sample}
+
+
+def channel_map(trace: FlowTrace, config: EnergyConfig, grid: int = 3) -> Tensor:
+    """``[G, G]`` energy landed in output region j from input region i (``G = grid * grid``)."""
+    return _sample_maps(arrival_origins(trace), config, grid, trace.batch_size).sum(dim=0)
 
 
 def concentration(m: Tensor) -> float:
@@ -72,27 +85,16 @@ def concentration(m: Tensor) -> float:
 
 def channel_metrics(trace: FlowTrace, config: EnergyConfig, grid: int = 3) -> dict[str, float]:
     """``channels/concentration`` (pooled) and ``channels/sample_concentration`` (within samples)."""
-    a = arrival_origins(trace)
-    g = grid * grid
-    src = _region(a["origin"][:, 0], a["origin"][:, 1], config, grid)
-    dst = _region(a["landing"][:, 0], a["landing"][:, 1], config, grid)
-    energy = a["energy"].float()
-    per_sample = torch.zeros(trace.batch_size, g * g).index_put_((a["batch"], src * g + dst), energy, accumulate=True)
-    weights = per_sample.sum(dim=1)
-    scores = [concentration(per_sample[b].view(g, g)) for b in range(trace.batch_size) if weights[b] > 0]
-    live = weights[weights > 0]
-    sample = float((torch.tensor(scores) * live).sum() / live.sum()) if scores else float("nan")
-    return {"channels/concentration": concentration(per_sample.sum(dim=0).view(g, g)),
-            "channels/sample_concentration": sample}
+    return _metrics(_sample_maps(arrival_origins(trace), config, grid, trace.batch_size))
 
 
 def channels_figure(trace: FlowTrace, config: EnergyConfig, path: str | Path, grid: int = 3,
                     sample: int = 0) -> Path:
     """Left: the row-normalised channel map (input region -> output region, energy share).
     Right: one sample's arrivals as arrows from their input-face origin to their landing point."""
-    m = channel_map(trace, config, grid)
-    metrics = channel_metrics(trace, config, grid)
     a = arrival_origins(trace)
+    maps = _sample_maps(a, config, grid, trace.batch_size)
+    m, metrics = maps.sum(dim=0), _metrics(maps)
     fig, axes = plt.subplots(1, 2, figsize=(11, 5.0))
     share = m / m.sum(dim=1, keepdim=True).clamp(min=1e-12)
     im = axes[0].imshow(share.numpy(), cmap="magma", vmin=0, vmax=1)

@@ -123,6 +123,9 @@ class FlowProcessor(nn.Module):
         self.register_buffer("neighbour_offsets", neighbourhood_offsets(config.interaction_radius), persistent=False)
         self.record_paths = False
         self.last_trace: FlowTrace | None = None
+        # the per-sample cap on active flows that spawning respects: config.max_active_flows
+        # unless a budget controller (efgraph.training.flow_budget) lowers it between forwards
+        self.active_flow_budget: int = config.max_active_flows
         # dynamic=True: the number of flows changes every step; fullgraph: no silent graph breaks.
         # The *unbound* method is compiled and called with self, so a deep copy of this module
         # (EMA, SWA) runs its own weights, not this instance's.
@@ -408,11 +411,11 @@ class FlowProcessor(nn.Module):
 
     def _spawn_mask(self, alive: Tensor, energy: Tensor, score: Tensor, batch: Tensor, batch_size: int) -> Tensor:
         """``[F]`` bool: the continuing flows that spawn, best score first per sample, at most
-        ``max_spawn_per_step`` per sample and never past ``max_active_flows`` (no host sync)."""
+        ``max_spawn_per_step`` per sample and never past :attr:`active_flow_budget` (no host sync)."""
         cfg = self.config
         candidate = alive & self.carrier.can_spawn(energy, score)
         alive_per_sample = torch.zeros(batch_size, dtype=torch.long, device=batch.device).index_add_(0, batch, alive.long())
-        room = (cfg.max_active_flows - alive_per_sample).clamp(min=0, max=cfg.max_spawn_per_step)
+        room = (self.active_flow_budget - alive_per_sample).clamp(min=0, max=cfg.max_spawn_per_step)
         # non-candidates rank after every candidate of their sample
         best = keep_top_per_group(batch, torch.where(candidate, score.detach(), float("-inf")), room, batch_size)
         return candidate & best

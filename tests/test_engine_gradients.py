@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import weakref
 
@@ -10,7 +11,7 @@ import torch
 import torch.utils._pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import build_processor, force_spawning, tiny_config
+from conftest import build_processor, force_spawning, spread_next_energies, tiny_config
 
 
 def _spawning_model(carrier_type: str, **overrides):
@@ -118,3 +119,46 @@ def test_a_training_step_leaves_nothing_of_its_graph_alive(checkpointing):
         assert not kept, (f"batch {batch}: {len(kept)} tensors of its graph still alive, e.g. "
                           f"{[(tuple(t.shape), t.grad_fn) for t in kept[:5]]}")
     assert not any(t.requires_grad for t in vars(proc.last_trace).values() if isinstance(t, torch.Tensor))
+
+
+@pytest.mark.parametrize("replay_fates", [True, False])
+def test_the_checkpointed_backward_differentiates_the_flows_the_forward_kept(monkeypatch, replay_fates):
+    """With activation checkpointing, each step is run again in backward. A GPU's atomic
+    scatter-add can round the rerun differently and put a flow that sits at the threshold on the
+    other side; the counts still agree and ``torch.utils.checkpoint`` compares only shapes. The
+    test moves ``energy_threshold`` across one flow's energy between forward and backward (the
+    rerun then sees that flow die; no value changes): with the saved fates replayed the gradient
+    equals the uncheckpointed one; deciding again (only the counts reused) gives another one."""
+    from efgraph.core import flow_processor as fp
+
+    config = tiny_config(energy_threshold=0.5)
+    proc = build_processor(config)
+    x = torch.randn(3, config.input_dim, generator=torch.Generator().manual_seed(1))
+    spread_next_energies(proc, x)
+    with torch.no_grad():  # the first step's next energies; put the threshold 1e-6 under one of them
+        state = proc.inject(x)
+        energy = proc.advance(proc.cell_transformation(state).transformation, state.h, state.c,
+                              state.pos, state.energy)[5]
+    lowest_survivor = energy[energy > 0.5].min().item()
+    forward_threshold, rerun_threshold = lowest_survivor - 1e-6, lowest_survivor + 1e-6
+
+    def gradients(checkpointing: bool, rerun: float) -> list[torch.Tensor]:
+        proc.zero_grad()
+        proc.config.energy_threshold = forward_threshold
+        proc.config.activation_checkpointing = checkpointing
+        y = proc(x)
+        assert proc.last_trace.died[0] > 0 and proc.last_trace.num_steps >= 2
+        proc.config.energy_threshold = rerun  # read only by the checkpointed rerun in backward
+        y.pow(2).sum().backward()
+        return [p.grad.clone() for p in proc.parameters() if p.grad is not None]
+
+    monkeypatch.setattr(fp, "StepDecisions", functools.partial(fp.StepDecisions, replay_fates=replay_fates))
+    reference = gradients(False, forward_threshold)
+    assert all(torch.equal(a, b) for a, b in zip(reference, gradients(True, forward_threshold)))
+    perturbed = gradients(True, rerun_threshold)
+    worst = max(((a - b).abs().max() / a.abs().max().clamp(min=1e-12)).item() for a, b in zip(reference, perturbed))
+    print(f"replay_fates {replay_fates}: largest relative gradient change {worst:.2e}")
+    if replay_fates:
+        assert worst < 1e-4, worst  # the threshold scales the survival surrogate: 2e-6 relative
+    else:
+        assert worst > 1e-2, worst

@@ -25,7 +25,7 @@ Because every continuing flow advances at least one cell in z, a forward ends wi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.utils.checkpoint
@@ -79,6 +79,31 @@ class StepResult:
     # dying flows as zero-energy deposits that carry the survival gradient (None without it)
     phantoms: Arrivals | None = None
     also_read: int | None = None  # host value of step(also_read=...)
+
+
+@dataclass
+class StepDecisions:
+    """What one step decided, kept for its recompute under activation checkpointing.
+
+    ``fate`` is one byte per input flow (bit 0 died, bit 1 arrived, bit 2 spawned), ``counts`` the
+    host integers the step read. Replaying them makes the recompute pick the same flows as the
+    forward whatever its arithmetic gives near a threshold; ``torch.utils.checkpoint`` checks
+    only the shapes of what it recomputes, so a flipped flow would otherwise pass silently."""
+
+    counts: list[int] = field(default_factory=list)
+    fate: Tensor | None = None  # [F] uint8
+    # False: the recompute decides again and reuses only the counts (what the engine did before
+    # it saved fates); kept so a test can show what replaying the fates protects against
+    replay_fates: bool = True
+
+    def record(self, counts: list[int], died: Tensor, arrived: Tensor, spawns: Tensor) -> None:
+        self.counts = list(counts)
+        self.fate = died.to(torch.uint8) | (arrived.to(torch.uint8) << 1) | (spawns.to(torch.uint8) << 2)
+
+    def masks(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(died, arrived, spawns)``, each ``[F]`` bool."""
+        assert self.fate is not None
+        return (self.fate & 1).bool(), (self.fate & 2).bool(), (self.fate & 4).bool()
 
 
 @dataclass
@@ -236,11 +261,13 @@ class FlowProcessor(nn.Module):
 
         With checkpointing, autograd keeps only what a step needs to be run again (its input
         state: the flows' hidden states, positions and energies) and reruns the step in backward.
-        The rerun is the same computation on the same inputs; it reuses the counts the forward
-        read (``host_counts``), so it saves the same tensors and costs no second sync."""
+        The rerun replays what the forward decided (:class:`StepDecisions`: the counts it read and
+        each flow's fate, one byte per flow), so it differentiates exactly the flows the forward
+        kept, even where a nondeterministic kernel (a GPU's atomic scatter-add) would put a flow
+        on the other side of a threshold the second time, and it costs no second sync."""
         if self.config.activation_checkpointing and torch.is_grad_enabled():
-            host_counts: list[int] = []
-            return torch.utils.checkpoint.checkpoint(self.step, state, batch_size, next_id, also_read, host_counts,
+            decisions = StepDecisions()
+            return torch.utils.checkpoint.checkpoint(self.step, state, batch_size, next_id, also_read, decisions,
                                                      use_reentrant=False)
         return self.step(state, batch_size, next_id, also_read)
 
@@ -264,7 +291,7 @@ class FlowProcessor(nn.Module):
         )
 
     def step(self, state: FlowState, batch_size: int, next_id: int = 0, also_read: Tensor | None = None,
-             host_counts: list[int] | None = None) -> StepResult:
+             decisions: StepDecisions | None = None) -> StepResult:
         """Advance all active flows by one step (see the module docstring), with one host sync.
 
         Args:
@@ -273,8 +300,9 @@ class FlowProcessor(nn.Module):
             next_id: first flow id to give a child.
             also_read: a scalar int tensor to read in the same sync (returned as ``also_read``),
                 so a caller's own check costs no sync of its own.
-            host_counts: a list the step fills with the counts it read; when it is already
-                filled (a recompute of the same step), those are used and nothing is read.
+            decisions: a record the step fills with what it decided (counts and fates); when it
+                is already filled (a recompute of the same step), the step replays it: nothing is
+                read and no threshold is compared again.
         """
         cfg = self.config
         # 1-2. occupied cells (compaction), message passing over the neighbourhoods, neuron
@@ -282,21 +310,25 @@ class FlowProcessor(nn.Module):
         # 3-4. carrier, heads, move, next energy: dense, compiled as one graph when config.compile
         top, h, c, heads, pos, energy = self._advance(cells.transformation, state.h, state.c, state.pos, state.energy)
         # 5. lifecycle: every decision is a mask computed on the device ...
-        died = energy < cfg.energy_threshold
-        arrived = ~died & (pos[:, 2] >= cfg.lattice_depth - 1)
+        replay = decisions is not None and bool(decisions.counts)
+        if replay and decisions.replay_fates:  # a recompute of this step (activation checkpointing): what the forward decided
+            died, arrived, spawns = decisions.masks()
+        else:
+            died = energy < cfg.energy_threshold
+            arrived = ~died & (pos[:, 2] >= cfg.lattice_depth - 1)
+            spawns = self._spawn_mask(~died & ~arrived, energy, heads.spawn_score, state.batch, batch_size)
         alive = ~died & ~arrived
-        assert died.dtype == arrived.dtype == alive.dtype == torch.bool
-        spawns = self._spawn_mask(alive, energy, heads.spawn_score, state.batch, batch_size)
+        assert died.dtype == arrived.dtype == alive.dtype == spawns.dtype == torch.bool
         # ... and the step's one host sync reads how many flows each mask holds (it fixes the
         # next step's shapes); the flows are then picked by slicing stable sorts, which give the
         # same ascending indices that nonzero would, at no further sync.
-        if host_counts:  # a recompute of this step (activation checkpointing): reuse what it read
-            read = host_counts
+        if replay:
+            read = decisions.counts
         else:
             counts = [alive.sum(), arrived.sum(), spawns.sum(), cells.num_occupied]
             read = read_counts(counts + ([also_read] if also_read is not None else []))
-            if host_counts is not None:
-                host_counts.extend(read)
+            if decisions is not None:
+                decisions.record(read, died, arrived, spawns)
         n_alive, n_arrived, n_spawned, n_occupied, *extra = read
         n_died = state.num_flows - n_alive - n_arrived
         if n_alive == state.num_flows:  # fast path: nobody arrives or dies

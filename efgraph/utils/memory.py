@@ -26,7 +26,7 @@ of a flow is ``S`` floats, ``2 S`` for an LSTM with its cell state):
   the readout; plus the backward working set of the largest step (its gradients: 2 states per flow);
 * activations, with activation checkpointing (``FlowProcessor`` reruns each lattice step in
   backward): per flow-step only what the checkpoint keeps, the step's input state (hidden state,
-  positions, energy, batch and id: ``S + 8`` floats, ``2 S + 8`` for an LSTM), plus the same
+  positions, energy, batch and id: ``S + 8`` floats, ``2 S + 8`` for an LSTM, and one byte of its fate for the replay), plus the same
   injection, deposits and readout (they outlive the steps), plus the peak of recomputing ONE step
   in backward: the largest step's full activations (``m * max(flows_per_step_bound)`` flows at
   the full per-flow-step size) and their gradients.

@@ -28,6 +28,9 @@ READOUTS = ("face", "shared")
 RESUME_MUTABLE_KEYS = ("log_every", "checkpoint_every", "wandb_project", "compile", "skip_nonfinite_steps",
                        "memory_check", "activation_checkpointing", "micro_batch_size")
 PRECISIONS = ("fp32", "bf16")
+# fixed: the per-sample flow budget is max_active_flows; adaptive: a controller moves it between
+# forwards, under the memory plan's cap and toward flow_budget_target (efgraph.training.flow_budget)
+FLOW_BUDGETS = ("fixed", "adaptive")
 
 # Fields that fix the shapes of the parameters or what the computation means: a checkpoint only
 # loads into a model whose config agrees on all of them (training knobs may change on resume).
@@ -67,6 +70,14 @@ class EnergyConfig:
     # a dying flow sends a surrogate gradient ("had you lived, you would have deposited this"),
     # so death is no gradient cliff; false = hard death with no gradient (an ablation)
     survival_gradient: bool = True
+    # the per-sample cap on active flows that spawning respects. fixed: max_active_flows.
+    # adaptive: the trainer moves it between training forwards (efgraph.training.flow_budget),
+    # never above the largest budget whose worst case fits the device under the memory plan (and
+    # never above max_active_flows), toward flow_budget_target; evaluation uses the same budget
+    flow_budget: str = "fixed"
+    # adaptive: the flow-steps per sample per forward (sum over lattice steps of the sample's
+    # active flows) the budget steers toward; 0 = no compute target, the budget is the plan's cap
+    flow_budget_target: float = 0.0
     # --- carrier (shared recurrent cell) -------------------------------------------------------
     carrier_type: str = "gru"
     carrier_hidden_dim: int = 1024
@@ -164,6 +175,18 @@ class EnergyConfig:
     def face_cells(self) -> int:
         return self.lattice_width * self.lattice_height
 
+    @property
+    def worst_case_flow_steps(self) -> int:
+        """The most flow-steps one sample can run in a forward: ``initial_flows_per_sample`` flows
+        that each spawn one child a step (at most ``max_spawn_per_step`` a sample), never past
+        ``max_active_flows``, over ``lattice_depth - 1`` steps (the sum of
+        :func:`efgraph.utils.memory.flows_per_step_bound`)."""
+        flows, total = self.initial_flows_per_sample, 0
+        for _ in range(self.lattice_depth - 1):
+            total += flows
+            flows = min(flows + min(flows, self.max_spawn_per_step), self.max_active_flows)
+        return total
+
     # ------------------------------------------------------------------------------------------
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field that is out of its allowed range."""
@@ -239,6 +262,18 @@ class EnergyConfig:
             raise ValueError(
                 f"residual: needs input_dim == output_dim, got {self.input_dim} and {self.output_dim}"
             )
+        if self.flow_budget not in FLOW_BUDGETS:
+            raise ValueError(f"flow_budget: must be one of {FLOW_BUDGETS}, got {self.flow_budget!r}")
+        if self.flow_budget_target < 0:
+            raise ValueError(f"flow_budget_target: must be >= 0 (flow-steps per sample per forward; "
+                             f"0 = no compute target), got {self.flow_budget_target}")
+        if self.flow_budget_target > 0 and self.flow_budget != "adaptive":
+            raise ValueError(f"flow_budget_target: only used with flow_budget: adaptive, got "
+                             f"{self.flow_budget_target} with flow_budget: {self.flow_budget!r}")
+        if self.flow_budget_target > self.worst_case_flow_steps:
+            raise ValueError(f"flow_budget_target: must be <= {self.worst_case_flow_steps}, the most flow-steps a "
+                             f"sample can run in a forward (every flow spawning at every step up to "
+                             f"max_active_flows), got {self.flow_budget_target}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision: must be one of {PRECISIONS}, got {self.precision!r}")
         if self.dataset not in DATASETS:

@@ -1,4 +1,10 @@
-"""Using a trained model: load it from a run folder or checkpoint, export it as safetensors + YAML."""
+"""Using a trained model: load it from a run folder or checkpoint, export it as safetensors + YAML.
+
+The per-sample flow budget the model ran under (``FlowProcessor.active_flow_budget``; with
+``flow_budget: adaptive`` the trainer's, below ``max_active_flows``) travels with the weights: in the
+checkpoint's ``extra["active_flow_budget"]`` and in the safetensors metadata, so a loaded model
+computes the function that was trained and evaluated.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +26,8 @@ def export_model(processor: FlowProcessor, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in processor.state_dict().items()}
-    safetensors.torch.save_file(state, str(folder / WEIGHTS_FILE))
+    metadata = {"active_flow_budget": str(int(processor.active_flow_budget))}
+    safetensors.torch.save_file(state, str(folder / WEIGHTS_FILE), metadata=metadata)
     processor.config.to_yaml(folder / CONFIG_FILE)
     return folder
 
@@ -44,12 +51,17 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Fl
             raise FileNotFoundError(f"{path}: expected its config at {config_path}")
         config = EnergyConfig.from_yaml(config_path)
         state = safetensors.torch.load_file(str(path), device=str(map_location))
+        with safetensors.safe_open(str(path), framework="pt") as fh:
+            budget = (fh.metadata() or {}).get("active_flow_budget")
     else:
         ckpt = load_checkpoint(path, map_location=map_location)
         config = EnergyConfig.from_dict(ckpt["config"])
         state = ckpt["model"]
+        budget = (ckpt.get("extra") or {}).get("active_flow_budget")
     model = FlowProcessor.from_config(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    if budget is not None:  # files written before the budget was saved ran under max_active_flows
+        model.active_flow_budget = min(int(budget), config.max_active_flows)
     return model.to(map_location).eval()

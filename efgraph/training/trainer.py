@@ -41,6 +41,15 @@ once per batch (:attr:`EnergyTrainer.memory_plan`, logged at start). The flow me
 add up its micro-batches' traces (:meth:`FlowTrace.merge`); they are summarised (a host copy) only
 on the steps that log them.
 
+Flow budget: ``processor.active_flow_budget`` (the per-sample cap on active flows that spawning
+respects) is set before every training forward and logged as ``flows/budget`` (with
+``flows/flow_steps_per_sample``, what the forward ran). ``flow_budget: fixed``: ``max_active_flows``.
+``flow_budget: adaptive``: an :class:`~efgraph.training.flow_budget.AdaptiveFlowBudget` built after
+the memory plan moves it toward ``flow_budget_target`` after each step, under the plan's cap (also
+logged, ``flows/budget_cap``), which follows the device's free memory on the logged steps. The
+budget is state: checkpoints save it, a resume restores it, the best state keeps its own, and
+evaluation runs under the budget the model trains under.
+
 Dead-run alarm: ``flows/zero_arrival_steps`` counts the consecutive training steps whose forward
 had no flow reach the output face. When it reaches ``eval_every`` the run is most likely dead --
 every flow dies before the output face, so the lattice contributes nothing to the prediction --
@@ -71,11 +80,14 @@ from efgraph.core.trace import FlowTrace
 from efgraph.data._atomic import atomic_write
 from efgraph.training.checkpoint import check_compatible, load_checkpoint, restore_rng_state, save_checkpoint
 from efgraph.training.distributed import SINGLE_PROCESS, DistributedContext
+from efgraph.training.flow_budget import (AdaptiveFlowBudget, held_memory_bytes, memory_for_run,
+                                          plan_adaptive_budget)
 from efgraph.training.metrics import embedding_loss, evaluate_predictions
 from efgraph.training.optim import adamw
 from efgraph.training.run_logger import RunLogger
 from efgraph.training.schedule import warmup_cosine_scheduler
 from efgraph.training.signals import STOP_SIGNALS, StopRequest, TrainingInterrupted, signal_name
+from efgraph.utils import memory
 from efgraph.utils.device import get_device, memory_report
 from efgraph.utils.logging import DEBUG_CONVERGENCE, get_logger
 from efgraph.utils.memory import MemoryEstimate, check_training_fits
@@ -131,9 +143,16 @@ class EnergyTrainer:
         # the worst case fits the device; a config that cannot fit is refused now rather than dying
         # of out-of-memory hours into the run. Without memory_check only explicit settings apply.
         self.memory_plan: MemoryEstimate | None = None
+        adaptive = config.flow_budget == "adaptive"
         if config.memory_check:
-            self.memory_plan = check_training_fits(config, sum(p.numel() for p in processor.parameters()),
-                                                   self.device, local_batch)
+            num_parameters = sum(p.numel() for p in processor.parameters())
+            if adaptive:  # the plan for max_active_flows, else for the largest budget that fits (no refusal)
+                self._held_at_plan = held_memory_bytes(self.device)
+                self.memory_plan = plan_adaptive_budget(config, num_parameters, local_batch,
+                                                        memory.available_memory_bytes(self.device),
+                                                        where=f"{self.device}, free memory")
+            else:
+                self.memory_plan = check_training_fits(config, num_parameters, self.device, local_batch)
             logger.info("%s", self.memory_plan.describe())
             checkpointing, micro = self.memory_plan.activation_checkpointing, self.memory_plan.micro_batch_size
         else:
@@ -144,6 +163,15 @@ class EnergyTrainer:
             # (checkpoints keep the settings asked for, so a resume plans again for its device)
             processor.config = processor.config.replace(activation_checkpointing=checkpointing)
         self.processor = processor.to(self.device)
+        # the per-sample flow budget (see the module docstring): fixed, or moved by the controller
+        self.flow_budget: AdaptiveFlowBudget | None = None
+        if adaptive:
+            self.flow_budget = AdaptiveFlowBudget(config, self.memory_plan)
+            self._agree_on_cap()
+            logger.info("flow budget: adaptive, %d flows per sample (cap %d of max_active_flows %d, target %s "
+                        "flow-steps per sample per forward)", self.flow_budget.budget, self.flow_budget.cap,
+                        config.max_active_flows, config.flow_budget_target or "none")
+        self.processor.active_flow_budget = self._current_budget()
         self.model: torch.nn.Module = self.processor
         if distributed.enabled:
             # find_unused_parameters: a step without spawns (or arrivals) leaves some heads unused
@@ -163,6 +191,7 @@ class EnergyTrainer:
         self.best_val_loss: float | None = None
         self.best_step: int | None = None
         self._best_state: dict[str, Tensor] | None = None
+        self._best_flow_budget: int | None = None  # the flow budget the best state was evaluated under
         self.evaluations: list[dict[str, float]] = []
         self._steps_per_epoch = 0
         self.skipped_steps = 0
@@ -369,6 +398,29 @@ class EnergyTrainer:
         logger.warning("dead run: %s", text)
         self.run_logger.alert("efgraph: dead run (no flow arrives)", text, step=self.step)
 
+    # ---- flow budget ----------------------------------------------------------------------------
+    _held_at_plan = 0  # what this process held on the device when it planned (adaptive budget)
+
+    def _current_budget(self) -> int:
+        """The per-sample flow budget of the next forward."""
+        return self.flow_budget.budget if self.flow_budget is not None else self.config.max_active_flows
+
+    def _agree_on_cap(self) -> None:
+        """Several processes: every rank takes the smallest rank's cap, so all run the same budget
+        (they update it from the same global flow-steps)."""
+        if self.flow_budget is None or not self.dist.enabled:
+            return
+        cap = torch.tensor(self.flow_budget.cap, device=self.device)
+        torch.distributed.all_reduce(cap, op=torch.distributed.ReduceOp.MIN)
+        self.flow_budget.set_cap(int(cap.item()))
+
+    def _replan_flow_budget(self) -> None:
+        """The cap for the device's free memory now (plus what this run took since it planned)."""
+        if self.flow_budget is None or self.memory_plan is None:
+            return
+        self.flow_budget.replan(memory_for_run(self.device, self._held_at_plan))
+        self._agree_on_cap()
+
     def train_step(self, inputs: Tensor, targets: Tensor, *, log: bool = True) -> dict[str, float]:
         """One optimisation step on a (global) batch; returns its metrics.
 
@@ -395,6 +447,7 @@ class EnergyTrainer:
         loss_sum: Tensor | None = None  # sum of the weighted micro-batch losses (the batch's loss, x world)
         grad_norm = float("nan")
         self.optimizer.zero_grad(set_to_none=True)
+        budget = self.processor.active_flow_budget = self._current_budget()
         for i, (x, y) in enumerate(chunks):
             last = i == len(chunks) - 1
             # DDP: gradients are reduced across ranks once, in the last micro-batch's backward
@@ -436,6 +489,8 @@ class EnergyTrainer:
         if bad is not None and not self.dist.enabled:
             arrivals = None if not traces or len(traces) < len(chunks) else arrivals
         self._last_step_arrivals = arrivals
+        if self.flow_budget is not None and bad is None:  # flow_steps: the global batch's
+            self.flow_budget.update(flow_steps, global_batch)
         if bad is None:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.processor.parameters(), self.config.grad_clip))
             if not math.isfinite(grad_norm):
@@ -460,17 +515,23 @@ class EnergyTrainer:
             "perf/step_time_s": elapsed,
             "perf/samples_per_s": global_batch / elapsed,
             "perf/flow_steps_per_s": flow_steps / elapsed,
+            # the per-sample budget this step's forward ran under, and what it ran
+            "flows/budget": float(budget),
+            "flows/flow_steps_per_sample": flow_steps / global_batch,
         }
         if trace is not None:
             self.processor.last_trace = trace
             # for the progress bar, from the host counts (trace.summary() would copy the energies)
             metrics["flows/mean_active_flows"] = sum(trace.active) / max(trace.num_steps, 1)
         if log:
+            self._replan_flow_budget()  # free memory is read on the logged steps only
             metrics.update({f"memory/{k}": v for k, v in memory_report(self.device).items()})
             if trace is not None:
                 metrics.update({f"flows/{k}": v for k, v in trace.summary().items()})
                 # per lattice step: active flows, spawns, neighbourhood size and mean energy (a curve each in W&B)
                 metrics.update({f"flows/{k}": v for k, v in trace.per_step_metrics().items()})
+        if self.flow_budget is not None:  # the cap the next forward's budget is under
+            metrics["flows/budget_cap"] = float(self.flow_budget.cap)
         if trace is not None and logger.isEnabledFor(DEBUG_CONVERGENCE):
             logger.log(DEBUG_CONVERGENCE, "step %d: %s", self.step + 1, arrival_statistics(trace))
         return metrics
@@ -575,6 +636,7 @@ class EnergyTrainer:
         if self.best_val_loss is None or metrics["loss"] < self.best_val_loss:
             self.best_val_loss, self.best_step = metrics["loss"], self.step
             self._best_state = copy.deepcopy({k: v.detach().cpu() for k, v in self.processor.state_dict().items()})
+            self._best_flow_budget = self.processor.active_flow_budget
             if self.run_dir is not None:
                 folder = self.run_dir / "checkpoints"
                 if (self._best_file_step is not None and self._best_file_step == self._last_ckpt_best_step
@@ -598,6 +660,8 @@ class EnergyTrainer:
         if self._best_state is None:
             return False
         self.processor.load_state_dict(self._best_state)
+        if self._best_flow_budget is not None:  # the budget it was evaluated under computes the same function
+            self.processor.active_flow_budget = self._best_flow_budget
         return True
 
     # ---- checkpoints -----------------------------------------------------------------------------
@@ -606,6 +670,10 @@ class EnergyTrainer:
             "best_val_loss": self.best_val_loss, "best_step": self.best_step,
             "wandb_id": self.run_logger.wandb_id, "skipped_steps": self.skipped_steps,
             "total_steps": self.total_steps,
+            # the per-sample flow budget of the model (evaluation and export run under it) and,
+            # adaptive, the controller's state
+            "active_flow_budget": int(self.processor.active_flow_budget),
+            "flow_budget": self.flow_budget.state_dict() if self.flow_budget is not None else None,
             # the validation history, so a resumed run still knows its earlier (and final) evaluations
             "evaluations": self.evaluations, **(extra or {}),
         }
@@ -630,6 +698,9 @@ class EnergyTrainer:
         self.skipped_steps = int(extra.get("skipped_steps", 0))
         # checkpoints written before the history was saved have none; past this step it is not this run's
         self.evaluations = [dict(e) for e in extra.get("evaluations", []) if e["step"] <= self.step]
+        if self.flow_budget is not None and extra.get("flow_budget") is not None:
+            self.flow_budget.load_state_dict(extra["flow_budget"])
+        self.processor.active_flow_budget = self._current_budget()
         self._restore_best_of(Path(path))
         return ckpt
 
@@ -644,7 +715,7 @@ class EnergyTrainer:
         state is lost: model selection starts again from the evaluations after this checkpoint,
         with a warning, rather than testing the last state under the old best step's name.
         """
-        self._best_state = None
+        self._best_state = self._best_flow_budget = None
         self._best_file_step = self._last_ckpt_best_step = None
         if self.best_step is None:
             return
@@ -654,6 +725,7 @@ class EnergyTrainer:
                 best = load_checkpoint(candidate)
                 if best["step"] == self.best_step:
                     found, self._best_state = candidate, best["model"]
+                    self._best_flow_budget = (best.get("extra") or {}).get("active_flow_budget")
                     break
         if found is None:
             logger.warning("resume: the best state of step %s (validation loss %s) is not in %s; model selection "

@@ -245,7 +245,7 @@ def test_adaptive_trainer_moves_logs_and_applies_the_budget(tmp_path):
     assert [row["flows/budget"] for row in rows] == budgets  # the W&B / JSONL metric
     # evaluation runs under the budget the last training forward ran under
     trainer.evaluate(x, y)
-    assert max(trainer.processor.last_trace.active) <= 2 * budgets[-1]
+    assert max(trainer.processor.last_trace.active) == 2 * budgets[-1] < 2 * config.max_active_flows
 
 
 def test_adaptive_trainer_fits_a_device_where_fixed_is_refused_and_follows_its_free_memory(monkeypatch):

@@ -175,7 +175,9 @@ class AdaptiveFlowBudget:
         gain: exponent of the multiplicative update, in (0, 1].
 
     Use: write :attr:`budget` into ``processor.active_flow_budget`` before a training forward,
-    then call :meth:`update` with the forward's flow-steps and rows.
+    then call :meth:`update` with the forward's flow-steps and rows. :attr:`target` (flow-steps
+    per sample per forward, 0 = none) may be changed between updates; :attr:`value` is the
+    unrounded budget (the state a checkpoint keeps).
     """
 
     def __init__(self, config: EnergyConfig, plan: MemoryEstimate | None, *, gain: float = DEFAULT_GAIN) -> None:
@@ -193,6 +195,7 @@ class AdaptiveFlowBudget:
                              f"no spawns) fit {human_bytes(plan.limit_bytes)} under the memory plan")
         self.value = float(self.cap if self.target <= 0 else min(self.cap, budget_for_flow_steps(config, self.target)))
         self.last_flow_steps_per_sample: float | None = None
+        self._starved = False  # the last re-plan found not even the floor fitting
 
     @property
     def budget(self) -> int:
@@ -221,9 +224,10 @@ class AdaptiveFlowBudget:
         if self.plan is None:
             return self.cap
         cap = budget_cap(self.config, self.plan, limit_bytes)
-        if cap < self.floor:
+        if cap < self.floor and not self._starved:  # once, until memory comes back
             logger.warning("flow budget: not even %d flows per sample fit %s under the memory plan; the budget "
                            "stays at that floor", self.floor, human_bytes(limit_bytes))
+        self._starved = cap < self.floor
         self.set_cap(max(cap, self.floor))
         self.limit_bytes = int(limit_bytes)
         return self.cap

@@ -26,6 +26,13 @@ Two more tables (``--workload``):
    with ``activation_checkpointing: true``, and the carrier alone. Time, memory, ratios (each
    the median over rounds of the ratio within a round, so that a load that comes and goes on a
    shared machine cancels out).
+7. *compile* (``--workload compile``): per preset, the engine eager and with ``compile: true``
+   (the whole step compiled, flows padded to bucket sizes) against the carrier alone, interleaved
+   round by round (ratios: the median of within-round ratios), and the kernels per lattice step
+   of a forward + backward counted with ``torch.profiler``
+   (:func:`efgraph.utils.kernel_count.count_kernels`: compiled kernels count one each), at the
+   pinned work and with an untrained model's natural dynamics (flows spawn, die and arrive, so
+   the compaction and deposits run); the warm-up column is mostly the compile.
 6. *gpu* (``--workload gpu``, the default on CUDA; runs on CPU too): per preset, engine /
    carrier alone, peak memory, flow-steps per second, dispatcher ops and host syncs per lattice
    step (:class:`efgraph.utils.dispatch_count.count_ops` over one forward+backward, divided by
@@ -81,11 +88,12 @@ from efgraph import (EnergyConfig, EnergyLattice, FlowProcessor, SimpleNeuron, c
                      create_experiment_config, create_optimized_config)
 from efgraph.core.dense_reference import DenseReferenceProcessor
 from efgraph.utils.dispatch_count import count_ops
+from efgraph.utils.kernel_count import count_kernels, profile_compiled_kernels
 from efgraph.utils.memory import saved_activation_bytes
 
 PRESETS = {"debug": create_debug_config, "experiment": create_experiment_config, "optimized": create_optimized_config}
 LATTICES = [(20, 20, 10), (35, 35, 15), (50, 50, 20), (75, 75, 35), (100, 100, 50)]
-WORKLOADS = ("sweeps", "prior", "gpu")
+WORKLOADS = ("sweeps", "prior", "gpu", "compile")
 # the prior implementation's workload: lattice, batch, flows per sample, carrier, steps per flow
 PRIOR = dict(shape=(28, 28, 40), batch=4, flows=784, hidden=512, layers=3, steps=19)
 
@@ -327,7 +335,7 @@ def run_gpu(args: argparse.Namespace, device: torch.device, base: dict) -> tuple
         times = interleaved({"engine": engine, "carrier": floor}, device, args.repeats, args.warmup)
         params = list(proc.parameters())
         e_mem, c_mem = memory(engine, device, params), memory(floor, device, params)
-        with count_ops() as counter:
+        with count_ops(cpu_is_device=device.type == "cpu") as counter:
             engine().backward()
         steps = proc.last_trace.num_steps
         assert steps == args.steps, (name, steps)
@@ -349,6 +357,68 @@ def run_gpu(args: argparse.Namespace, device: torch.device, base: dict) -> tuple
         print(f"  gpu {name}: {1e3 * e_s:.1f} / {1e3 * c_s:.1f} ms, {counter.count.syncs / steps:.1f} syncs/step",
               file=sys.stderr)
     return rows, peak_meta
+
+
+def natural_engine(config: EnergyConfig, batch: int, device: torch.device, seed: int = 0) -> FlowProcessor:
+    """An untrained model left to its own dynamics, spawning: flows spawn, die and arrive at
+    different steps, so the step's compaction and deposits run (the pinned runs skip them)."""
+    torch.manual_seed(seed)
+    proc = FlowProcessor(EnergyLattice(config), SimpleNeuron(config), config).to(device)
+    with torch.no_grad():
+        proc.carrier.spawn_head.bias[0] = 2.0
+    return proc
+
+
+def run_compile(args: argparse.Namespace, device: torch.device, base: dict) -> list[dict]:
+    """Table 7: per preset, the engine eager and with ``compile: true`` (the whole step, flows
+    padded to buckets) against the carrier alone, interleaved round by round; and the kernels per
+    lattice step, forward + backward (:func:`efgraph.utils.kernel_count.count_kernels`), at the
+    pinned work and with natural (spawning, dying) dynamics."""
+    rows = []
+    for name in args.compile_presets:
+        preset = PRESETS[name]()
+        batch = preset.batch_size
+        flows = preset.initial_flows_per_sample * batch
+        row: dict = {"preset": name, "lattice": f"{preset.lattice_width}x{preset.lattice_height}x{preset.lattice_depth}",
+                     "flows": flows, "batch": batch, "carrier": f"{args.carrier} {args.hidden}x{args.layers}"}
+        procs = {mode: build(preset.replace(**base, compile=mode == "compiled"), args.steps, device)
+                 for mode in ("eager", "compiled")}
+        procs["compiled"].load_state_dict(procs["eager"].state_dict())
+        fns = {mode: engine_fn(proc, batch, device) for mode, proc in procs.items()}
+        fns["carrier"] = carrier_fn(procs["eager"], flows, args.steps, device)
+        t0 = time.perf_counter()
+        with profile_compiled_kernels():  # compile here, with Inductor's kernels visible to the profiler
+            for fn in fns.values():
+                timings(fn, device, args.warmup)
+        row["warmup_s"] = time.perf_counter() - t0
+        times = interleaved(fns, device, args.rounds, 0)
+        for mode in ("eager", "compiled"):
+            assert procs[mode].last_trace.num_steps == args.steps, (name, mode)
+            row[f"{mode}_ms"] = 1e3 * statistics.median(times[mode])
+            row[f"{mode}_ratio"] = statistics.median(e / c for e, c in zip(times[mode], times["carrier"]))
+            count = count_kernels(lambda fn=fns[mode]: fn().backward(), device)
+            row[f"{mode}_kernels_per_step"] = count.kernels / args.steps
+            row[f"{mode}_ops_per_step"] = count.ops / args.steps
+        row["carrier_ms"] = 1e3 * statistics.median(times["carrier"])
+        # natural dynamics: kernels per step where flows spawn, die and arrive (compaction runs)
+        natural = {mode: natural_engine(preset.replace(**base, compile=mode == "compiled"), batch, device)
+                   for mode in ("eager", "compiled")}
+        natural["compiled"].load_state_dict(natural["eager"].state_dict())
+        for mode, proc in natural.items():
+            fn = engine_fn(proc, batch, device)
+            with profile_compiled_kernels():
+                for _ in range(2):
+                    fn().backward()
+            count = count_kernels(lambda fn=fn: fn().backward(), device)
+            trace = proc.last_trace
+            row[f"natural_{mode}_kernels_per_step"] = count.kernels / trace.num_steps
+            row["natural_steps"], row["natural_spawned"], row["natural_died"] = (
+                trace.num_steps, trace.total_spawned, trace.total_died)
+        rows.append(row)
+        print(f"  compile {name}: eager {row['eager_ms']:.1f} ms ({row['eager_kernels_per_step']:.0f} kernels/step), "
+              f"compiled {row['compiled_ms']:.1f} ms ({row['compiled_kernels_per_step']:.0f}), "
+              f"carrier {row['carrier_ms']:.1f} ms", file=sys.stderr)
+    return rows
 
 
 def run_sweeps(args: argparse.Namespace, device: torch.device, base: dict, results: dict) -> None:
@@ -410,7 +480,8 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     base = dict(carrier_hidden_dim=args.hidden, carrier_num_layers=args.layers, carrier_type=args.carrier,
                 interaction_radius=args.radius)
-    results: dict[str, list[dict]] = {"lattice": [], "flows": [], "overhead": [], "dense": [], "prior": [], "gpu": []}
+    results: dict[str, list[dict]] = {"lattice": [], "flows": [], "overhead": [], "dense": [], "prior": [], "gpu": [],
+                                      "compile": []}
     meta = {
         "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
         "cpu_threads": torch.get_num_threads(), "machine": platform.machine(), "args": vars(args),
@@ -422,6 +493,8 @@ def run(args: argparse.Namespace) -> dict:
         meta.update(peak_meta)
     if "prior" in args.workload:
         results["prior"] = run_prior(args, device)
+    if "compile" in args.workload:
+        results["compile"] = run_compile(args, device, base)
     if "sweeps" in args.workload:
         run_sweeps(args, device, base, results)
     return {"meta": meta, **results}
@@ -483,6 +556,16 @@ def print_tables(res: dict) -> None:
                   f"| {_mb(r['carrier_memory'][key])} | {r['flow_steps_per_s']:,.0f} | {r['ops_per_step']:.0f} "
                   f"| {r['syncs_per_step']:.1f} | {r['carrier_tflops']:.3g} | {100 * r['carrier_peak_share'][dtype]:.1f} "
                   f"| {100 * r['engine_peak_share'][dtype]:.1f} |")
+    if res["compile"]:
+        print("\n| preset | lattice | flows | carrier | eager ms | compiled ms | carrier ms | eager / carrier "
+              "| compiled / carrier | kernels / step eager | compiled | natural dynamics: eager | compiled | warm-up s |"
+              "\n|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in res["compile"]:
+            print(f"| {r['preset']} | {r['lattice']} | {r['flows']} | {r['carrier']} | {r['eager_ms']:.1f} "
+                  f"| {r['compiled_ms']:.1f} | {r['carrier_ms']:.1f} | {r['eager_ratio']:.2f} | {r['compiled_ratio']:.2f} "
+                  f"| {r['eager_kernels_per_step']:.0f} | {r['compiled_kernels_per_step']:.0f} "
+                  f"| {r['natural_eager_kernels_per_step']:.0f} | {r['natural_compiled_kernels_per_step']:.0f} "
+                  f"| {r['warmup_s']:.0f} |")
 
 
 def _mb(value: float | None) -> str:
@@ -521,6 +604,8 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--prior-steps", type=int, default=PRIOR["steps"])
     g.add_argument("--prior-repeats", type=int, default=3)
     g.add_argument("--prior-warmup", type=int, default=1)
+    g = p.add_argument_group("table 7 (compile)")
+    g.add_argument("--compile-presets", nargs="*", default=["debug", "experiment", "optimized"], choices=list(PRESETS))
     g = p.add_argument_group("table 6 (gpu)")
     g.add_argument("--gpu-presets", nargs="*", default=["debug", "experiment", "optimized"], choices=list(PRESETS))
     g.add_argument("--gpu-batch", type=int, default=0, help="batch (0: the preset's)")

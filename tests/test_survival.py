@@ -88,16 +88,18 @@ def test_the_survival_gradient_points_where_keeping_the_flow_alive_would(gate, m
 
     fp_survival = fp.survival_phantom_energy
     monkeypatch.setattr(fp, "survival_phantom_energy", keep_logits)
-    phantoms = []
-    collect = proc.collect
-    monkeypatch.setattr(proc, "collect", lambda landed, ph, b: phantoms.append(ph) or collect(landed, ph, b))
+    results = []
+    step = proc.step
+    monkeypatch.setattr(proc, "step", lambda *args: results.append(step(*args)) or results[-1])
     y = proc(x)
     loss = torch.nn.functional.mse_loss(y, target)
     loss.backward()
     died = proc.last_trace.total_died
-    assert died >= 8 and len(logits) == 1 and logits[0].numel() == died
-    surrogate = logits[0].grad
-    lat, ph = proc.lattice, phantoms[0]
+    assert died >= 8 and len(logits) == 1 and len(results) == 1
+    dying = results[0].phantoms.batch < x.size(0)  # the step's rows that died (the phantoms' rows)
+    assert int(dying.sum()) == died
+    surrogate = logits[0].grad[dying]
+    lat, ph = proc.lattice, results[0].phantoms.deposited(x.size(0))
     open_gate = max(abs(float(lat.output_gate.detach())), 1.0)
     agree = 0
     with torch.no_grad():

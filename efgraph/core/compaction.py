@@ -48,3 +48,19 @@ def read_counts(counts: list[Tensor]) -> list[int]:
     The explicit ``.to("cpu", copy=True)`` makes the copy visible to
     :mod:`efgraph.utils.dispatch_count` on a CPU run too, so tests count it."""
     return torch.stack(counts).to("cpu", copy=True).tolist()
+
+
+def bucket_rows(n: int, smallest: int = 8) -> int:
+    """The padded row count for ``n`` flows when the step is compiled: the smallest of
+    ``smallest * {1, 1.5, 2, 3, 4, 6, ...}`` (powers of two and their 3/2) that holds ``n``.
+
+    Every compiled graph has static shapes, so each bucket costs a compile; two buckets per
+    octave bound the graphs at ``2 log2(max flows / smallest)`` per graph kind while padding
+    wastes at most a third of a step (a sixth on average). Twice a bucket is a bucket, so a step
+    whose flows all spawn still fits its successor in one."""
+    if n < 0:
+        raise ValueError(f"n: must be >= 0, got {n}")
+    rows = smallest
+    while rows < n:
+        rows = rows * 3 // 2 if rows & (rows - 1) == 0 else rows * 4 // 3  # 8, 12, 16, 24, 32, ...
+    return rows

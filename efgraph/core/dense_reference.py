@@ -21,8 +21,9 @@ from efgraph.core.flow_state import FlowState
 class DenseReferenceProcessor(FlowProcessor):
     """A :class:`FlowProcessor` whose step evaluates the neuron on the whole lattice."""
 
-    def cell_transformation(self, state: FlowState) -> CellStep:
+    def cell_transformation(self, state: FlowState, batch_size: int | None = None) -> CellStep:
         lattice, cfg = self.lattice, self.config
+        assert state.valid is None, "the dense reference runs eagerly, without padding"
         batch_size = int(state.batch.max()) + 1 if state.num_flows else 0
         cell_id = lattice.cell_id(state.batch, lattice.cell_coordinates(state.pos))
         msg = self.conv.flow_messages(state.h[-1], state.energy)

@@ -294,7 +294,7 @@ class EnergyLattice(nn.Module):
         """Deposit arriving flows on the output face and gather each sample's face for the readout.
 
         Args:
-            batch: ``[A]`` sample of each arriving flow.
+            batch: ``[A]`` sample of each arriving flow; ``B`` marks a row that deposits nothing.
             xy: ``[A, 2]`` continuous landing position.
             energy: ``[A]`` energy on arrival.
             values: ``[A, face_channels]`` the flow's value vector (from the carrier).
@@ -315,7 +315,8 @@ class EnergyLattice(nn.Module):
         r, c = self.config.readout_rank, self.config.face_channels
         keys = (weight.unsqueeze(-1) * self.readout_keys[cell]).sum(dim=1)  # [A, r]: L at the landing point
         outer = keys.unsqueeze(2) * (energy.unsqueeze(1) * values).unsqueeze(1)  # [A, r, c]
-        return scatter(outer.reshape(-1, r * c), batch, dim=0, dim_size=batch_size, reduce="sum")
+        # rows of sample B (the engine's rows that deposit nothing) go to row B, which is dropped
+        return scatter(outer.reshape(-1, r * c), batch, dim=0, dim_size=batch_size + 1, reduce="sum")[:batch_size]
 
     def deposit_on_cells(
         self, batch: Tensor, xy: Tensor, energy: Tensor, values: Tensor, batch_size: int

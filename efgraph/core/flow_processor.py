@@ -25,7 +25,9 @@ Because every continuing flow advances at least one cell in z, a forward ends wi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.utils.checkpoint
@@ -34,7 +36,7 @@ from torch_geometric.utils import degree
 
 from efgraph.config import ARCHITECTURE_KEYS, EnergyConfig
 from efgraph.core.budget import keep_top_per_group
-from efgraph.core.compaction import read_counts, unique_padded
+from efgraph.core.compaction import bucket_rows, read_counts, unique_padded
 from efgraph.core.energy_carrier import CarrierHeads, EnergyCarrier
 from efgraph.core.energy_lattice import EnergyLattice
 from efgraph.core.flow_state import FlowState
@@ -46,39 +48,105 @@ from efgraph.utils.logging import DEBUG_ENERGY, DEBUG_SPAWN, get_logger
 
 logger = get_logger(__name__)
 
+# graphs one compiled part of the step may build (buckets x batch sizes x fast paths) before
+# dynamo falls back to eager; 64 holds every bucket from 8 to 6144 flows for 3 batch sizes
+COMPILED_GRAPHS_LIMIT = 64
+
+# the torch.compile backend of compile: true; tests that check what dynamo captures (graphs,
+# static shapes, recompiles) set "aot_eager", which skips Inductor's minutes of C++ codegen on a CPU
+COMPILE_BACKEND = "inductor"
+
 # id of the padding rows of a step's occupied cells: past every real id, so the ids stay sorted
 PADDING_CELL_ID = torch.iinfo(torch.long).max
 
 
 @dataclass
 class Arrivals:
-    """Flows that reached the output face in one step (A of them)."""
+    """Deposits on the output face: one row per flow of a step, of which only the flows that end
+    there (arrive; or die, for the phantoms) deposit. The other rows have ``batch == B`` (one past
+    the batch: the readout drops that row) and zero energy, so every tensor keeps the step's
+    static size (no data-dependent shape, no host sync)."""
 
-    batch: Tensor  # [A]
-    xy: Tensor  # [A, 2]
-    energy: Tensor  # [A]
-    value: Tensor  # [A, face_channels]
-    flow_id: Tensor  # [A]
+    batch: Tensor  # [N]
+    xy: Tensor  # [N, 2]
+    energy: Tensor  # [N]
+    value: Tensor  # [N, face_channels]
+    flow_id: Tensor  # [N]
+
+    def deposited(self, batch_size: int) -> "Arrivals":
+        """Only the rows that deposit (a boolean mask: a host sync; for traces and tests)."""
+        keep = self.batch < batch_size
+        return Arrivals(self.batch[keep], self.xy[keep], self.energy[keep], self.value[keep], self.flow_id[keep])
+
+
+@dataclass
+class Decision:
+    """The first half of a step, up to its one sync: the dense update and every flow's fate."""
+
+    top: Tensor  # [F, H] the carrier's top layer
+    h: Tensor  # [L, F, H]
+    c: Tensor | None
+    heads: CarrierHeads
+    pos: Tensor  # [F, 3] after the move
+    energy: Tensor  # [F] the next energy the carrier set
+    died: Tensor  # [F] bool
+    arrived: Tensor  # [F] bool
+    spawns: Tensor  # [F] bool
+    counts: Tensor  # [4] int64: alive, arrived, spawns, occupied cells
+    books: Tensor  # [5] detached: dissipated, created, died, arrived, in flight after the step
+    occupied_cell_id: Tensor  # [F] sorted ids, the occupied cells first
+    neighbourhood_flows: Tensor  # scalar
 
 
 @dataclass
 class StepResult:
     """Everything one step produced."""
 
-    next_state: FlowState  # continuing flows, then their children
-    arrivals: Arrivals
+    next_state: FlowState  # continuing flows, then their children (then padding when compiled)
+    deposits: Arrivals | None  # the arrivals among the step's rows; None when nobody arrived
+    collected: Tensor | None  # [B, K] their collected face (readout: face; linear, summed over steps)
     occupied_cell_id: Tensor  # [C] sorted ids of the occupied cells
     num_spawned: int
     num_died: int
-    energy_dissipated: Tensor  # scalar: sum of the falls of energy the carrier set
-    energy_created: Tensor  # scalar: sum of the rises of energy the carrier set
-    energy_died: Tensor  # scalar: carried away by flows that died
-    energy_arrived: Tensor  # scalar
+    num_arrived: int
+    books: Tensor  # [5] detached scalars, see Decision.books
     neighbourhood_flows: Tensor  # scalar: sum over flows of the flows in their interaction neighbourhood
-    spawner_flow_id: Tensor  # [S] ids of the flows that spawned a child this step
+    spawns: Tensor  # [F] bool: the rows that spawned a child
+    flow_id: Tensor  # [F] ids of the step's rows
+    batch_size: int
     # dying flows as zero-energy deposits that carry the survival gradient (None without it)
     phantoms: Arrivals | None = None
+    phantom_collected: Tensor | None = None
     also_read: int | None = None  # host value of step(also_read=...)
+
+    @property
+    def arrivals(self) -> Arrivals:
+        """The flows that arrived, in row order (boolean indexing: a host sync; for tests, traces)."""
+        if self.deposits is None:
+            empty = self.flow_id.new_zeros(0)
+            return Arrivals(empty, self.books.new_zeros(0, 2), self.books.new_zeros(0), self.books.new_zeros(0, 0), empty)
+        return self.deposits.deposited(self.batch_size)
+
+    @property
+    def spawner_flow_id(self) -> Tensor:
+        """``[S]`` ids of the flows that spawned, in row order (a host sync)."""
+        return self.flow_id[self.spawns]
+
+    @property
+    def energy_dissipated(self) -> Tensor:
+        return self.books[0]
+
+    @property
+    def energy_created(self) -> Tensor:
+        return self.books[1]
+
+    @property
+    def energy_died(self) -> Tensor:
+        return self.books[2]
+
+    @property
+    def energy_arrived(self) -> Tensor:
+        return self.books[3]
 
 
 @dataclass
@@ -151,11 +219,14 @@ class FlowProcessor(nn.Module):
         # the per-sample cap on active flows that spawning respects: config.max_active_flows
         # unless a budget controller (efgraph.training.flow_budget) lowers it between forwards
         self.active_flow_budget: int = config.max_active_flows
-        # dynamic=True: the number of flows changes every step; fullgraph: no silent graph breaks.
-        # The *unbound* method is compiled and called with self, so a deep copy of this module
-        # (EMA, SWA) runs its own weights, not this instance's.
-        self._compiled_advance = (
-            torch.compile(type(self).advance, dynamic=True, fullgraph=True) if config.compile else None
+        self._budget: tuple[int, Tensor] | None = None
+        # compile: each part of the step is one graph with static shapes (the flows are padded to
+        # bucket sizes, see bucket_rows), so the graphs are few and each can be a CUDA graph;
+        # fullgraph: no silent graph breaks. The *unbound* methods are compiled and called with
+        # self, so a deep copy of this module (EMA, SWA) runs its own weights, not this instance's.
+        self._compiled = (
+            {name: torch.compile(getattr(type(self), name), backend=COMPILE_BACKEND, dynamic=False, fullgraph=True)
+             for name in ("decide", "compact", "deposit")} if config.compile else None
         )
 
     # ---- input checks ----------------------------------------------------------------------------
@@ -194,16 +265,20 @@ class FlowProcessor(nn.Module):
             parent_of={} if self.record_paths else None,
         )
         next_id = state.num_flows
+        if self.config.compile:  # static shapes: the flows padded to a bucket size
+            state = state.padded(bucket_rows(state.num_flows), batch_size)
         # x's finiteness is read in the first step's sync instead of a sync of its own
         nonfinite = (~torch.isfinite(x)).any().long()
-        arrivals: list[Arrivals] = []
+        landed: list[Arrivals] = []
         phantoms: list[Arrivals] = []
+        collected: Tensor | None = None
+        phantom: Tensor | None = None
         lost = arrived = created = torch.zeros((), device=x.device)
         for _ in range(self.config.lattice_depth - 1):
-            if state.num_flows == 0:
+            if state.num_active == 0:
                 break
             if trace.paths is not None:
-                trace.paths.append(_path_record(state.flow_id, state.batch, state.pos, state.energy))
+                trace.paths.append(_path_record(state))
             result = self._run_step(state, batch_size, next_id, nonfinite)
             if nonfinite is not None:
                 if result.also_read:
@@ -213,48 +288,56 @@ class FlowProcessor(nn.Module):
                 trace.parent_of.update(zip(range(next_id, next_id + result.num_spawned),
                                            result.spawner_flow_id.tolist()))
             next_id += result.num_spawned
-            arrivals.append(result.arrivals)
+            if result.deposits is not None:
+                landed.append(result.deposits)
             if result.phantoms is not None:
                 phantoms.append(result.phantoms)
-            lost = lost + (result.energy_dissipated + result.energy_died).detach()
-            arrived = arrived + result.energy_arrived.detach()
-            created = created + result.energy_created.detach()
-            trace.active.append(state.num_flows)
+            collected = _add(collected, result.collected)
+            phantom = _add(phantom, result.phantom_collected)
+            lost = lost + result.energy_dissipated + result.energy_died
+            arrived = arrived + result.energy_arrived
+            created = created + result.energy_created
+            trace.active.append(state.num_active)
             trace.occupied.append(result.occupied_cell_id.numel())
             trace.spawned.append(result.num_spawned)
             trace.died.append(result.num_died)
-            trace.arrived.append(result.arrivals.batch.numel())
-            trace.energy_rows.append(torch.stack([result.next_state.energy.detach().sum(), arrived, lost, created]))
+            trace.arrived.append(result.num_arrived)
+            trace.energy_rows.append(torch.stack([result.books[4], arrived, lost, created]))
             trace.neighbourhood_rows.append(result.neighbourhood_flows.detach())
             state = result.next_state
-        if state.num_flows:
+        if state.num_active:
             # dz >= 1 per step ends every finite flow by now; NaN positions never arrive or die.
-            if not (torch.isfinite(state.pos).all() and torch.isfinite(state.energy).all()):
+            real = state.valid if state.valid is not None else slice(None)
+            if not (torch.isfinite(state.pos[real]).all() and torch.isfinite(state.energy[real]).all()):
                 raise FloatingPointError(
-                    f"forward: {state.num_flows} flows have a non-finite position or energy after "
+                    f"forward: {state.num_active} flows have a non-finite position or energy after "
                     f"{self.config.lattice_depth - 1} steps (NaN/inf in the parameters or activations)"
                 )
-            raise AssertionError(f"{state.num_flows} finite flows still active after D-1 steps: an engine bug")
+            raise AssertionError(f"{state.num_active} finite flows still active after D-1 steps: an engine bug")
 
-        landed = _cat_arrivals(arrivals)
         if trace.paths is not None:
-            trace.paths.append(
-                _path_record(landed.flow_id, landed.batch, _face_pos(landed.xy, self.config), landed.energy)
-            )
+            ends = [a.deposited(batch_size) for a in landed]
+            trace.paths.append(_landed_record(ends, self.config))
         self.last_trace = trace
-        y = self.collect(landed, _cat_arrivals(phantoms) if phantoms else None, batch_size)
+        if self.config.readout == "shared":  # not linear in the deposits: collected once, over all of them
+            collected = self.collect(_cat_arrivals(landed), batch_size) if landed else None
+            phantom = self.collect(_cat_arrivals(phantoms), batch_size) if phantoms else None
+        if collected is None:  # nothing arrived: the face is empty
+            collected = self.collect(self._no_deposits(x), batch_size)
+        y = self.lattice.read_out(collected, phantom)
         return x + y if self.config.residual else y
 
-    def collect(self, landed: Arrivals, phantoms: Arrivals | None, batch_size: int) -> Tensor:
-        """The output face: what landed (and the dying flows' phantoms) -> ``[B, output_dim]``.
+    def collect(self, deposits: Arrivals, batch_size: int) -> Tensor:
+        """The output face: deposits (rows of sample ``B`` deposit nothing) -> ``[B, K]``, what
+        :meth:`EnergyLattice.read_out` turns into y. Phantoms (the dying flows' zero deposits,
+        which carry the survival gradient) are collected apart so the readout can pass that
+        gradient past a closed gate."""
+        return self.lattice.collect_output_energy(deposits.batch, deposits.xy, deposits.energy, deposits.value,
+                                                  batch_size)
 
-        Phantoms deposit exactly zero (the forward is unchanged) but carry the survival gradient;
-        they are collected apart so the readout can pass that gradient past a closed gate."""
-        lattice = self.lattice
-        collected = lattice.collect_output_energy(landed.batch, landed.xy, landed.energy, landed.value, batch_size)
-        phantom = None if phantoms is None else lattice.collect_output_energy(
-            phantoms.batch, phantoms.xy, phantoms.energy, phantoms.value, batch_size)
-        return lattice.read_out(collected, phantom)
+    def _no_deposits(self, x: Tensor) -> Arrivals:
+        empty = torch.zeros(0, dtype=torch.long, device=x.device)
+        return Arrivals(empty, x.new_zeros(0, 2), x.new_zeros(0), x.new_zeros(0, self.config.face_channels), empty)
 
     def _run_step(self, state: FlowState, batch_size: int, next_id: int, also_read: Tensor | None) -> StepResult:
         """:meth:`step`, recomputed in backward when ``activation_checkpointing`` is on.
@@ -294,8 +377,14 @@ class FlowProcessor(nn.Module):
              decisions: StepDecisions | None = None) -> StepResult:
         """Advance all active flows by one step (see the module docstring), with one host sync.
 
+        Three parts, each one compiled graph with ``compile: true`` (static shapes: the rows are a
+        bucket size, :func:`~efgraph.core.compaction.bucket_rows`): :meth:`decide` (cells, message
+        passing, neuron, carrier, move, every flow's fate), then the sync that reads the counts,
+        then :meth:`compact` (split the spawners' energy, the children, the next state) and
+        :meth:`deposit` (the arrivals and the dying flows' phantoms on the output face).
+
         Args:
-            state: the F active flows.
+            state: the F active flows (padded to a bucket size when compiled).
             batch_size: B (for per-sample budgets and id spaces).
             next_id: first flow id to give a child.
             also_read: a scalar int tensor to read in the same sync (returned as ``also_read``),
@@ -305,93 +394,148 @@ class FlowProcessor(nn.Module):
                 read and no threshold is compared again.
         """
         cfg = self.config
-        # 1-2. occupied cells (compaction), message passing over the neighbourhoods, neuron
-        cells = self.cell_transformation(state)
-        # 3-4. carrier, heads, move, next energy: dense, compiled as one graph when config.compile
-        top, h, c, heads, pos, energy = self._advance(cells.transformation, state.h, state.c, state.pos, state.energy)
-        # 5. lifecycle: every decision is a mask computed on the device ...
-        replay = decisions is not None and bool(decisions.counts)
-        if replay and decisions.replay_fates:  # a recompute of this step (activation checkpointing): what the forward decided
-            died, arrived, spawns = decisions.masks()
-        else:
-            died = energy < cfg.energy_threshold
-            arrived = ~died & (pos[:, 2] >= cfg.lattice_depth - 1)
-            spawns = self._spawn_mask(~died & ~arrived, energy, heads.spawn_score, state.batch, batch_size)
-        alive = ~died & ~arrived
-        assert died.dtype == arrived.dtype == alive.dtype == spawns.dtype == torch.bool
-        # ... and the step's one host sync reads how many flows each mask holds (it fixes the
-        # next step's shapes); the flows are then picked by slicing stable sorts, which give the
-        # same ascending indices that nonzero would, at no further sync.
-        if replay:
+        d = self._graph("decide")(self, state, batch_size, self._budget_tensor(state.energy.device))
+        died, arrived, spawns = d.died, d.arrived, d.spawns
+        # ... the step's one host sync reads how many flows each fate holds (it fixes the next
+        # step's shapes); the flows are then picked by sorting on their fate, no further sync
+        if decisions is not None and decisions.counts:  # a recompute (activation checkpointing)
             read = decisions.counts
+            if decisions.replay_fates:
+                died, arrived, spawns = decisions.masks()
         else:
-            counts = [alive.sum(), arrived.sum(), spawns.sum(), cells.num_occupied]
-            read = read_counts(counts + ([also_read] if also_read is not None else []))
+            read = read_counts(list(d.counts.unbind()) + ([also_read] if also_read is not None else []))
             if decisions is not None:
                 decisions.record(read, died, arrived, spawns)
         n_alive, n_arrived, n_spawned, n_occupied, *extra = read
-        n_died = state.num_flows - n_alive - n_arrived
-        if n_alive == state.num_flows:  # fast path: nobody arrives or dies
-            alive_idx = arrived_idx = died_idx = None
+        n_died = state.num_active - n_alive - n_arrived
+        n_next = n_alive + n_spawned
+        moved = FlowState(h=d.h, c=d.c, pos=d.pos, energy=d.energy, batch=state.batch, flow_id=state.flow_id,
+                          valid=state.valid, num_valid=state.num_valid)
+        if n_alive == state.num_active and not n_spawned:  # fast path: every flow continues as it is
+            next_state = moved
         else:
-            fate = torch.sort(died.to(torch.uint8) * 2 + arrived.to(torch.uint8), stable=True).indices
-            alive_idx, arrived_idx, died_idx = fate[:n_alive], fate[n_alive:n_alive + n_arrived], fate[n_alive + n_arrived:]
-        energy_after_split = energy
-        if n_spawned:
-            parent_idx = torch.sort((~spawns).to(torch.uint8), stable=True).indices[:n_spawned]
-            # the child takes sigmoid(score) / 2 of its parent's energy: the sum is conserved
-            share = self.carrier.split_fraction(heads.spawn_score.index_select(0, parent_idx))
-            child_energy = energy.index_select(0, parent_idx) * share
-            energy_after_split = energy.index_add(0, parent_idx, child_energy, alpha=-1)
-        else:
-            parent_idx = spawns.new_zeros(0, dtype=torch.long)
-
-        moved = FlowState(h=h, c=c, pos=pos, energy=energy_after_split, batch=state.batch, flow_id=state.flow_id)
-        # Fast paths: most steps keep every flow or spawn nothing; skip those copies of [L, F, H].
-        next_state = moved if alive_idx is None else moved.select(alive_idx)
-        if n_spawned:
-            children = self._children(moved, parent_idx, child_energy, heads.child_dxy, next_id)
-            next_state = FlowState.cat([next_state, children])
-
-        if arrived_idx is None:
-            arrived_idx = died_idx = parent_idx.new_zeros(0)
-        arrivals = self._deposits(arrived_idx, state, pos, energy.index_select(0, arrived_idx), top)
-        phantoms = None
+            rows = bucket_rows(n_next) if cfg.compile else n_next
+            next_id_t = torch.full((), next_id, dtype=torch.long, device=d.energy.device)
+            next_state = self._graph("compact")(self, moved, d.heads, died, arrived, spawns, next_id_t, rows,
+                                                batch_size)
+            next_state.num_valid = n_next if next_state.valid is not None else None
+        deposits = collected = phantoms = phantom_collected = None
+        if n_arrived:
+            deposits, collected = self._graph("deposit")(self, moved, d.top, d.energy, arrived, batch_size)
         if cfg.survival_gradient and n_died and torch.is_grad_enabled():
-            phantom_energy = survival_phantom_energy(heads.energy_logit.index_select(0, died_idx), cfg.energy_threshold)
-            phantoms = self._deposits(died_idx, state, pos, phantom_energy, top)
+            phantom_energy = survival_phantom_energy(d.heads.energy_logit, cfg.energy_threshold)
+            phantoms, phantom_collected = self._graph("deposit")(self, moved, d.top, phantom_energy, died, batch_size)
         if logger.isEnabledFor(DEBUG_SPAWN):
             logger.log(DEBUG_SPAWN, "step: %d flows, %d spawned, %d died, %d arrived",
-                       state.num_flows, n_spawned, n_died, n_arrived)
+                       state.num_active, n_spawned, n_died, n_arrived)
         if logger.isEnabledFor(DEBUG_ENERGY):
-            logger.log(DEBUG_ENERGY, "step: mean energy %.4f, min %.4f", float(energy.detach().mean()), float(energy.detach().min()))
-        # bookkeeping only: detached, so it adds nothing to the autograd graph
-        change = energy.detach() - state.energy.detach()
+            real = state.valid if state.valid is not None else slice(None)
+            logger.log(DEBUG_ENERGY, "step: mean energy %.4f, min %.4f",
+                       float(d.energy.detach()[real].mean()), float(d.energy.detach()[real].min()))
         return StepResult(
             next_state=next_state,
-            arrivals=arrivals,
-            occupied_cell_id=cells.occupied_cell_id[:n_occupied],
+            deposits=deposits,
+            collected=collected,
+            occupied_cell_id=d.occupied_cell_id[:n_occupied],
             num_spawned=n_spawned,
             num_died=n_died,
-            energy_dissipated=(-change).clamp(min=0).sum(),
-            energy_created=change.clamp(min=0).sum(),
-            energy_died=(energy.detach() * died).sum(),
-            energy_arrived=(energy.detach() * arrived).sum(),
-            neighbourhood_flows=cells.neighbourhood_flows,
-            spawner_flow_id=state.flow_id.index_select(0, parent_idx),
+            num_arrived=n_arrived,
+            books=d.books,
+            neighbourhood_flows=d.neighbourhood_flows,
+            spawns=spawns,
+            flow_id=state.flow_id,
+            batch_size=batch_size,
             phantoms=phantoms,
+            phantom_collected=phantom_collected,
             also_read=extra[0] if extra else None,
         )
 
-    def _deposits(self, idx: Tensor, state: FlowState, pos: Tensor, energy: Tensor, top: Tensor) -> Arrivals:
-        """The flows at ``idx`` ``[A]`` as deposits of ``energy`` ``[A]`` on the output face at their new (x, y)."""
-        return Arrivals(
-            batch=state.batch.index_select(0, idx),
-            xy=pos.index_select(0, idx)[:, :2],
-            energy=energy,
-            value=self.carrier.value(top.index_select(0, idx)),
-            flow_id=state.flow_id.index_select(0, idx),
+    def decide(self, state: FlowState, batch_size: int, budget: Tensor) -> Decision:
+        """Steps 1-5 up to the sync: cells, message passing, neuron, carrier, move, and every
+        flow's fate as masks on the device (padding rows have none)."""
+        cfg = self.config
+        cells = self.cell_transformation(state, batch_size)
+        top, h, c, heads, pos, energy = self.advance(cells.transformation, state.h, state.c, state.pos, state.energy)
+        died = energy < cfg.energy_threshold
+        arrived = ~died & (pos[:, 2] >= cfg.lattice_depth - 1)
+        if state.valid is not None:
+            died, arrived = died & state.valid, arrived & state.valid
+        alive = ~died & ~arrived if state.valid is None else state.valid & ~died & ~arrived
+        spawns = self._spawn_mask(alive, energy, heads.spawn_score, state.batch, batch_size, budget)
+        counts = torch.stack([alive.sum(), arrived.sum(), spawns.sum(), cells.num_occupied])
+        # bookkeeping only: detached, so it adds nothing to the autograd graph
+        e = energy.detach()
+        change = e - state.energy.detach()
+        if state.valid is not None:
+            change = change * state.valid
+        books = torch.stack([(-change).clamp(min=0).sum(), change.clamp(min=0).sum(), (e * died).sum(),
+                             (e * arrived).sum(), (e * alive).sum()])
+        return Decision(top, h, c, heads, pos, energy, died, arrived, spawns, counts, books,
+                        cells.occupied_cell_id, cells.neighbourhood_flows)
+
+    def compact(self, moved: FlowState, heads: CarrierHeads, died: Tensor, arrived: Tensor, spawns: Tensor,
+                next_id: Tensor, rows: int, batch_size: int) -> FlowState:
+        """The next state, ``rows`` rows: the continuing flows, then the spawners' children (each
+        with its own hidden state and lateral offset and ``sigmoid(score) / 2`` of its parent's
+        energy, so the sum is conserved), both in row order, then padding (only when compiled).
+
+        Children are made for every row and the rows kept are picked by one stable sort on their
+        fate (continues 0, child 1, gone 2): static shapes, the same order as ``nonzero``."""
+        alive = ~died & ~arrived if moved.valid is None else moved.valid & ~died & ~arrived
+        child_energy = torch.where(spawns, moved.energy * self.carrier.split_fraction(heads.spawn_score), 0.0)
+        child_h, child_c = self.carrier.spawn(moved.h, moved.c)
+        child_xy = self.lattice.reflect_xy(moved.pos[:, :2] + heads.child_dxy)
+        gone = torch.full_like(alive, 2, dtype=torch.uint8)
+        fate = torch.cat([torch.where(alive, 0, gone), torch.where(spawns, 1, gone)])
+        order = torch.sort(fate, stable=True).indices[:rows]
+        keep = fate.index_select(0, order) < 2
+        padded = self.config.compile
+        return FlowState(
+            h=torch.cat([moved.h, child_h], dim=1).index_select(1, order),
+            c=None if moved.c is None else torch.cat([moved.c, child_c], dim=1).index_select(1, order),
+            pos=torch.cat([moved.pos, torch.cat([child_xy, moved.pos[:, 2:]], dim=1)]).index_select(0, order),
+            energy=_where(padded, keep, torch.cat([moved.energy - child_energy, child_energy]).index_select(0, order), 0.0),
+            batch=_where(padded, keep, torch.cat([moved.batch, moved.batch]).index_select(0, order), batch_size),
+            flow_id=torch.cat([moved.flow_id, next_id + torch.cumsum(spawns, 0) - 1]).index_select(0, order),
+            valid=keep if padded else None,
         )
+
+    def deposit(self, moved: FlowState, top: Tensor, energy: Tensor, ends: Tensor,
+                batch_size: int) -> tuple[Arrivals, Tensor | None]:
+        """The rows where ``ends`` as deposits of ``energy`` on the output face at their new
+        (x, y), and, for the linear face readout, their collected face ``[B, K]`` (the forward
+        sums it over steps; the shared readout collects all deposits once at the end)."""
+        deposits = Arrivals(
+            batch=torch.where(ends, moved.batch, batch_size),
+            # the other rows land at (0, 0): a flow whose position went non-finite never ends,
+            # and its NaN must not become a face cell index
+            xy=torch.where(ends.unsqueeze(1), moved.pos[:, :2], 0.0),
+            energy=torch.where(ends, energy, 0.0),
+            value=self.carrier.value(top),
+            flow_id=moved.flow_id,
+        )
+        return deposits, (self.collect(deposits, batch_size) if self.config.readout == "face" else None)
+
+    def _graph(self, name: str) -> Callable[..., Any]:
+        """``decide``, ``compact`` or ``deposit`` as an unbound function: eager, or its compiled graph."""
+        if self._compiled is None:
+            return getattr(type(self), name)
+        compiled = self._compiled[name]
+
+        def run(*args: Any) -> Any:
+            # dynamo treats nn.GRU/LSTM as a graph break unless allow_rnn is set; one graph per
+            # bucket (and batch size) is expected, so the recompile limit is the buckets' count
+            with torch._dynamo.config.patch(allow_rnn=True, recompile_limit=COMPILED_GRAPHS_LIMIT):
+                return compiled(*args)
+
+        return run
+
+    def _budget_tensor(self, device: torch.device) -> Tensor:
+        """:attr:`active_flow_budget` as a device scalar (a compiled graph reads it as data, so a
+        budget that changes costs no recompile), cached while it does not change."""
+        if self._budget is None or self._budget[0] != self.active_flow_budget or self._budget[1].device != device:
+            self._budget = (self.active_flow_budget, torch.full((), self.active_flow_budget, device=device))
+        return self._budget[1]
 
     def advance(
         self, transformation: Tensor, h: Tensor, c: Tensor | None, pos: Tensor, energy: Tensor
@@ -408,20 +552,14 @@ class FlowProcessor(nn.Module):
         new_pos = self.lattice.move(pos, heads.dxy, heads.dz_fraction)
         return top, h, c, heads, new_pos, torch.sigmoid(heads.energy_logit.float())
 
-    def _advance(self, *args: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None, CarrierHeads, Tensor, Tensor]:
-        if self._compiled_advance is None:
-            return self.advance(*args)
-        # dynamo treats nn.GRU/LSTM as a graph break unless allow_rnn is set; patch it locally
-        with torch._dynamo.config.patch(allow_rnn=True):
-            return self._compiled_advance(self, *args)
-
-    def cell_transformation(self, state: FlowState) -> CellStep:
+    def cell_transformation(self, state: FlowState, batch_size: int | None = None) -> CellStep:
         """The neuron's transformation for every flow, computed per occupied cell.
 
         The cells sit in F rows (a size the host knows, so no sync): the C occupied cells, then
-        padding rows that no flow reads. Each occupied cell aggregates the messages of the flows of its sample within
-        ``interaction_radius`` cells, runs the neuron once, and every flow reads its own cell's
-        result (see :class:`CellStep`).
+        padding rows that no flow reads. Each occupied cell aggregates the messages of the flows of
+        its sample within ``interaction_radius`` cells, runs the neuron once, and every flow reads
+        its own cell's result (see :class:`CellStep`). Padding flows (sample ``batch_size``) sit in
+        cells of their own sample, after every real cell, and are not counted.
         """
         lattice = self.lattice
         num_flows = state.num_flows
@@ -438,51 +576,54 @@ class FlowProcessor(nn.Module):
         cell_pe = lattice.position_encoding(occupied_cell.to(state.pos.dtype))
         # the neuron runs on the F rows (a static size); padding rows are never read
         transformation = self.neuron(torch.cat([aggregated, cell_pe], dim=1)).index_select(0, cell_index)
-        heard = degree(edges[1], num_flows + 1)  # flows each cell heard = its in-degree in the graph
-        return CellStep(transformation, occupied, heard.index_select(0, cell_index).sum(), num_occupied)
+        heard = degree(edges[1], num_flows + 1).index_select(0, cell_index)  # flows each cell heard
+        if state.valid is not None:  # the padding flows' cells (their own sample) are not counted
+            heard = heard * state.valid
+            num_occupied = (occupied < batch_size * self.config.num_cells).sum()
+        return CellStep(transformation, occupied, heard.sum(), num_occupied)
 
-    def _spawn_mask(self, alive: Tensor, energy: Tensor, score: Tensor, batch: Tensor, batch_size: int) -> Tensor:
+    def _spawn_mask(self, alive: Tensor, energy: Tensor, score: Tensor, batch: Tensor, batch_size: int,
+                    budget: Tensor) -> Tensor:
         """``[F]`` bool: the continuing flows that spawn, best score first per sample, at most
-        ``max_spawn_per_step`` per sample and never past :attr:`active_flow_budget` (no host sync)."""
-        cfg = self.config
+        ``max_spawn_per_step`` per sample and never past ``budget`` active flows (no host sync).
+        Padding rows (sample ``batch_size``) are never alive; their group is one past the batch."""
         candidate = alive & self.carrier.can_spawn(energy, score)
-        alive_per_sample = torch.zeros(batch_size, dtype=torch.long, device=batch.device).index_add_(0, batch, alive.long())
-        room = (self.active_flow_budget - alive_per_sample).clamp(min=0, max=cfg.max_spawn_per_step)
+        groups = batch_size + 1
+        alive_per_sample = torch.zeros(groups, dtype=torch.long, device=batch.device).index_add_(0, batch, alive.long())
+        room = (budget - alive_per_sample).clamp(min=0, max=self.config.max_spawn_per_step)
         # non-candidates rank after every candidate of their sample
-        best = keep_top_per_group(batch, torch.where(candidate, score.detach(), float("-inf")), room, batch_size)
+        best = keep_top_per_group(batch, torch.where(candidate, score.detach(), float("-inf")), room, groups)
         return candidate & best
 
-    def _children(
-        self, parents: FlowState, parent_idx: Tensor, child_energy: Tensor, child_dxy: Tensor, next_id: int
-    ) -> FlowState:
-        """Children of the flows at ``parent_idx``: own hidden state and lateral offset, part of the energy.
 
-        ``child_energy`` is ``[S]``, one entry per parent in ``parent_idx`` order."""
-        p = parents.select(parent_idx)
-        h, c = self.carrier.spawn(p.h, p.c)
-        xy = self.lattice.reflect_xy(p.pos[:, :2] + child_dxy.index_select(0, parent_idx))
-        return FlowState(
-            h=h,
-            c=c,
-            pos=torch.cat([xy, p.pos[:, 2:]], dim=1),
-            energy=child_energy,
-            batch=p.batch,
-            flow_id=next_id + torch.arange(parent_idx.numel(), device=parent_idx.device),
-        )
+def _where(active: bool, keep: Tensor, value: Tensor, fill: float | int) -> Tensor:
+    """``value`` where ``keep``, else ``fill``; just ``value`` when there is no padding."""
+    return torch.where(keep, value, fill) if active else value
 
 
-def _path_record(flow_id: Tensor, batch: Tensor, pos: Tensor, energy: Tensor) -> dict[str, Tensor]:
+def _add(total: Tensor | None, part: Tensor | None) -> Tensor | None:
+    return part if total is None else total if part is None else total + part
+
+
+def _path_record(state: FlowState) -> dict[str, Tensor]:
+    """The flows of ``state`` (padding dropped) as CPU tensors, for figures."""
+    real = state.valid if state.valid is not None else slice(None)
+    return {name: getattr(state, name)[real].detach().cpu() for name in ("flow_id", "batch", "pos", "energy")}
+
+
+def _landed_record(ends: list[Arrivals], config: EnergyConfig) -> dict[str, Tensor]:
+    """Where the arrivals landed (their (x, y) on the output face), for figures."""
+    if not ends:
+        empty = torch.zeros(0, dtype=torch.long)
+        return {"flow_id": empty, "batch": empty, "pos": torch.zeros(0, 3), "energy": torch.zeros(0)}
+    landed = _cat_arrivals(ends)
+    pos = torch.cat([landed.xy, torch.full_like(landed.xy[:, :1], config.lattice_depth - 1)], dim=1)
     return {name: t.detach().cpu() for name, t in
-            [("flow_id", flow_id), ("batch", batch), ("pos", pos), ("energy", energy)]}
-
-
-def _face_pos(xy: Tensor, config: EnergyConfig) -> Tensor:
-    return torch.cat([xy, torch.full_like(xy[:, :1], config.lattice_depth - 1)], dim=1)
+            [("flow_id", landed.flow_id), ("batch", landed.batch), ("pos", pos), ("energy", landed.energy)]}
 
 
 def _cat_arrivals(arrivals: list[Arrivals]) -> Arrivals:
-    """All arrivals of a forward; every forward runs >= 1 step (>= 1 flow, D >= 2), so the list is
-    never empty (a step with no arrival contributes empty tensors)."""
+    """The deposits of several steps as one set of rows (``arrivals`` must not be empty)."""
     return Arrivals(
         batch=torch.cat([a.batch for a in arrivals]),
         xy=torch.cat([a.xy for a in arrivals]),

@@ -24,6 +24,11 @@ class FlowState:
         energy: ``[F]`` in (0, 1].
         batch: ``[F]`` int64 sample index.
         flow_id: ``[F]`` int64 id, unique within the forward (for tracing paths).
+        valid: ``[F]`` bool, ``None`` when every row is a flow. A compiled step pads the flows to
+            a bucket size (:func:`~efgraph.core.compaction.bucket_rows`) so that its graphs see
+            static shapes; padding rows belong to sample ``B`` (one past the batch), carry zero
+            energy, and no decision, budget, book or deposit counts them.
+        num_valid: how many rows are flows (a host int; the rows ``valid`` marks).
     """
 
     h: Tensor
@@ -32,14 +37,39 @@ class FlowState:
     energy: Tensor
     batch: Tensor
     flow_id: Tensor
+    valid: Tensor | None = None
+    num_valid: int | None = None
 
     @property
     def num_flows(self) -> int:
+        """Rows, padding included (the size of every tensor)."""
         return self.energy.size(0)
 
+    @property
+    def num_active(self) -> int:
+        """Flows, padding excluded."""
+        return self.num_flows if self.valid is None else self.num_valid
+
+    def padded(self, rows: int, batch_size: int) -> "FlowState":
+        """These flows followed by padding rows up to ``rows`` (see ``valid``)."""
+        assert self.valid is None and rows >= self.num_flows
+        n, extra = self.num_flows, rows - self.num_flows
+        h_pad = self.h.new_zeros(self.h.size(0), extra, self.h.size(2))
+        return FlowState(
+            h=torch.cat([self.h, h_pad], dim=1),
+            c=None if self.c is None else torch.cat([self.c, h_pad], dim=1),
+            pos=torch.cat([self.pos, self.pos.new_zeros(extra, 3)]),
+            energy=torch.cat([self.energy, self.energy.new_zeros(extra)]),
+            batch=torch.cat([self.batch, self.batch.new_full((extra,), batch_size)]),
+            flow_id=torch.cat([self.flow_id, self.flow_id.new_full((extra,), -1)]),
+            valid=torch.arange(rows, device=self.energy.device) < n,
+            num_valid=n,
+        )
+
     def select(self, index: Tensor) -> "FlowState":
-        """The flows at ``index`` (``[K]`` int64), as fresh tensors."""
+        """The flows at ``index`` (``[K]`` int64), as fresh tensors (an unpadded state)."""
         assert index.dtype == torch.long, f"select needs int64 indices, got {index.dtype}"
+        assert self.valid is None, "select: a padded state is compacted by the step"
         return FlowState(
             h=self.h.index_select(1, index),
             c=None if self.c is None else self.c.index_select(1, index),

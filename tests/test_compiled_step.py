@@ -1,0 +1,156 @@
+"""``compile: true``: the whole step as compiled graphs over flows padded to bucket sizes.
+
+What dynamo captures (graphs, static shapes, recompiles, the padding) is checked with the
+``aot_eager`` backend, which traces forward and backward like Inductor but skips its C++ codegen
+(minutes per graph on this CPU); one test runs Inductor itself on a single bucket."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import efgraph.core.flow_processor as fp
+from conftest import build_processor, force_spawning, spread_next_energies, tiny_config
+from efgraph import FlowProcessor
+from efgraph.core.compaction import bucket_rows
+
+
+@pytest.fixture
+def aot_eager(monkeypatch):
+    monkeypatch.setattr(fp, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def test_buckets_hold_their_flows_with_bounded_padding_and_double_into_buckets():
+    sizes = [bucket_rows(n) for n in range(0, 5000)]
+    assert all(b >= max(n, 8) for n, b in enumerate(sizes))
+    assert all(b <= 1.5 * n for n, b in enumerate(sizes) if n > 8)  # at most a third of the rows pad
+    assert sizes == sorted(sizes)
+    buckets = sorted(set(sizes))
+    assert buckets[:6] == [8, 12, 16, 24, 32, 48] and len(buckets) == 20
+    assert all(bucket_rows(2 * b) == 2 * b for b in buckets)  # every flow spawning still fits one bucket
+    with pytest.raises(ValueError, match="n: must be >= 0"):
+        bucket_rows(-1)
+
+
+def _pair(config, seed=0, spawning=True):
+    eager = build_processor(config, seed)
+    if spawning:
+        force_spawning(eager)
+    compiled = FlowProcessor.from_config(config.replace(compile=True))
+    compiled.load_state_dict(eager.state_dict())
+    return eager, compiled
+
+
+def _same_trace(a, b):
+    for name in ("active", "occupied", "spawned", "died", "arrived"):
+        assert getattr(a, name) == getattr(b, name), name
+    torch.testing.assert_close(torch.stack(b.energy_rows), torch.stack(a.energy_rows), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.stack(b.neighbourhood_rows), torch.stack(a.neighbourhood_rows))
+
+
+@pytest.mark.parametrize("readout", ["face", "shared"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_step_equals_eager_outputs_gradients_and_traces(aot_eager, readout, checkpointing):
+    """Flows spawn (budgets bind), die and arrive over several steps; the compiled model pads
+    them to buckets and must give the eager model's outputs, gradients and trace."""
+    config = tiny_config(readout=readout, activation_checkpointing=checkpointing, energy_threshold=0.5,
+                         max_active_flows=9, lattice_depth=5)
+    eager, compiled = _pair(config, spawning=False)
+    x = torch.randn(3, config.input_dim, generator=torch.Generator().manual_seed(0))
+    spread_next_energies(eager, x)
+    with torch.no_grad():  # the survivors spawn: flows spawn, die and arrive in one forward
+        eager.carrier.spawn_head.bias[0] = 10.0
+    compiled.load_state_dict(eager.state_dict())
+    y_eager, y_compiled = eager(x), compiled(x)
+    trace = eager.last_trace
+    assert trace.total_spawned > 0 and trace.total_died > 0 and sum(trace.arrived) > 0
+    assert any(n not in {bucket_rows(n)} for n in trace.active)  # some steps really ran padded
+    torch.testing.assert_close(y_compiled, y_eager, atol=1e-5, rtol=1e-5)
+    _same_trace(trace, compiled.last_trace)
+    y_eager.square().sum().backward()
+    y_compiled.square().sum().backward()
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_recompiles_over_a_training_run_are_bounded_by_the_buckets(aot_eager):
+    """Twenty training steps whose flow counts wander (spawning, budgets, deaths): the graphs
+    compiled are at most 3 parts (decide, compact, deposit x2 kinds) per bucket seen, none is
+    compiled twice, and a second pass over the same batches compiles nothing."""
+    config = tiny_config(energy_threshold=0.2, spawn_threshold=0.3, max_active_flows=20)
+    _, compiled = _pair(config)
+    opt = torch.optim.AdamW(compiled.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(3, config.input_dim, generator=g) for _ in range(10)]
+    seen: set[int] = set()
+    for epoch in range(2):
+        if epoch == 1:
+            before = counters["stats"]["unique_graphs"]
+        for x in batches:
+            y = compiled(x)
+            seen.update(bucket_rows(n) for n in compiled.last_trace.active)
+            opt.zero_grad()
+            y.square().mean().backward()
+            opt.step()
+    graphs = counters["stats"]["unique_graphs"]
+    assert len(seen) >= 2
+    assert graphs <= 4 * len(seen), (graphs, sorted(seen))
+    assert counters["stats"]["unique_graphs"] == before  # nothing new in the second pass
+    assert not counters["graph_break"]
+
+
+def test_the_budget_is_data_to_the_compiled_step(aot_eager):
+    """Changing ``active_flow_budget`` between forwards changes what spawns but compiles nothing."""
+    config = tiny_config(max_active_flows=12)
+    _, compiled = _pair(config)
+    x = torch.randn(3, config.input_dim, generator=torch.Generator().manual_seed(0))
+    compiled(x)
+    graphs = counters["stats"]["unique_graphs"]
+    per_sample = []
+    for budget in (11, 10, 9):
+        compiled.active_flow_budget = budget
+        compiled(x)
+        per_sample.append(max(compiled.last_trace.active) / 3)
+    assert per_sample == sorted(per_sample, reverse=True) and per_sample[-1] <= 9
+    # the counts shrink, so new buckets may appear, but no graph is compiled for a budget value
+    assert counters["stats"]["unique_graphs"] - graphs <= 4
+
+
+def test_a_deep_copy_of_a_compiled_model_runs_its_own_weights(aot_eager):
+    config = tiny_config(compile=True)
+    original = FlowProcessor.from_config(config)
+    clone = copy.deepcopy(original)
+    with torch.no_grad():
+        clone.carrier.displacement_head.bias.add_(0.5)
+        clone.carrier.energy_head.bias.sub_(1.0)
+    eager = FlowProcessor.from_config(config.replace(compile=False))
+    eager.load_state_dict(clone.state_dict())
+    x = torch.randn(2, config.input_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x), eager(x), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(original(x), clone(x))
+
+
+def test_inductor_compiles_the_step_and_equals_eager():
+    """The real backend, on one bucket: every flow continues to the output face in one step."""
+    torch._dynamo.reset()
+    config = tiny_config(lattice_depth=2, initial_flows_per_sample=4, batch_size=2, carrier_num_layers=1)
+    eager, compiled = _pair(config, spawning=False)
+    x = torch.randn(2, config.input_dim, generator=torch.Generator().manual_seed(0))
+    y_eager, y_compiled = eager(x), compiled(x)
+    torch.testing.assert_close(y_compiled, y_eager, atol=1e-5, rtol=1e-5)
+    y_eager.sum().backward()
+    y_compiled.sum().backward()
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
+    torch._dynamo.reset()

@@ -42,12 +42,14 @@ def unique_padded(ids: Tensor, fill: int) -> tuple[Tensor, Tensor, Tensor]:
     return unique, inverse, run[-1] + 1
 
 
-def read_counts(counts: list[Tensor]) -> list[int]:
-    """The host values of scalar int tensors, in one device -> host copy (the step's one sync).
+def read_counts(counts: Tensor | list[Tensor]) -> list[int]:
+    """The host values of a 1-D int tensor (or of scalar int tensors), in one device -> host copy
+    (the step's one sync).
 
     The explicit ``.to("cpu", copy=True)`` makes the copy visible to
     :mod:`efgraph.utils.dispatch_count` on a CPU run too, so tests count it."""
-    return torch.stack(counts).to("cpu", copy=True).tolist()
+    stacked = torch.stack(counts) if isinstance(counts, list) else counts
+    return stacked.to("cpu", copy=True).tolist()
 
 
 def bucket_rows(n: int, smallest: int = 8) -> int:

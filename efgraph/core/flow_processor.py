@@ -86,7 +86,11 @@ class Decision:
     top: Tensor  # [F, H] the carrier's top layer
     h: Tensor  # [L, F, H]
     c: Tensor | None
-    heads: CarrierHeads
+    # the heads the rest of the step reads (a compiled graph's output that nothing reads would
+    # still get a zero gradient materialised in backward: the move's heads are not returned)
+    energy_logit: Tensor  # [F]
+    spawn_score: Tensor  # [F]
+    child_dxy: Tensor  # [F, 2]
     pos: Tensor  # [F, 3] after the move
     energy: Tensor  # [F] the next energy the carrier set
     died: Tensor  # [F] bool
@@ -273,7 +277,7 @@ class FlowProcessor(nn.Module):
         phantoms: list[Arrivals] = []
         collected: Tensor | None = None
         phantom: Tensor | None = None
-        lost = arrived = created = torch.zeros((), device=x.device)
+        books: list[Tensor] = []  # each step's [5] books, made cumulative once at the end
         for _ in range(self.config.lattice_depth - 1):
             if state.num_active == 0:
                 break
@@ -294,17 +298,19 @@ class FlowProcessor(nn.Module):
                 phantoms.append(result.phantoms)
             collected = _add(collected, result.collected)
             phantom = _add(phantom, result.phantom_collected)
-            lost = lost + result.energy_dissipated + result.energy_died
-            arrived = arrived + result.energy_arrived
-            created = created + result.energy_created
+            books.append(result.books)
             trace.active.append(state.num_active)
             trace.occupied.append(result.occupied_cell_id.numel())
             trace.spawned.append(result.num_spawned)
             trace.died.append(result.num_died)
             trace.arrived.append(result.num_arrived)
-            trace.energy_rows.append(torch.stack([result.books[4], arrived, lost, created]))
             trace.neighbourhood_rows.append(result.neighbourhood_flows.detach())
             state = result.next_state
+        if books:  # cumulative in flight, arrived, lost, created after each step (ENERGY_COLUMNS)
+            per_step = torch.stack(books)
+            total = per_step.cumsum(0)
+            rows = torch.stack([per_step[:, 4], total[:, 3], total[:, 0] + total[:, 2], total[:, 1]], dim=1)
+            trace.energy_rows = list(rows.unbind())
         if state.num_active:
             # dz >= 1 per step ends every finite flow by now; NaN positions never arrive or die.
             real = state.valid if state.valid is not None else slice(None)
@@ -403,7 +409,7 @@ class FlowProcessor(nn.Module):
             if decisions.replay_fates:
                 died, arrived, spawns = decisions.masks()
         else:
-            read = read_counts(list(d.counts.unbind()) + ([also_read] if also_read is not None else []))
+            read = read_counts(d.counts if also_read is None else torch.cat([d.counts, also_read.view(1)]))
             if decisions is not None:
                 decisions.record(read, died, arrived, spawns)
         n_alive, n_arrived, n_spawned, n_occupied, *extra = read
@@ -416,14 +422,14 @@ class FlowProcessor(nn.Module):
         else:
             rows = bucket_rows(n_next) if cfg.compile else n_next
             next_id_t = torch.full((), next_id, dtype=torch.long, device=d.energy.device)
-            next_state = self._graph("compact")(self, moved, d.heads, died, arrived, spawns, next_id_t, rows,
-                                                batch_size)
+            next_state = self._graph("compact")(self, moved, d.spawn_score, d.child_dxy, died, arrived, spawns,
+                                                next_id_t, rows, batch_size)
             next_state.num_valid = n_next if next_state.valid is not None else None
         deposits = collected = phantoms = phantom_collected = None
         if n_arrived:
             deposits, collected = self._graph("deposit")(self, moved, d.top, d.energy, arrived, batch_size)
         if cfg.survival_gradient and n_died and torch.is_grad_enabled():
-            phantom_energy = survival_phantom_energy(d.heads.energy_logit, cfg.energy_threshold)
+            phantom_energy = survival_phantom_energy(d.energy_logit, cfg.energy_threshold)
             phantoms, phantom_collected = self._graph("deposit")(self, moved, d.top, phantom_energy, died, batch_size)
         if logger.isEnabledFor(DEBUG_SPAWN):
             logger.log(DEBUG_SPAWN, "step: %d flows, %d spawned, %d died, %d arrived",
@@ -470,11 +476,12 @@ class FlowProcessor(nn.Module):
             change = change * state.valid
         books = torch.stack([(-change).clamp(min=0).sum(), change.clamp(min=0).sum(), (e * died).sum(),
                              (e * arrived).sum(), (e * alive).sum()])
-        return Decision(top, h, c, heads, pos, energy, died, arrived, spawns, counts, books,
+        return Decision(top, h, c, heads.energy_logit, heads.spawn_score, heads.child_dxy, pos, energy,
+                        died, arrived, spawns, counts, books,
                         cells.occupied_cell_id, cells.neighbourhood_flows)
 
-    def compact(self, moved: FlowState, heads: CarrierHeads, died: Tensor, arrived: Tensor, spawns: Tensor,
-                next_id: Tensor, rows: int, batch_size: int) -> FlowState:
+    def compact(self, moved: FlowState, spawn_score: Tensor, child_dxy: Tensor, died: Tensor, arrived: Tensor,
+                spawns: Tensor, next_id: Tensor, rows: int, batch_size: int) -> FlowState:
         """The next state, ``rows`` rows: the continuing flows, then the spawners' children (each
         with its own hidden state and lateral offset and ``sigmoid(score) / 2`` of its parent's
         energy, so the sum is conserved), both in row order, then padding (only when compiled).
@@ -482,9 +489,9 @@ class FlowProcessor(nn.Module):
         Children are made for every row and the rows kept are picked by one stable sort on their
         fate (continues 0, child 1, gone 2): static shapes, the same order as ``nonzero``."""
         alive = ~died & ~arrived if moved.valid is None else moved.valid & ~died & ~arrived
-        child_energy = torch.where(spawns, moved.energy * self.carrier.split_fraction(heads.spawn_score), 0.0)
+        child_energy = torch.where(spawns, moved.energy * self.carrier.split_fraction(spawn_score), 0.0)
         child_h, child_c = self.carrier.spawn(moved.h, moved.c)
-        child_xy = self.lattice.reflect_xy(moved.pos[:, :2] + heads.child_dxy)
+        child_xy = self.lattice.reflect_xy(moved.pos[:, :2] + child_dxy)
         gone = torch.full_like(alive, 2, dtype=torch.uint8)
         fate = torch.cat([torch.where(alive, 0, gone), torch.where(spawns, 1, gone)])
         order = torch.sort(fate, stable=True).indices[:rows]

@@ -123,7 +123,9 @@ class EnergyConfig:
     log_every: int = 10
     checkpoint_every: int = 200
     precision: str = "fp32"  # fp32 | bf16 (autocast; the recurrent cell and positions stay fp32)
-    compile: bool = False  # torch.compile the dense part of each step (dynamic shapes, one graph)
+    # torch.compile the whole step: decide, compact and deposit, each one graph with static shapes
+    # (flows padded to bucket sizes); Inductor compiles each bucket once, minutes on a CPU
+    compile: bool = False
     # recompute each lattice step in backward instead of keeping its activations: the saved
     # activations fall to about the flows' hidden states, for ~1/3 more compute. true = always;
     # false = only when the trainer's memory plan needs it to fit (efgraph.utils.memory)

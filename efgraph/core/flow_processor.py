@@ -21,6 +21,17 @@ A step, for all F active flows of the batch at once (no Python loop over flows):
 Energy books, at every step: ``injected + created = in flight + arrived + lost``.
 
 Because every continuing flow advances at least one cell in z, a forward ends within D-1 steps.
+
+The step is three functions around its one host sync: :meth:`FlowProcessor.decide` (1-5 up to
+every flow's fate as masks), the sync that reads how many flows each fate holds, then
+:meth:`FlowProcessor.compact` (the next state: continuing flows, then the children, by one stable
+sort on fate) and :meth:`FlowProcessor.deposit` (arrivals and phantoms on the output face). Every
+shape inside them is the number of rows, so with ``compile: true`` each is one compiled graph:
+the rows are padded to bucket sizes (:func:`~efgraph.core.compaction.bucket_rows`; padding rows
+belong to sample B, one past the batch, and no decision, budget, book or deposit counts them), so
+a training run compiles a bounded number of graphs with static shapes (what CUDA graphs need).
+Eagerly, the rows are the flows themselves. With ``activation_checkpointing`` the recompute in
+backward replays the forward's fates (:class:`StepDecisions`).
 """
 
 from __future__ import annotations

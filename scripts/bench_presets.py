@@ -34,7 +34,8 @@ step fits, the micro-batches that ran give the time per micro-batch and the step
 runs to its end; ``--micro-batch-size N`` (an explicit plan, which the trainer honours) makes them
 smaller when the plan's single micro-batch is longer than the budget. ``--kill-after S`` stops a
 preset's subprocess outright after S seconds (what it measured until then is kept: it writes its
-record after every micro-batch).
+record after every micro-batch). ``--budget-after-first-step`` starts the budget's clock at the end
+of the first step and judges the later steps by themselves (for a first step that compiles).
 
     python scripts/bench_presets.py --json bench_presets.json --md bench_presets.md
     python scripts/bench_presets.py --presets optimized --max-seconds-per-preset 900
@@ -62,6 +63,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a file from anywhere
     sys.path.insert(0, str(ROOT))
 
+START = time.perf_counter()  # this process's start, for --kill-after's deadline
 PRESET_STEPS = {"debug": 20, "experiment": 1, "optimized": 1}
 DEFAULT_PRESETS = ("debug", "experiment", "optimized")
 MIB = 2**20
@@ -272,7 +274,18 @@ def run_preset(name: str, args: argparse.Namespace, out: Path | None = None) -> 
     budget = args.max_seconds_per_preset or None
     # every finished micro-batch (forward + backward; the step's last one with the optimizer step)
     micro: list[dict[str, Any]] = []
-    state: dict[str, Any] = {"train_start": None, "starts": [], "trace": None}
+    # the budget's clock: from the first step, or (--budget-after-first-step) from its end, for runs
+    # whose first step is a warm-up (compilation) that would misjudge the steps after it
+    state: dict[str, Any] = {"train_start": None, "budget_start": None, "starts": [], "trace": None}
+
+    def out_of_time(now: float, expected: float) -> str | None:
+        """Why work expected to take ``expected`` s must not start now: past the budget, or past
+        90 % of --kill-after since this process started (a kill would cut a step in two)."""
+        if budget is not None and now - state["budget_start"] + expected > budget:
+            return f"budget: {now - state['budget_start']:.0f} s + ~{expected:.0f} s > {budget:.0f} s"
+        if args.kill_after and args.child and now - START + expected > 0.9 * args.kill_after:
+            return f"deadline: {now - START:.0f} s + ~{expected:.0f} s > 90 % of --kill-after {args.kill_after:.0f} s"
+        return None
 
     def micro_batch_done(now: float, step: int) -> None:
         trace = state["trace"]
@@ -286,8 +299,8 @@ def run_preset(name: str, args: argparse.Namespace, out: Path | None = None) -> 
         if state["starts"]:  # the previous micro-batch of this step has ended (its backward too)
             micro_batch_done(now, len(step_rows) + 1)
             save()
-            median = statistics.median(m["seconds"] for m in micro)
-            if budget is not None and now - state["train_start"] + median > budget:
+            timed = [m["seconds"] for m in micro if m["step"] > 1] if args.budget_after_first_step else []
+            if state["budget_start"] is not None and out_of_time(now, statistics.median(timed or [m["seconds"] for m in micro])):
                 raise BudgetExceeded
         state["starts"].append(now)
 
@@ -302,13 +315,16 @@ def run_preset(name: str, args: argparse.Namespace, out: Path | None = None) -> 
     rec.update(status="running", steps=step_rows, micro_batches=micro)
     save()
     state["train_start"] = time.perf_counter()
+    if not args.budget_after_first_step:
+        state["budget_start"] = state["train_start"]
     stop_reason = "done"
     for s in range(steps):
-        elapsed = time.perf_counter() - state["train_start"]
-        if budget is not None and step_rows:
-            expected = statistics.median(r["seconds"] for r in step_rows)
-            if elapsed + expected > budget:
-                stop_reason = f"budget: {elapsed:.0f} s + a step of ~{expected:.0f} s > {budget:.0f} s"
+        if state["budget_start"] is not None and step_rows:
+            later = step_rows[1:] if args.budget_after_first_step else step_rows
+            # after a warm-up first step alone, the second step runs: it is the first measure
+            reason = out_of_time(time.perf_counter(), statistics.median(r["seconds"] for r in later)) if later else None
+            if reason is not None:
+                stop_reason = f"{reason} (before step {s + 1})"
                 break
         idx = order[(s * batch) % len(pairs):][:batch]
         state["starts"] = []
@@ -316,8 +332,8 @@ def run_preset(name: str, args: argparse.Namespace, out: Path | None = None) -> 
         try:
             metrics = trainer.train_step(pairs.src[idx], pairs.tgt[idx], log=False)
         except BudgetExceeded:
-            stop_reason = (f"budget: step {s + 1} stopped after {len(state['starts'])} of {plan.num_micro_batches} "
-                           f"micro-batches")
+            stop_reason = (f"out of time: step {s + 1} stopped after {len(state['starts'])} of "
+                           f"{plan.num_micro_batches} micro-batches")
             break
         now = time.perf_counter()
         seconds, cpu_seconds = now - t0, time.process_time() - cpu0
@@ -327,6 +343,8 @@ def run_preset(name: str, args: argparse.Namespace, out: Path | None = None) -> 
                           "micro_batches": len(state["starts"]), "loss": metrics["train/loss"],
                           "arrived": trace.total_arrived, "spawned": trace.total_spawned, "died": trace.total_died,
                           "lattice_steps": trace.num_steps})
+        if state["budget_start"] is None:
+            state["budget_start"] = now
         save()
     rec["stop_reason"] = stop_reason
     rec["training_seconds"] = time.perf_counter() - state["train_start"]
@@ -411,7 +429,10 @@ def steps_for(preset: str, items: list[str] | None) -> int:
 def child_command(name: str, args: argparse.Namespace, out: Path) -> list[str]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--child-out", str(out),
            "--threads", str(args.threads), "--device", args.device,
-           "--max-seconds-per-preset", str(args.max_seconds_per_preset), "--dynamics", args.dynamics]
+           "--max-seconds-per-preset", str(args.max_seconds_per_preset), "--dynamics", args.dynamics,
+           "--kill-after", str(args.kill_after)]
+    if args.budget_after_first_step:
+        cmd.append("--budget-after-first-step")
     if args.limit_gib:
         cmd += ["--limit-gib", str(args.limit_gib)]
     if args.headroom_gib is not None:
@@ -524,6 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"optimizer steps: N for every preset, NAME=N for one (default: {PRESET_STEPS}, else 1)")
     p.add_argument("--max-seconds-per-preset", type=float, default=0.0,
                    help="training-time budget per preset (0: none); see the module docstring")
+    p.add_argument("--budget-after-first-step", action="store_true",
+                   help="the budget counts from the end of the first step and judges later steps by the steps "
+                        "after it (a first step that compiles says nothing of the others)")
     p.add_argument("--kill-after", type=float, default=0.0, help="kill a preset's process after S seconds (0: never)")
     p.add_argument("--micro-batch-size", type=int, default=0,
                    help="an explicit micro-batch size (the trainer honours it; 0: the plan chooses)")

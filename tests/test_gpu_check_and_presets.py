@@ -67,10 +67,20 @@ def test_a_budget_shorter_than_a_step_projects_it_from_whole_micro_batches(tmp_p
     (r,) = json.loads(out.read_text())["results"]
     assert r["plan"]["num_micro_batches"] == 4
     assert r["steps_done"] == 0 and r["micro_batches_done"] == 1 and r["projected"]
-    assert r["stop_reason"].startswith("budget: step 1 stopped after 1 of 4 micro-batches")
+    assert r["stop_reason"] == "out of time: step 1 stopped after 1 of 4 micro-batches"
     assert r["seconds_per_step"] == pytest.approx(4 * r["seconds_per_micro_batch"])
     assert r["flow_steps_per_step"] == pytest.approx(4 * r["busiest_micro_batch"]["flow_steps"])
     assert "(projected)" in presets.table([r])
+
+
+def test_a_budget_after_the_first_step_judges_the_steps_after_it(tmp_path):
+    out = tmp_path / "presets.json"
+    # the first step (a compile, say) is not counted; the second always runs: the first measure
+    presets.main(["--in-process", "--presets", "debug", "--steps", "5", *TINY, "--max-seconds-per-preset", "1e-6",
+                  "--budget-after-first-step", "--json", str(out)])
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["steps_done"] == 2 and r["stop_reason"].startswith("budget: ")
+    assert r["stop_reason"].endswith("(before step 3)")
 
 
 def test_worst_case_dynamics_reach_the_plans_bound_and_its_estimate(tmp_path):

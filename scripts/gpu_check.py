@@ -8,7 +8,8 @@ runs out of time is recorded as such; the check goes on), in this order:
 
 1. *CUDA tests*: the tests that skip without a CUDA device (``-k cuda`` over the test files that
    ask ``torch.cuda.is_available()``), with pass / fail / skip counts (skipped on a CPU).
-2. *GPU table*: ``scripts/bench_forward.py --workload gpu`` (its table 6): per preset, engine /
+2. *GPU table*: ``scripts/bench_forward.py --workload gpu`` (its table 6; with ``--table-workloads gpu
+   compile`` also table 7, kernels per step eager and compiled): per preset, engine /
    carrier alone, flow-steps/s, dispatcher ops (kernels) and host syncs per lattice step, the
    carrier's share of the measured bf16 matmul peak (fp32 on a CPU), and peak memory; to that
    this script adds the memory plan's estimate for the same workload (the table's pinned flows:
@@ -169,13 +170,14 @@ def plan_for_table_row(row: dict[str, Any], bench_args: dict[str, Any]) -> dict[
 
 def run_table(out: Path, clock: Clock, args: argparse.Namespace) -> dict[str, Any]:
     json_path = out / "gpu_table.json"
-    cmd = [sys.executable, str(ROOT / "scripts/bench_forward.py"), "--device", args.device, "--workload", "gpu",
-           "--json", str(json_path), *(QUICK_TABLE if args.quick else []), *args.table_args]
-    res = run_part(cmd, clock.limit(TABLE_S))
+    cmd = [sys.executable, str(ROOT / "scripts/bench_forward.py"), "--device", args.device,
+           "--workload", *args.table_workloads, "--json", str(json_path), *(QUICK_TABLE if args.quick else []),
+           *args.table_args]
+    res = run_part(cmd, clock.limit(TABLE_S * (2 if "compile" in args.table_workloads else 1)))
     res["markdown"] = res.pop("stdout")
     if res["status"] == "ok" and json_path.exists():
         data = json.loads(json_path.read_text())
-        res["meta"], res["rows"] = data["meta"], data["gpu"]
+        res["meta"], res["rows"], res["compile_rows"] = data["meta"], data["gpu"], data.get("compile", [])
         cuda = args.device.startswith("cuda")
         for row in res["rows"]:
             plan = plan_for_table_row(row, data["meta"]["args"])
@@ -278,7 +280,8 @@ def markdown(report: dict[str, Any]) -> str:
             out += ["", "Failed: " + ", ".join(f"`{name}`" for name in failed)]
     if "table" in parts:
         t = parts["table"]
-        out += ["", "## Engine / carrier (scripts/bench_forward.py --workload gpu)", "",
+        workloads = " ".join(m["args"]["table_workloads"])
+        out += ["", f"## Engine / carrier (scripts/bench_forward.py --workload {workloads})", "",
                 f"status **{t['status']}** ({t['seconds']:.0f} s of {t['timeout_s']:.0f})", "", table_markdown(t)]
         if t["status"] != "ok":
             out += ["", "```", t["stderr_tail"][-1500:], "```"]
@@ -300,6 +303,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--compile", nargs="+", choices=["off", "on"], default=["off", "on"])
     p.add_argument("--train-steps", type=int, default=None, help="optimizer steps per training run (default 50; 3 with --quick)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for the training runs")
+    p.add_argument("--table-workloads", nargs="+", choices=["gpu", "compile"], default=["gpu"],
+                   help="bench_forward tables: gpu (table 6); add compile for table 7 (kernels per step eager and "
+                        "compiled; its budget share doubles)")
     p.add_argument("--table-args", nargs=argparse.REMAINDER, default=[],
                    help="more arguments for bench_forward.py (last on the line)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads of the training runs")

@@ -34,7 +34,8 @@ step fits, the micro-batches that ran give the time per micro-batch and the step
 runs to its end; ``--micro-batch-size N`` (an explicit plan, which the trainer honours) makes them
 smaller when the plan's single micro-batch is longer than the budget. ``--kill-after S`` stops a
 preset's subprocess outright after S seconds (what it measured until then is kept: it writes its
-record after every micro-batch). ``--budget-after-first-step`` starts the budget's clock at the end
+record after every micro-batch, and its peak RSS every 10 s); inside it, no step or micro-batch
+starts that would end past 90 % of S. ``--budget-after-first-step`` starts the budget's clock at the end
 of the first step and judges the later steps by themselves (for a first step that compiles).
 
     python scripts/bench_presets.py --json bench_presets.json --md bench_presets.md

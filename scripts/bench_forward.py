@@ -363,7 +363,7 @@ def natural_engine(config: EnergyConfig, batch: int, device: torch.device, seed:
     """An untrained model left to its own dynamics, spawning: flows spawn, die and arrive at
     different steps, so the step's compaction and deposits run (the pinned runs skip them)."""
     torch.manual_seed(seed)
-    proc = FlowProcessor(EnergyLattice(config), SimpleNeuron(config), config).to(device)
+    proc = FlowProcessor.from_config(config).to(device)
     with torch.no_grad():
         proc.carrier.spawn_head.bias[0] = 2.0
     return proc

@@ -109,10 +109,10 @@ def proc_status_kib(field: str) -> int | None:
 
 
 def rss_bytes() -> int:
-    kib = proc_status_kib("VmRSS")
-    if kib is None:
-        return peak_rss_bytes()
-    return kib * 1024
+    """This process's resident set size now (:func:`efgraph.utils.device.process_rss_mb`)."""
+    from efgraph.utils.device import process_rss_mb
+
+    return int(process_rss_mb() * 2**20)
 
 
 def peak_rss_bytes() -> int:

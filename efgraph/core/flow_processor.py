@@ -477,7 +477,7 @@ class FlowProcessor(nn.Module):
         arrived = ~died & (pos[:, 2] >= cfg.lattice_depth - 1)
         if state.valid is not None:
             died, arrived = died & state.valid, arrived & state.valid
-        alive = ~died & ~arrived if state.valid is None else state.valid & ~died & ~arrived
+        alive = _continuing(state.valid, died, arrived)
         spawns = self._spawn_mask(alive, energy, heads.spawn_score, state.batch, batch_size, budget)
         counts = torch.stack([alive.sum(), arrived.sum(), spawns.sum(), cells.num_occupied])
         # bookkeeping only: detached, so it adds nothing to the autograd graph
@@ -499,7 +499,7 @@ class FlowProcessor(nn.Module):
 
         Children are made for every row and the rows kept are picked by one stable sort on their
         fate (continues 0, child 1, gone 2): static shapes, the same order as ``nonzero``."""
-        alive = ~died & ~arrived if moved.valid is None else moved.valid & ~died & ~arrived
+        alive = _continuing(moved.valid, died, arrived)
         child_energy = torch.where(spawns, moved.energy * self.carrier.split_fraction(spawn_score), 0.0)
         child_h, child_c = self.carrier.spawn(moved.h, moved.c)
         child_xy = self.lattice.reflect_xy(moved.pos[:, :2] + child_dxy)
@@ -612,6 +612,12 @@ class FlowProcessor(nn.Module):
         # non-candidates rank after every candidate of their sample
         best = keep_top_per_group(batch, torch.where(candidate, score.detach(), float("-inf")), room, groups)
         return candidate & best
+
+
+def _continuing(valid: Tensor | None, died: Tensor, arrived: Tensor) -> Tensor:
+    """``[F]`` bool: the flows that go on to the next step (padding rows never do)."""
+    alive = ~died & ~arrived
+    return alive if valid is None else valid & alive
 
 
 def _where(active: bool, keep: Tensor, value: Tensor, fill: float | int) -> Tensor:

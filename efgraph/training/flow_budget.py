@@ -49,13 +49,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Any
 
 import torch
 
 from efgraph.config import EnergyConfig
 from efgraph.utils import memory
+from efgraph.utils.device import process_rss_mb
 from efgraph.utils.logging import get_logger
 from efgraph.utils.memory import MemoryEstimate, estimate_training_memory, human_bytes, plan_memory
 
@@ -145,14 +145,10 @@ def plan_adaptive_budget(config: EnergyConfig, num_parameters: int, batch_size: 
 
 def held_memory_bytes(device: torch.device) -> int:
     """What this process holds on ``device`` and could use again: CUDA's reserved memory (the
-    caching allocator's), or the host's resident set size; 0 when it cannot be read."""
+    caching allocator's), or the host's resident set size (:func:`efgraph.utils.device.process_rss_mb`)."""
     if device.type == "cuda":
         return int(torch.cuda.memory_reserved(device))
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
+    return int(process_rss_mb() * 2**20)
 
 
 def memory_for_run(device: torch.device, held_at_plan: int) -> int:

@@ -13,8 +13,8 @@ what compilation fused. The profiler sees what really runs:
   they were compiled (:func:`profile_compiled_kernels`). Extern calls of a compiled graph
   (``aten::mm``, ``aten::sort``) are top-level ops there and count one each.
 
-Views (``aten::view``, ``t``, ``select``, ``slice``, ...) change a tensor's metadata and launch
-nothing on any device; a top-level view counts only when it had to copy (an ATen op under it that
+Views (``aten::view``, ``t``, ``select``, ``slice``, ...) change a tensor's metadata and, like
+``aten::empty`` (an allocation, no fill), launch nothing on any device; a top-level view counts only when it had to copy (an ATen op under it that
 is not a view, e.g. ``reshape`` of a non-contiguous tensor calls ``clone``). ``ops`` keeps them.
 
 So a compiled step's count is the number of launches a GPU would see; an eager step's count is
@@ -34,7 +34,8 @@ from torch.profiler import ProfilerActivity, profile
 # the prefix Inductor's C++ backend gives its generated kernels (graph_<n>_cpp_fused_... with the
 # kernel profile on)
 _CPP_KERNEL = "cpp_fused"
-# ATen ops that only make a new view of their input (or return it): no launch unless they copy
+# ATen ops that only make a new view of their input (or return it), and the empty allocations:
+# no launch unless an op under them computes
 VIEW_OPS = frozenset(f"aten::{name}" for name in (
     "view", "_unsafe_view", "_reshape_alias", "reshape", "view_as", "t", "transpose", "permute", "select",
     "slice", "narrow", "unsqueeze", "squeeze", "expand", "expand_as", "as_strided", "unbind", "split",

@@ -20,13 +20,16 @@ import yaml
 
 CARRIER_TYPES = ("gru", "lstm")
 AGGREGATIONS = ("mean", "sum")
-DATASETS = ("synthetic", "bible", "pairs", "text", "routing")
+DATASETS = ("synthetic", "bible", "pairs", "text", "routing", "composition")
+# the learned baselines a run trains beside the model (identity and ridge are closed-form and always fitted)
+LEARNED_BASELINES = ("mlp", "transformer")
+COMPOSITION_HOLD_OUTS = ("pairs", "inputs", "chains")  # what a composition split keeps out of training
 # how the input embedding enters the lattice / how the output embedding leaves it
 INJECTIONS = ("face", "broadcast")
 READOUTS = ("face", "shared")
 # Fields a resumed run may change: they do not affect which batches it sees or what it computes.
 RESUME_MUTABLE_KEYS = ("log_every", "checkpoint_every", "wandb_project", "compile", "skip_nonfinite_steps",
-                       "memory_check", "activation_checkpointing", "micro_batch_size")
+                       "memory_check", "activation_checkpointing", "micro_batch_size", "num_threads")
 PRECISIONS = ("fp32", "bf16")
 # fixed: the per-sample flow budget is max_active_flows; adaptive: a controller moves it between
 # forwards, under the memory plan's cap and toward flow_budget_target (efgraph.training.flow_budget)
@@ -135,6 +138,10 @@ class EnergyConfig:
     micro_batch_size: int = 0
     memory_check: bool = True  # refuse a config whose worst-case training step cannot fit the device
     skip_nonfinite_steps: bool = False  # skip (and count) a step with a NaN/inf loss or gradient instead of stopping
+    # CPU threads of this process (torch.set_num_threads), applied by the trainer; 0 = PyTorch's
+    # default (every core). Give each of several runs sharing a machine cores / runs: two runs at the
+    # default thread count on 2 cores ran ~25x slower each than at one thread each
+    num_threads: int = 0
     seed: int = 0  # model initialisation and batch order
     data_seed: int = 0  # the train / validation / test split, kept apart so that seeds share one test set
     # --- data (used by scripts/train.py) -------------------------------------------------------
@@ -153,7 +160,29 @@ class EnergyConfig:
     embedding_model: str = ""  # text/bible: local sentence-transformers folder ("" = packaged MiniLM)
     val_fraction: float = 0.1
     test_fraction: float = 0.1
+    # composition: a start value and a chain of composition_chain lookups in composition_tables
+    # random permutations of composition_values values; the target is the value the chain ends on
+    # (input_dim = values + chain * tables, output_dim = values; efgraph.data.composition)
+    composition_values: int = 16
+    composition_tables: int = 8
+    composition_chain: int = 2
+    # composition: what the split holds out of training. pairs: nothing beyond the pairs (inputs
+    # repeat, so short chains are memorised); for chains of >= 2 lookups, inputs: no test input
+    # (start value and chain) is a training input; chains: no test chain is a training chain
+    composition_hold_out: str = "pairs"
     wandb_project: str = "efgraph"
+    # --- baselines (fitted on the run's split, scored on its test pairs) ------------------------
+    # comma-separated learned baselines to train beside the model, from LEARNED_BASELINES ("" = none;
+    # identity and ridge are closed-form and always fitted). Each gets the model's parameter count,
+    # steps, batch, learning rate, schedule and loss, and keeps its best validation state
+    baseline_models: str = "mlp,transformer"
+    # the Transformer baseline: x -> Linear -> transformer_tokens tokens of transformer_width ->
+    # transformer_layers pre-norm encoder layers (transformer_heads heads, feed-forward 2 x width)
+    # -> flatten -> Linear; width 0 = the multiple of heads whose count is closest to the model's
+    transformer_tokens: int = 8
+    transformer_layers: int = 2
+    transformer_heads: int = 4
+    transformer_width: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -168,6 +197,11 @@ class EnergyConfig:
     def neuron_input_dim(self) -> int:
         """The neuron sees [aggregated message, cell position encoding] (32 by default)."""
         return self.message_dim + self.position_encoding_dim
+
+    @property
+    def learned_baselines(self) -> tuple[str, ...]:
+        """``baseline_models`` as a tuple of names, in the order given."""
+        return tuple(m.strip() for m in self.baseline_models.split(",") if m.strip())
 
     @property
     def num_cells(self) -> int:
@@ -210,6 +244,7 @@ class EnergyConfig:
             "position_frequencies", "neuron_hidden_dim", "neuron_output_dim", "injection_rank",
             "face_channels", "readout_hidden_dim", "readout_rank", "batch_size", "epochs", "eval_every", "log_every",
             "checkpoint_every", "synthetic_pairs", "routing_slots", "routing_token_dim",
+            "transformer_tokens", "transformer_layers", "transformer_heads",
         ]
         for name in positive:
             if getattr(self, name) < 1:
@@ -217,7 +252,7 @@ class EnergyConfig:
         if self.lattice_depth < 2:
             raise ValueError(f"lattice_depth: must be >= 2 (an input and an output face), got {self.lattice_depth}")
         for name in ["max_spawn_per_step", "warmup_steps", "seed", "data_seed", "max_pairs", "verses_per_book",
-                     "interaction_radius"]:
+                     "interaction_radius", "num_threads", "transformer_width"]:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         for name in ["energy_threshold", "spawn_threshold"]:
@@ -258,6 +293,19 @@ class EnergyConfig:
             raise ValueError(f"readout: must be one of {READOUTS}, got {self.readout!r}")
         if self.routing_noise < 0:
             raise ValueError(f"routing_noise: must be >= 0, got {self.routing_noise}")
+        for name, low in (("composition_values", 2), ("composition_tables", 1), ("composition_chain", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name}: must be >= {low}, got {getattr(self, name)}")
+        if self.composition_hold_out not in COMPOSITION_HOLD_OUTS:
+            raise ValueError(f"composition_hold_out: must be one of {COMPOSITION_HOLD_OUTS}, "
+                             f"got {self.composition_hold_out!r}")
+        unknown = [m for m in self.learned_baselines if m not in LEARNED_BASELINES]
+        if unknown or len(set(self.learned_baselines)) != len(self.learned_baselines):
+            raise ValueError(f"baseline_models: a comma-separated list of distinct names from {LEARNED_BASELINES} "
+                             f"(\"\" = none), got {self.baseline_models!r}")
+        if self.transformer_width % self.transformer_heads:
+            raise ValueError(f"transformer_width: must be a multiple of transformer_heads ({self.transformer_heads}) "
+                             f"or 0 (sized to the model), got {self.transformer_width}")
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation: must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         if self.residual and self.input_dim != self.output_dim:

@@ -189,11 +189,13 @@ def test_study_script_trains_variants_x_seeds_on_one_split_and_resumes(tmp_path)
     assert set(run["test"]) == {"cosine", "mse", "r_at_1"} and set(run["validation"]) >= {"cosine", "step"}
     assert run["dead"] in (True, False) and "flows_energy_arrived_fraction" in run["test_dynamics"]
     assert study["summary"]["variants"]["no-spawn"]["spawned_per_sample"]["mean"] == 0.0  # the override took
-    assert list(study["summary"]["baselines"]) == ["identity", "ridge", "residual-ridge", "residual-mlp"]
+    assert list(study["summary"]["baselines"]) == ["identity", "ridge", "residual-ridge", "residual-mlp",
+                                                   "residual-transformer"]
     assert study["bootstrap"]["against"] in study["summary"]["baselines"]
     table = (out / "study.md").read_text()
     for row in ["| full | 0,1 |", "| no-spawn | 0,1 |", "| identity (baseline) |", "| residual-ridge (baseline) |",
-                "| residual-mlp (baseline) |", "Compare variants on the validation column",
+                "| residual-mlp (baseline) |", "| residual-transformer (baseline) |",
+                "Compare variants on the validation column",
                 "Difference to the best baseline on validation", "| full | cosine |", "| no-spawn | R@1 |",
                 "seeds + pairs 95% CI"]:
         assert row in table
@@ -221,6 +223,19 @@ def test_study_script_trains_variants_x_seeds_on_one_split_and_resumes(tmp_path)
     # the folder belongs to this study: another base config is refused, naming the field
     other = _study(out, "--set", "learning_rate=0.5")
     assert other.returncode != 0 and "learning_rate: study has" in other.stderr
+
+    # the same study two runs at a time (each its own process, cores / 2 threads): the same numbers
+    parallel = _study(tmp_path / "parallel", "--jobs", "2")
+    assert parallel.returncode == 0, parallel.stderr[-3000:]
+    assert "(queued, 2 at a time)" in parallel.stdout
+    side_by_side = json.loads((tmp_path / "parallel" / "study.json").read_text())
+    key = lambda r: (r["variant"], r["seed"], r["test"], r["validation"])  # noqa: E731
+    assert [key(r) for r in side_by_side["runs"]] == [key(r) for r in study["runs"]]
+    assert side_by_side["baselines"] == study["baselines"]
+    thread_counts = {EnergyConfig.from_yaml(tmp_path / "parallel" / v / f"seed{s}" / "config.yaml").num_threads
+                     for v in ("full", "no-spawn") for s in (0, 1)}
+    assert thread_counts == {max(1, (os.cpu_count() or 1) // 2)}
+    assert _study(tmp_path / "bad", "--jobs", "0").stderr.strip().endswith("--jobs: must be >= 1, got 0")
 
 
 def test_each_run_is_its_own_wandb_run_grouped_by_study_and_variant(tmp_path, monkeypatch):

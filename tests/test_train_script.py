@@ -52,13 +52,16 @@ def _train(run_dir: Path, *extra: str, env_key: str | None = None) -> subprocess
 def test_train_script_writes_the_run_folder_and_offline_wandb_run(tmp_path):
     run_dir = tmp_path / "run"
     secret = "efgraphtestkey" + "0" * 26
-    proc = _train(run_dir, "--wandb-mode", "offline", env_key=secret)
+    proc = _train(run_dir, "--wandb-mode", "offline", "--set", "num_threads=1", env_key=secret)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "CPU threads: 1 (num_threads 1)" in proc.stderr  # applied and logged
     # the table is printed and written
-    for name in ["energy-flow", "identity", "ridge", "mlp"]:
+    for name in ["energy-flow", "identity", "ridge", "mlp", "transformer"]:
         assert f"| {name} |" in proc.stdout
     results = json.loads((run_dir / "results.json").read_text())
-    assert set(results["test"]) == {"energy-flow", "identity", "ridge", "mlp"}
+    assert set(results["test"]) == {"energy-flow", "identity", "ridge", "mlp", "transformer"}
+    assert results["baselines"]["transformer"]["width"] % results["baselines"]["transformer"]["heads"] == 0
+    assert results["cpu_threads"] == 1
     for metrics in results["test"].values():
         assert set(metrics) == {"cosine", "mse", "r_at_1"}
     # the selected state's validation metrics, the last evaluation (96 pairs / 16 x 2 epochs), the test dynamics
@@ -89,7 +92,7 @@ def test_train_script_writes_the_run_folder_and_offline_wandb_run(tmp_path):
     assert f"artifact:{run_dir.name}-model" in keys and f"artifact:{run_dir.name}-split" in keys
     # the summary holds the best validation values and their step, not the last ones
     for key in ["summary:best/step", "summary:best/val_loss", "summary:baselines/ridge/alpha",
-                "summary:baselines/mlp/hidden_dim"]:
+                "summary:baselines/mlp/hidden_dim", "summary:baselines/transformer/width", "summary:run/cpu_threads"]:
         assert key in keys, key
     metrics = logged_metric_summaries(run_file)
     assert metrics["val/loss"] == "min" and metrics["val/cosine"] == "max" and metrics["val/r_at_1"] == "max"

@@ -9,6 +9,8 @@
   guarded by a text alignment check (``alignment``).
 * :func:`make_teacher_pairs` - a seeded synthetic teacher task (``synthetic``).
 * :func:`make_routing_pairs` - a seeded task that needs routing, with a known ceiling (``routing``).
+* :func:`make_composition_pairs` - a seeded task that needs several sequential lookups (chains of
+  permutation tables), with held-out chains and a known ceiling (``composition``).
 * :func:`make_split` / :func:`split_pairs` / :class:`Split` - deterministic, group-aware
   train/validation/test splits (``split``).
 """
@@ -26,6 +28,8 @@ from efgraph.data.embed import embed_texts, resolve_model_path
 from efgraph.data.files import SUPPORTED_EXTENSIONS, load_embedding_pairs, save_embedding_pairs
 from efgraph.data.pairs import EmbeddingPairs
 from efgraph.data.split import Split, make_split, split_pairs
+from efgraph.data.composition import (composition_answers, composition_dims, composition_oracle,
+                                      make_composition_pairs)
 from efgraph.data.routing import make_routing_pairs, routing_ceiling, routing_dims, routing_oracle
 from efgraph.data.synthetic import make_teacher_pairs
 from efgraph.data.text import TextPairs, load_text_pairs, read_text_pairs
@@ -41,11 +45,15 @@ __all__ = [
     "TextPairs",
     "alignment_report",
     "check_verse_alignment",
+    "composition_answers",
+    "composition_dims",
+    "composition_oracle",
     "embed_texts",
     "installed_versions",
     "load_bible_pairs",
     "load_embedding_pairs",
     "load_text_pairs",
+    "make_composition_pairs",
     "make_routing_pairs",
     "make_split",
     "make_teacher_pairs",

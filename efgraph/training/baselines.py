@@ -8,7 +8,11 @@ same data:
 * :class:`ResidualRidgeBaseline` -- ``x + W x + b``, ridge on the residual ``tgt - src`` (only
   when widths match): the linear counterpart of a residual model, which starts at the identity;
 * :class:`MLPBaseline` -- a one-hidden-layer MLP with (about) the model's parameter count, trained
-  on the model's own loss (:func:`~efgraph.training.metrics.embedding_loss`).
+  on the model's own loss (:func:`~efgraph.training.metrics.embedding_loss`);
+* :class:`TransformerBaseline` -- :class:`TokenTransformer`, a small pre-norm Transformer over
+  tokens it learns to cut from the input vector, with (about) the model's parameter count: the
+  peer a user with routing-shaped data would pick instead. Both learned baselines share one
+  training loop (:class:`LearnedBaseline`): the model's optimizer, schedule, steps and loss.
 
 All share one interface: ``fit(train_src, train_tgt, val_src=None, val_tgt=None)``,
 ``predict(src)``, ``name`` and ``num_parameters``. Shapes: sources ``[N, D_in]``, targets
@@ -26,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 from torch import Tensor, nn
 
+from efgraph.config import LEARNED_BASELINES
 from efgraph.training.metrics import embedding_loss, evaluate_predictions
 from efgraph.training.optim import adamw
 from efgraph.training.schedule import warmup_cosine_scheduler
@@ -310,15 +315,83 @@ class _MLP(nn.Module):
         return x + y if self.residual else y
 
 
-class MLPBaseline:
-    """``Linear(D_in, H) -> GELU -> Linear(H, D_out)`` trained with AdamW on :func:`embedding_loss`.
+def transformer_param_count(in_dim: int, out_dim: int, tokens: int, width: int, layers: int) -> int:
+    """Parameters of :class:`TokenTransformer` (feed-forward ``2 * width``, biases and norms included).
 
-    With ``residual`` it predicts ``x + MLP(x)``, the baseline to compare a residual model with.
+    Tokenizer ``in * T * d + T * d``; per encoder layer ``8 d^2 + 11 d`` (attention ``4 d^2 + 4 d``,
+    feed-forward ``4 d^2 + 3 d``, two LayerNorms ``4 d``); final LayerNorm ``2 d``; decoder
+    ``T * d * out + out``.
+    """
+    return (tokens * width * (in_dim + 1) + layers * (8 * width * width + 11 * width) + 2 * width
+            + tokens * width * out_dim + out_dim)
+
+
+def transformer_width_for_params(in_dim: int, out_dim: int, n_params: int, *, tokens: int, layers: int,
+                                 heads: int) -> int:
+    """The multiple of ``heads`` whose :func:`transformer_param_count` is closest to ``n_params``.
+
+    Raises:
+        ValueError: if even ``width = heads`` has more than twice ``n_params`` parameters.
+    """
+    count = lambda w: transformer_param_count(in_dim, out_dim, tokens, w, layers)  # noqa: E731
+    if count(heads) > 2 * n_params:
+        raise ValueError(f"n_params: {n_params} is too small for a Transformer baseline with {tokens} tokens and "
+                         f"{layers} layers; its narrowest width ({heads}) already has {count(heads)} parameters")
+    width = heads
+    while count(width + heads) <= n_params:
+        width += heads
+    return min((width, width + heads), key=lambda w: abs(count(w) - n_params))
+
+
+class TokenTransformer(nn.Module):
+    r"""A Transformer over tokens that it learns to cut from the input vector.
+
+    .. math::
+        H_0 = \mathrm{reshape}_{T \times d}(W_t x + b_t), \quad H_{l+1} = \mathrm{EncoderLayer}_l(H_l),
+        \quad y = W_o \,\mathrm{vec}(\mathrm{LN}(H_L)) + b_o \;[+\, x]
+
+    Every token has its own rows of ``W_t``, so token identity needs no position code; the encoder
+    layers are pre-norm (``norm_first``), GELU, feed-forward ``2 d``, no dropout (the best
+    validation state is what guards against over-fitting, as for every baseline). A vector with no
+    token structure (a sentence embedding) works too: the tokenizer learns one.
+
+    Args:
+        in_dim, out_dim: ``D_in``, ``D_out``.
+        tokens: ``T``; width: ``d`` (a multiple of ``heads``); layers: encoder layers; heads:
+            attention heads.
+        residual: add ``x`` to the output (needs ``D_in == D_out``).
+
+    Shapes: ``[N, D_in] -> [N, D_out]``.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, *, tokens: int, width: int, layers: int, heads: int,
+                 residual: bool) -> None:
+        super().__init__()
+        self.tokens, self.width, self.residual = tokens, width, residual
+        self.tokenize = nn.Linear(in_dim, tokens * width)
+        layer = nn.TransformerEncoderLayer(width, heads, dim_feedforward=2 * width, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(width), enable_nested_tensor=False)
+        self.decode = nn.Linear(tokens * width, out_dim)
+
+    @property
+    def in_features(self) -> int:
+        return self.tokenize.in_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.tokenize(x).view(x.shape[0], self.tokens, self.width)  # [N, T, d]
+        y = self.decode(self.encoder(h).flatten(1))  # [N, D_out]
+        return x + y if self.residual else y
+
+
+class LearnedBaseline:
+    """A baseline network trained with AdamW on :func:`embedding_loss`: the one training loop that
+    every learned baseline shares (subclasses only say which network, :meth:`build`).
+
+    With ``residual`` it predicts ``x + f(x)``, the baseline to compare a residual model with.
     The learning rate follows the same linear warm-up and cosine decay as the model's trainer
     (``warmup_steps``; ``steps`` in all) and gradients are clipped at ``grad_clip`` (if given).
-
-    ``H`` is either given (``hidden_dim``) or derived from ``target_params`` with
-    :func:`mlp_hidden_for_params`, so the baseline gets the same parameter budget as the model.
+    The network has (about) ``target_params`` parameters, so a baseline gets the model's budget.
     Training runs exactly ``steps`` optimizer steps on minibatches drawn as shuffled epochs. With a
     validation set the loss on it is measured every ``eval_every`` steps and after the last step,
     and the weights with the lowest validation loss are kept; without one, the final weights are.
@@ -327,15 +400,16 @@ class MLPBaseline:
     neither depends on nor disturbs the caller's RNG stream) and batches come from a private
     ``torch.Generator``; the same seed and data give the same weights on the same device.
 
-    After ``fit``: ``best_step_``, ``best_val_loss_`` (``None`` without validation) and
+    After ``fit``: ``model``, ``best_step_``, ``best_val_loss_`` (``None`` without validation) and
     ``history_`` (list of ``(step, val_loss)``).
     """
+
+    kind = "learned"  # the name without the residual- prefix
 
     def __init__(
         self,
         *,
         target_params: int | None = None,
-        hidden_dim: int | None = None,
         steps: int = 1000,
         batch_size: int = 64,
         lr: float = 1e-3,
@@ -349,17 +423,12 @@ class MLPBaseline:
         grad_clip: float | None = None,
         progress: bool = False,
     ) -> None:
-        if (target_params is None) == (hidden_dim is None):
-            raise ValueError("target_params, hidden_dim: give exactly one")
-        if hidden_dim is not None and hidden_dim < 1:
-            raise ValueError(f"hidden_dim: must be >= 1, got {hidden_dim}")
         for name, value in (("steps", steps), ("batch_size", batch_size), ("eval_every", eval_every)):
             if value < 1:
                 raise ValueError(f"{name}: must be >= 1, got {value}")
         if not lr > 0:
             raise ValueError(f"lr: must be > 0, got {lr}")
         self.target_params = target_params
-        self.hidden_dim = hidden_dim
         self.steps = steps
         self.batch_size = batch_size
         self.lr = lr
@@ -371,26 +440,33 @@ class MLPBaseline:
         self.residual = residual
         self.warmup_steps = warmup_steps
         self.grad_clip = grad_clip
-        self.progress = progress  # a progress bar: the MLP trains as many steps as the model
-        self.name = "residual-mlp" if residual else "mlp"
-        self.model: _MLP | None = None
+        self.progress = progress  # a progress bar: a baseline trains as many steps as the model
+        self.name = f"residual-{self.kind}" if residual else self.kind
+        self.model: nn.Module | None = None
         self.best_step_: int | None = None
         self.best_val_loss_: float | None = None
         self.history_: list[tuple[int, float]] = []
 
+    def build(self, in_dim: int, out_dim: int) -> nn.Module:
+        """The untrained network ``[N, in_dim] -> [N, out_dim]`` (with an ``in_features`` property)."""
+        raise NotImplementedError
+
+    def shape(self) -> dict[str, int]:
+        """The sizes :meth:`build` chose (after ``fit``), for the run's records."""
+        return {}
+
     @property
     def num_parameters(self) -> int:
         if self.model is None:
-            raise RuntimeError("mlp baseline: call fit() before num_parameters")
+            raise RuntimeError(f"{self.name} baseline: call fit() before num_parameters")
         return sum(p.numel() for p in self.model.parameters())
 
     def fit(
         self, train_src: Tensor, train_tgt: Tensor, val_src: Tensor | None = None, val_tgt: Tensor | None = None
-    ) -> "MLPBaseline":
+    ) -> "LearnedBaseline":
         _check_split(train_src, train_tgt, "train")
         has_val = _check_val(val_src, val_tgt, train_src, train_tgt)
         in_dim, out_dim = train_src.shape[1], train_tgt.shape[1]
-        hidden = self.hidden_dim or mlp_hidden_for_params(in_dim, out_dim, self.target_params)
         device, dtype = train_src.device, train_src.dtype
         n = train_src.shape[0]
 
@@ -398,7 +474,7 @@ class MLPBaseline:
             raise ValueError(f"residual: needs equal widths, got {in_dim} and {out_dim}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            model = _MLP(in_dim, hidden, out_dim, self.residual)
+            model = self.build(in_dim, out_dim)
         model = model.to(device=device, dtype=dtype)
         self.model = model
         optimizer = adamw(model, self.lr, self.weight_decay)  # the model's recipe: no decay on biases
@@ -454,7 +530,7 @@ class MLPBaseline:
     def predict(self, src: Tensor) -> Tensor:
         """``[N, D_in]`` -> ``[N, D_out]``, in blocks of rows to bound activation memory."""
         if self.model is None:
-            raise RuntimeError("mlp baseline: call fit() before predict()")
+            raise RuntimeError(f"{self.name} baseline: call fit() before predict()")
         in_dim = self.model.in_features
         if src.dim() != 2 or src.shape[1] != in_dim:
             raise ValueError(f"src: expected shape [N, {in_dim}], got {tuple(src.shape)}")
@@ -462,6 +538,65 @@ class MLPBaseline:
         param = next(self.model.parameters())
         outs = [self.model(src[i : i + _EVAL_CHUNK].to(param.dtype)) for i in range(0, src.shape[0], _EVAL_CHUNK)]
         return torch.cat(outs).to(src.dtype)
+
+
+class MLPBaseline(LearnedBaseline):
+    """``Linear(D_in, H) -> GELU -> Linear(H, D_out)``, trained by :class:`LearnedBaseline`'s loop.
+
+    ``H`` is either given (``hidden_dim``) or derived from ``target_params`` with
+    :func:`mlp_hidden_for_params`. The other arguments are :class:`LearnedBaseline`'s.
+    """
+
+    kind = "mlp"
+
+    def __init__(self, *, target_params: int | None = None, hidden_dim: int | None = None, **options: Any) -> None:
+        if (target_params is None) == (hidden_dim is None):
+            raise ValueError("target_params, hidden_dim: give exactly one")
+        if hidden_dim is not None and hidden_dim < 1:
+            raise ValueError(f"hidden_dim: must be >= 1, got {hidden_dim}")
+        super().__init__(target_params=target_params, **options)
+        self.hidden_dim = hidden_dim
+
+    def build(self, in_dim: int, out_dim: int) -> nn.Module:
+        hidden = self.hidden_dim or mlp_hidden_for_params(in_dim, out_dim, self.target_params)
+        return _MLP(in_dim, hidden, out_dim, self.residual)
+
+    def shape(self) -> dict[str, int]:
+        return {"hidden_dim": self.model.net[0].out_features}
+
+
+class TransformerBaseline(LearnedBaseline):
+    """:class:`TokenTransformer`, trained by :class:`LearnedBaseline`'s loop: the peer a user with
+    routing-shaped data would pick instead of the lattice.
+
+    ``width`` is either given or, with ``target_params``, the multiple of ``heads`` whose count is
+    closest to it (:func:`transformer_width_for_params`); ``tokens``, ``layers`` and ``heads`` are
+    fixed. The other arguments are :class:`LearnedBaseline`'s.
+    """
+
+    kind = "transformer"
+
+    def __init__(self, *, target_params: int | None = None, width: int | None = None, tokens: int = 8,
+                 layers: int = 2, heads: int = 4, **options: Any) -> None:
+        if (target_params is None) == (width is None):
+            raise ValueError("target_params, width: give exactly one")
+        for name, value in (("tokens", tokens), ("layers", layers), ("heads", heads)):
+            if value < 1:
+                raise ValueError(f"transformer_{name}: must be >= 1, got {value}")
+        if width is not None and (width < 1 or width % heads):
+            raise ValueError(f"transformer_width: must be a positive multiple of transformer_heads ({heads}), "
+                             f"got {width}")
+        super().__init__(target_params=target_params, **options)
+        self.width, self.tokens, self.layers, self.heads = width, tokens, layers, heads
+
+    def build(self, in_dim: int, out_dim: int) -> nn.Module:
+        width = self.width or transformer_width_for_params(in_dim, out_dim, self.target_params, tokens=self.tokens,
+                                                           layers=self.layers, heads=self.heads)
+        return TokenTransformer(in_dim, out_dim, tokens=self.tokens, width=width, layers=self.layers,
+                                heads=self.heads, residual=self.residual)
+
+    def shape(self) -> dict[str, int]:
+        return {"tokens": self.tokens, "width": self.model.width, "layers": self.layers, "heads": self.heads}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -482,16 +617,32 @@ def fit_baselines(
     warmup_steps: int = 0,
     grad_clip: float | None = None,
     progress: bool = False,
+    learned: Sequence[str] = LEARNED_BASELINES,
+    transformer_tokens: int = 8,
+    transformer_layers: int = 2,
+    transformer_heads: int = 4,
+    transformer_width: int = 0,
 ) -> list[Baseline]:
     """Fit every applicable baseline on ``train``, selecting on ``val``; see :func:`run_baselines`.
 
+    Args:
+        learned: which learned baselines to train, from ``LEARNED_BASELINES`` (``"mlp"``,
+            ``"transformer"``); each gets ``target_params`` parameters and the same steps, batch,
+            schedule, clipping, loss and seed.
+        transformer_*: the Transformer's tokens, layers, heads and width (0: sized to
+            ``target_params``).
+
     Returns:
         The fitted baselines in the order identity (widths match), ridge, residual-ridge (with
-        ``residual``), then the MLP (``mlp`` or ``residual-mlp``).
+        ``residual``), then the learned ones in the order of ``learned`` (``mlp`` /
+        ``residual-mlp``, ``transformer`` / ``residual-transformer``).
     """
     train_src, train_tgt = train
     _check_split(train_src, train_tgt, "train")
     val_src, val_tgt = val if val is not None else (None, None)
+    unknown = [m for m in learned if m not in LEARNED_BASELINES]
+    if unknown:
+        raise ValueError(f"baseline_models: {unknown} are not learned baselines; choose from {LEARNED_BASELINES}")
 
     baselines: list[Baseline] = []
     if train_src.shape[1] == train_tgt.shape[1]:
@@ -499,14 +650,18 @@ def fit_baselines(
     baselines.append(RidgeBaseline(mse_weight=mse_weight, cosine_weight=cosine_weight))
     if residual:
         baselines.append(ResidualRidgeBaseline(mse_weight=mse_weight, cosine_weight=cosine_weight))
-    baselines.append(
-        MLPBaseline(
-            target_params=target_params, steps=steps, batch_size=batch_size, lr=lr,
-            weight_decay=weight_decay, seed=seed, mse_weight=mse_weight,
-            cosine_weight=cosine_weight, eval_every=eval_every, residual=residual,
-            warmup_steps=warmup_steps, grad_clip=grad_clip, progress=progress,
-        )
-    )
+    training = dict(target_params=target_params, steps=steps, batch_size=batch_size, lr=lr,
+                    weight_decay=weight_decay, seed=seed, mse_weight=mse_weight, cosine_weight=cosine_weight,
+                    eval_every=eval_every, residual=residual, warmup_steps=warmup_steps, grad_clip=grad_clip,
+                    progress=progress)
+    for kind in learned:
+        if kind == "mlp":
+            baselines.append(MLPBaseline(**training))
+        else:
+            baselines.append(TransformerBaseline(
+                **{**training, "target_params": None if transformer_width else target_params},
+                width=transformer_width or None, tokens=transformer_tokens, layers=transformer_layers,
+                heads=transformer_heads))
     for baseline in baselines:
         baseline.fit(train_src, train_tgt, val_src, val_tgt)
     return baselines
@@ -516,10 +671,10 @@ def run_baselines(train: Split, val: Split | None, test: Split, **options: Any) 
     """Fit every applicable baseline on ``train`` (selecting on ``val``) and score it on ``test``.
 
     Identity is included only when source and target widths match. Ridge selects its alpha on
-    ``val``; with ``residual`` the residual ridge (``x + W x + b``) is fitted beside it. The MLP
-    gets ``target_params`` parameters (pass the model's count) and keeps its best validation
-    checkpoint; with ``residual`` it predicts ``x + MLP(x)`` like a residual model, and it follows
-    the same warm-up + cosine schedule and clipping. ``val`` may be ``None`` (ridge then uses
+    ``val``; with ``residual`` the residual ridge (``x + W x + b``) is fitted beside it. The
+    learned baselines (MLP, Transformer) get ``target_params`` parameters (pass the model's count)
+    and keep their best validation checkpoint; with ``residual`` they predict ``x + f(x)`` like a
+    residual model, and they follow the same warm-up + cosine schedule and clipping. ``val`` may be ``None`` (ridge then uses
     alpha = 1, the MLP its final weights), but then nothing is selected on held-out data.
 
     Args:
@@ -527,8 +682,8 @@ def run_baselines(train: Split, val: Split | None, test: Split, **options: Any) 
             ``batch_size``, ``lr``, ``seed``, loss weights, schedule, ...), passed on unchanged.
 
     Returns:
-        ``{"identity"?: metrics, "ridge": metrics, "residual-ridge"?: metrics, "mlp" or
-        "residual-mlp": metrics}`` with the metrics of
+        ``{"identity"?: metrics, "ridge": metrics, "residual-ridge"?: metrics, "[residual-]mlp"?:
+        metrics, "[residual-]transformer"?: metrics}`` with the metrics of
         :func:`~efgraph.training.metrics.evaluate_predictions` on ``test``, in that order.
     """
     test_src, test_tgt = test
@@ -538,12 +693,15 @@ def run_baselines(train: Split, val: Split | None, test: Split, **options: Any) 
 
 
 def format_results_table(results: dict[str, dict[str, float]]) -> str:
-    """Markdown table ``| model | cosine | MSE | R@1 |``, one row per entry of ``results`` in order.
+    """Markdown table ``| model | cosine | MSE | R@1 |``, one row per entry of ``results`` in order,
+    with an ``answer acc.`` column when every entry has ``answer_accuracy`` (composition).
 
     Extra metric keys are ignored; a missing ``cosine``, ``mse`` or ``r_at_1`` raises ``ValueError``
     naming the model, so a half-filled row never reads as a real number.
     """
-    lines = ["| model | cosine | MSE | R@1 |", "|---|---:|---:|---:|"]
+    answers = bool(results) and all("answer_accuracy" in m for m in results.values())
+    lines = ["| model | cosine | MSE | R@1 |" + (" answer acc. |" if answers else ""),
+             "|---|---:|---:|---:|" + ("---:|" if answers else "")]
     for model, metrics in results.items():
         missing = [k for k in ("cosine", "mse", "r_at_1") if k not in metrics]
         if missing:
@@ -552,5 +710,6 @@ def format_results_table(results: dict[str, dict[str, float]]) -> str:
         # MSE of unit-scale embeddings is ~1e-3: significant digits, not fixed decimals.
         lines.append(
             f"| {label} | {metrics['cosine']:.4f} | {metrics['mse']:.4g} | {metrics['r_at_1']:.4f} |"
+            + (f" {metrics['answer_accuracy']:.4f} |" if answers else "")
         )
     return "\n".join(lines) + "\n"

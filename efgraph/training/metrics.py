@@ -96,6 +96,28 @@ def evaluate_predictions(pred: Tensor, target: Tensor, chunk_size: int | None = 
     return {"cosine": cosine, "mse": mse, "r_at_1": int(hits.sum().item()) / n}
 
 
+@torch.no_grad()
+def answer_hits(pred: Tensor, target: Tensor, answers: Tensor) -> Tensor:
+    """``[N]`` bool: the answer nearest to ``pred[i]`` (by cosine) is the one nearest to ``target[i]``.
+
+    For a task whose targets are drawn from a finite set of answers (the values of a lookup): a
+    prediction is right when no other answer is closer to it than the true one.
+
+    Args:
+        pred: ``[N, D]``; target: ``[N, D]``; answers: ``[A, D]``, the candidate answers.
+    """
+    pred, target = _scoring_pair(pred, target)
+    if answers.dim() != 2 or answers.shape[1] != pred.shape[1] or answers.shape[0] < 2:
+        raise ValueError(f"answers: expected [A >= 2, {pred.shape[1]}], got {tuple(answers.shape)}")
+    gallery = F.normalize(answers.to(pred.dtype), dim=1, eps=_COS_EPS)
+    return (F.normalize(pred, dim=1, eps=_COS_EPS) @ gallery.T).argmax(1) == (target @ gallery.T).argmax(1)
+
+
+def answer_accuracy(pred: Tensor, target: Tensor, answers: Tensor) -> float:
+    """Fraction of rows whose nearest answer is the true one (:func:`answer_hits`), in ``[0, 1]``."""
+    return float(answer_hits(pred, target, answers).float().mean())
+
+
 def _scoring_pair(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """Check a ``[N, D]`` pair for scoring and promote it to at least float32."""
     _check_pair(pred, target)

@@ -42,17 +42,20 @@ import yaml
 
 from efgraph.config import RESUME_MUTABLE_KEYS, EnergyConfig
 from efgraph.core.flow_processor import FlowProcessor
-from efgraph.data import EmbeddingPairs, Split, load_bible_pairs, load_embedding_pairs, load_text_pairs, make_routing_pairs, make_teacher_pairs
+from efgraph.data import (EmbeddingPairs, Split, load_bible_pairs, load_embedding_pairs, load_text_pairs,
+                          make_composition_pairs, make_routing_pairs, make_teacher_pairs)
+from efgraph.data.composition import composition_answers, composition_oracle
+from efgraph.data.routing import routing_oracle
 from efgraph.data._atomic import atomic_write, atomic_write_text
 from efgraph.data.split import make_split
 from efgraph.data.text import TEXT_GROUP_FIELD, text_file_has_field
 from efgraph.model_io import export_model
-from efgraph.training.baselines import fit_baselines, format_results_table
+from efgraph.training.baselines import LearnedBaseline, fit_baselines, format_results_table
 from efgraph.training.checkpoint import load_checkpoint
 from efgraph.training.distributed import DistributedContext, init_distributed, local_device, shutdown_distributed
 from efgraph.training.channels import channel_metrics, channels_figure
 from efgraph.training.figures import flow_counts_figure, flow_paths_figure, landing_arrays, landing_figure
-from efgraph.training.metrics import evaluate_predictions, pair_scores, save_pair_scores
+from efgraph.training.metrics import answer_accuracy, evaluate_predictions, pair_scores, save_pair_scores
 from efgraph.training.run_logger import RunLogger, resolve_wandb_mode
 from efgraph.training.signals import TrainingInterrupted
 from efgraph.training.trainer import EnergyTrainer
@@ -116,6 +119,10 @@ def load_pairs(config: EnergyConfig, progress: bool = True) -> EmbeddingPairs:
     elif config.dataset == "routing":
         pairs = make_routing_pairs(config.synthetic_pairs, config.routing_slots, config.routing_token_dim,
                                    seed=config.data_seed, noise=config.routing_noise)
+    elif config.dataset == "composition":
+        pairs = make_composition_pairs(config.synthetic_pairs, config.composition_values, config.composition_tables,
+                                       config.composition_chain, seed=config.data_seed,
+                                       hold_out=config.composition_hold_out)
     elif config.dataset == "bible":
         pairs = load_bible_pairs(config.source_version, config.target_version, max_verses=limit, model=model,
                                  verses_per_book=config.verses_per_book or None, progress=progress)
@@ -138,6 +145,36 @@ def load_pairs(config: EnergyConfig, progress: bool = True) -> EmbeddingPairs:
     return pairs
 
 
+def task_oracle(config: EnergyConfig, src: torch.Tensor) -> torch.Tensor | None:
+    """The generator's own function on ``src [N, D_in]`` (the task's ceiling), for the generated
+    tasks that have one (routing, composition); ``None`` for any other data."""
+    if config.dataset == "routing":
+        return routing_oracle(src, config.routing_slots, config.routing_token_dim, config.data_seed)
+    if config.dataset == "composition":
+        return composition_oracle(src, config.composition_values, config.composition_tables,
+                                  config.composition_chain, config.data_seed)
+    return None
+
+
+def task_answers(config: EnergyConfig) -> torch.Tensor | None:
+    """``[A, D_out]``: the finite set of answers the targets are drawn from (composition: the value
+    embeddings), so that predictions are also scored as the nearest answer; ``None`` otherwise."""
+    if config.dataset == "composition":
+        return composition_answers(config.composition_values, config.composition_tables, config.composition_chain,
+                                   config.data_seed)
+    return None
+
+
+def score_predictions(config: EnergyConfig, pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """:func:`evaluate_predictions` (cosine, MSE, R@1), plus ``answer_accuracy`` on tasks with
+    :func:`task_answers`: how every model of a run is scored on the test split."""
+    metrics = {k: v for k, v in evaluate_predictions(pred, target).items() if k in TEST_METRICS}
+    answers = task_answers(config)
+    if answers is not None:
+        metrics["answer_accuracy"] = answer_accuracy(pred, target, answers.to(pred.device))
+    return metrics
+
+
 def make_run_split(config: EnergyConfig, pairs: EmbeddingPairs) -> Split:
     """Deterministic split; by group (e.g. Bible book, or the source text of a text pair file)
     when the pairs carry groups (see :func:`describe_split`).
@@ -153,7 +190,8 @@ def describe_split(config: EnergyConfig, pairs: EmbeddingPairs, split: Split) ->
     """How the split was made, for the log, ``results.json`` and W&B: by group or by pair, the
     grouping, the group count and the data seed."""
     grouping = {"synthetic": None, "routing": None, "bible": "book", "pairs": "group (from the pair file)",
-                "text": None}[config.dataset]
+                "text": None,
+                "composition": f"held-out {config.composition_hold_out}"}[config.dataset]
     if config.dataset == "text":
         grouping = ("the file's group column" if text_file_has_field(config.data_path, TEXT_GROUP_FIELD)
                     else "source text")
@@ -169,16 +207,19 @@ def describe_split(config: EnergyConfig, pairs: EmbeddingPairs, split: Split) ->
 def baseline_options(config: EnergyConfig, num_train: int, num_parameters: int,
                      steps: int | None = None) -> dict[str, Any]:
     """Keyword arguments of :func:`~efgraph.training.baselines.fit_baselines` for a model trained
-    with ``config`` on ``num_train`` pairs: the MLP gets the model's parameter count, optimizer
-    steps (``steps``, default ``epochs`` whole epochs as EnergyTrainer counts them), batch size,
-    learning rate, warm-up + cosine schedule, clipping, weight decay, loss and seed."""
+    with ``config`` on ``num_train`` pairs: the learned baselines of ``config.baseline_models``
+    (MLP, Transformer) get the model's parameter count, optimizer steps (``steps``, default
+    ``epochs`` whole epochs as EnergyTrainer counts them), batch size, learning rate, warm-up +
+    cosine schedule, clipping, weight decay, loss and seed."""
     if steps is None:
         steps = config.epochs * math.ceil(num_train / config.batch_size)  # as EnergyTrainer counts them
     return dict(
         target_params=num_parameters, steps=steps, batch_size=config.batch_size, lr=config.learning_rate,
         seed=config.seed, mse_weight=config.mse_weight, cosine_weight=config.cosine_weight,
         weight_decay=config.weight_decay, eval_every=config.eval_every, residual=config.residual,
-        warmup_steps=config.warmup_steps, grad_clip=config.grad_clip,
+        warmup_steps=config.warmup_steps, grad_clip=config.grad_clip, learned=config.learned_baselines,
+        transformer_tokens=config.transformer_tokens, transformer_layers=config.transformer_layers,
+        transformer_heads=config.transformer_heads, transformer_width=config.transformer_width,
     )
 
 
@@ -399,17 +440,18 @@ def _run(config: EnergyConfig, run_dir: Path, dev: torch.device, ctx: Distribute
                                "the last state under its name")
         # the test split is read once, by the selected state; nothing below chooses anything on it
         test_metrics, test_pred = trainer.evaluate_with_predictions(test.src, test.tgt)
-        results: dict[str, dict[str, float]] = {"energy-flow": {k: test_metrics[k] for k in TEST_METRICS}}
+        results: dict[str, dict[str, float]] = {"energy-flow": score_predictions(config, test_pred, test.tgt)}
         per_pair = {"energy-flow": pair_scores(test_pred, test.tgt)}
         fitted: dict[str, Any] = {}
         if with_baselines:
-            logger.info("baselines: identity, ridge (alpha chosen on validation) and an MLP with %s parameters "
-                        "trained for %d steps", f"{n_params:,}", total)
+            logger.info("baselines: identity, ridge (alpha chosen on validation) and %s with %s parameters "
+                        "trained for %d steps", ", ".join(config.learned_baselines) or "no learned one",
+                        f"{n_params:,}", total)
             for baseline in fit_baselines((train.src, train.tgt), (val.src, val.tgt),
                                           **baseline_options(config, len(train), n_params, steps=total),
                                           progress=progress):
                 pred = baseline.predict(test.src)
-                results[baseline.name] = evaluate_predictions(pred, test.tgt)
+                results[baseline.name] = score_predictions(config, pred, test.tgt)
                 per_pair[baseline.name] = pair_scores(pred, test.tgt)
                 fitted[baseline.name] = baseline_record(baseline)
         save_pair_scores(run_dir / "test_pairs.npz", per_pair)
@@ -426,6 +468,7 @@ def _run(config: EnergyConfig, run_dir: Path, dev: torch.device, ctx: Distribute
         run_logger.log_summary({
             **{f"test/{name}/{k}": v for name, r in results.items() for k, v in r.items()},
             "best/step": result.best_step,
+            "run/cpu_threads": trainer.num_threads,
             **({f"best/val_{k}": v for k, v in selected.items() if k != "step"} if selected else {}),
             **{f"baselines/{name}/{k}": v for name, record in fitted.items() for k, v in record.items()
                if k != "val_curve" and v is not None},
@@ -447,6 +490,7 @@ def _run(config: EnergyConfig, run_dir: Path, dev: torch.device, ctx: Distribute
             "test_dynamics": {**{k: v for k, v in test_metrics.items() if k.startswith("flows_")},
                               **{k.replace("/", "_"): v for k, v in channels.items()}},
             "total_steps": total,
+            "cpu_threads": trainer.num_threads,  # torch threads the run trained with (config num_threads)
             "split": split_info,
             # how each baseline was fitted: ridge alpha and its validation losses, MLP width and curve
             "baselines": fitted,
@@ -466,14 +510,15 @@ def _say_split(info: dict[str, Any]) -> str:
 
 def baseline_record(baseline: Any) -> dict[str, Any]:
     """What was chosen while fitting a baseline: ridge ``alpha`` (and the validation loss of each
-    alpha tried), MLP ``hidden_dim``, ``num_parameters``, ``best_step`` and ``val_curve``
+    alpha tried); for a learned one its sizes (MLP ``hidden_dim``; Transformer ``tokens``,
+    ``width``, ``layers``, ``heads``), ``num_parameters``, ``best_step`` and ``val_curve``
     (``[[step, validation loss], ...]``)."""
     record: dict[str, Any] = {}
     if hasattr(baseline, "alpha_"):
         record["alpha"] = baseline.alpha_
         record["alpha_val_losses"] = {str(a): v for a, v in getattr(baseline, "val_losses_", {}).items()}
-    if hasattr(baseline, "history_"):
-        record["hidden_dim"] = baseline.model.net[0].out_features
+    if isinstance(baseline, LearnedBaseline):
+        record.update(baseline.shape())
         record["num_parameters"] = baseline.num_parameters
         record["best_step"] = baseline.best_step_
         record["val_curve"] = [[int(step), float(loss)] for step, loss in baseline.history_]
@@ -528,7 +573,7 @@ def _write_report(run_dir: Path, config: EnergyConfig, results: dict[str, dict[s
     # atomic: a study takes an existing results.json as a finished run, so it must never be half written
     atomic_write(run_dir / "results.json",
                  lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8"))
-    mlp = " (the MLP baseline has as many)" if len(results) > 1 else ""
+    mlp = " (each learned baseline has as many)" if config.learned_baselines and len(results) > 1 else ""
     header = (f"# Test split: model vs baselines\n\ndataset `{config.dataset}`, {n_params:,} model parameters"
               f"{mlp}, {train_seconds:.0f} s of training, best step {best_step}\n\n")
     atomic_write_text(run_dir / "results.md", header + table + "\n")

@@ -26,7 +26,10 @@ also chosen on validation (:func:`bootstrap_against_best_baseline`).
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import multiprocessing
+import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -42,17 +45,21 @@ from efgraph.core.flow_processor import FlowProcessor
 from efgraph.data import EmbeddingPairs, Split
 from efgraph.data._atomic import atomic_write
 from efgraph.training.baselines import fit_baselines
-from efgraph.training.metrics import evaluate_predictions, load_pair_scores, pair_scores, save_pair_scores
-from efgraph.training.run import WandbRunInfo, baseline_options, load_pairs, make_run_split, run_training
+from efgraph.training.metrics import load_pair_scores, pair_scores, save_pair_scores
+from efgraph.utils.device import apply_num_threads
+from efgraph.training.run import (TEST_METRICS, WandbRunInfo, baseline_options, load_pairs, make_run_split,
+                                  run_training, score_predictions)
 
 # Config fields that decide the pairs or the split: shared by every run of a study, so a variant
 # may not set them (use --set for all runs).
 DATA_KEYS = ("dataset", "data_path", "source_version", "target_version", "max_pairs", "verses_per_book",
              "synthetic_pairs", "embedding_model", "val_fraction", "test_fraction", "data_seed", "input_dim",
-             "output_dim", "routing_slots", "routing_token_dim", "routing_noise")
+             "output_dim", "routing_slots", "routing_token_dim", "routing_noise", "composition_values",
+             "composition_tables", "composition_chain", "composition_hold_out")
 BASELINES_DIR = "baselines"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-TEST_METRICS = ("cosine", "mse", "r_at_1")
+# scored on tasks with a finite set of answers (composition) beside TEST_METRICS
+ANSWER_METRIC = "answer_accuracy"
 # flows_<key> of a run's test evaluation shown in the table: (key, column header)
 DYNAMICS_COLUMNS = (("energy_arrived_fraction", "energy arriving"), ("spawned_per_sample", "spawns / sample"),
                     ("neighbourhood_flows", "flows / neighbourhood"))
@@ -288,6 +295,8 @@ def summarize(runs: list[dict[str, Any]], baselines: list[dict[str, Any]]) -> di
         out: dict[str, Any] = {"runs": len(records)}
         for metric in TEST_METRICS:
             out[f"test_{metric}"] = mean_std([r["test"][metric] for r in records])
+        if all(ANSWER_METRIC in r["test"] for r in records):
+            out[f"test_{ANSWER_METRIC}"] = mean_std([r["test"][ANSWER_METRIC] for r in records])
         out["val_cosine"] = mean_std([r["validation"]["cosine"] for r in records])
         return out
 
@@ -395,23 +404,28 @@ def format_study_table(study: dict[str, Any]) -> str:
         "",
         f"Config `{study['config_path']}`; {split['train']} train / {split['validation']} validation / "
         f"{split['test']} test pairs, one split for every run (data_seed {split['data_seed']}). "
-        f"The MLP baselines have the full model's {study['num_parameters']:,} parameters.",
+        f"The learned baselines (MLP, Transformer) are sized to the full model's {study['num_parameters']:,} "
+        "parameters.",
         "",
         "**Compare variants on the validation column.** Every run keeps its best-validation state and reads the "
         "test split once, with that state (no selection on test); the test columns are the final report. "
         "Mean ± std over seeds; the dynamics are measured on the test split; a run is dead when its last "
         "evaluation saw no flow arrive.",
         "",
-        "| model | seeds | val cosine | test cosine | test MSE | test R@1 | "
+    ]
+    everything = [*study["summary"]["variants"].values(), *study["summary"]["baselines"].values()]
+    answers = all(f"test_{ANSWER_METRIC}" in stats for stats in everything)  # composition: the nearest value
+    lines += [
+        "| model | seeds | val cosine | test cosine | test MSE | test R@1 | " + ("test answer acc. | " if answers else "")
         + " | ".join(header for _, header in DYNAMICS_COLUMNS) + " | dead runs |",
-        "|---|---|---:|---:|---:|---:|" + "---:|" * len(DYNAMICS_COLUMNS) + "---:|",
+        "|---|---|---:|---:|---:|---:|" + "---:|" * (len(DYNAMICS_COLUMNS) + answers) + "---:|",
     ]
     seeds = {v["name"]: v["seeds"] for v in study["variants"]}
 
     def row(label: str, stats: dict[str, Any], seed_list: Sequence[int], extra: list[str]) -> str:
         cells = [label, ",".join(map(str, seed_list)), _fmt(stats["val_cosine"], ".4f"),
                  _fmt(stats["test_cosine"], ".4f"), _fmt(stats["test_mse"], ".4g"), _fmt(stats["test_r_at_1"], ".4f"),
-                 *extra]
+                 *([_fmt(stats[f"test_{ANSWER_METRIC}"], ".4f")] if answers else []), *extra]
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
     for name, stats in study["summary"]["variants"].items():
@@ -475,6 +489,7 @@ def run_study(
     report: Callable[[str], None] = print,
     bootstrap_resamples: int = 1000,
     bootstrap_seed: int = 0,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Train every (variant, seed) and the baselines of every seed, then write study.json / study.md.
 
@@ -486,6 +501,10 @@ def run_study(
         name: the study's name and W&B group (default: the folder's name).
         config_path: where ``base`` came from, for the report.
         report: receives one progress line per step (which run, elapsed time).
+        jobs: runs (and seeds' baselines) trained side by side, each in a process of its own. Where
+            ``base.num_threads`` is 0, each gets ``cores // jobs`` threads (at least 1), so that
+            parallel runs never oversubscribe the cores (two runs at the default thread count
+            on 2 cores ran ~25x slower each); an explicit ``num_threads`` is kept.
 
     Returns:
         The ``study.json`` payload.
@@ -499,6 +518,8 @@ def run_study(
     _check_name(name, "study name")
     if not variants:
         raise ValueError("variants: at least one")
+    if jobs < 1:
+        raise ValueError(f"--jobs: must be >= 1, got {jobs}")
     start = time.perf_counter()
 
     def say(message: str) -> None:
@@ -515,15 +536,39 @@ def run_study(
     num_parameters = sum(p.numel() for p in FlowProcessor.from_config(base).parameters())
 
     seeds = sorted({s for v in variants for s in v.seeds})
-    baseline_records: list[dict[str, Any]] = []
-    baseline_pairs: dict[str, dict[int, dict[str, np.ndarray]]] = {}
+    todo = [(v, s) for v in variants for s in v.seeds]
+    # what is left to compute: the baselines of a seed, then the runs (each one task of its own)
+    tasks: list[tuple[str, str, Callable[..., Any], tuple[Any, ...]]] = []
     for seed in seeds:
         folder = out / BASELINES_DIR / f"seed{seed}"
         if (folder / "results.json").exists():
             say(f"baselines seed {seed}: done already, reading {folder}")
         else:
-            say(f"baselines seed {seed}: fitting")
-            _fit_baselines(base.replace(seed=seed), train, val, test, num_parameters, folder)
+            tasks.append((f"baselines seed {seed}", "fitting", _fit_baselines,
+                          (base.replace(seed=seed, num_threads=threads_per_job(base.num_threads, jobs)), train, val, test, num_parameters, folder)))
+    for i, (variant, seed) in enumerate(todo, 1):
+        config = variant_config(base, variant, seed)
+        config = config.replace(num_threads=threads_per_job(config.num_threads, jobs))
+        run_dir = out / variant.name / f"seed{seed}"
+        label = f"run {i}/{len(todo)} {variant.name} seed {seed}"
+        _check_run_config(run_dir, config)
+        if (run_dir / "results.json").exists():
+            say(f"{label}: done already, reading {run_dir}")
+            continue
+        resume = run_dir if (run_dir / "checkpoints" / "last.pt").exists() else None
+        if resume is None and (run_dir / "metrics.jsonl").exists():
+            # a run killed before its first checkpoint starts over: drop its metric rows
+            (run_dir / "metrics.jsonl").unlink()
+        info = WandbRunInfo(name=f"{name}-{variant.name}-seed{seed}", group=name, job_type=variant.name,
+                            tags=(variant.name, f"seed{seed}"))
+        tasks.append((label, f"{'resuming' if resume else 'training'} in {run_dir}", _train_run,
+                      (config, run_dir, wandb_mode, device, resume, progress and jobs == 1, pairs, info)))
+    _execute(tasks, jobs, say)
+
+    baseline_records: list[dict[str, Any]] = []
+    baseline_pairs: dict[str, dict[int, dict[str, np.ndarray]]] = {}
+    for seed in seeds:
+        folder = out / BASELINES_DIR / f"seed{seed}"
         saved = json.loads((folder / "results.json").read_text(encoding="utf-8"))
         for model, metrics in saved["test"].items():
             baseline_records.append({"model": model, "seed": seed, "test": metrics,
@@ -531,30 +576,11 @@ def run_study(
         for model, scores in load_pair_scores(folder / "test_pairs.npz").items():
             baseline_pairs.setdefault(model, {})[seed] = scores
 
-    todo = [(v, s) for v in variants for s in v.seeds]
     runs: list[dict[str, Any]] = []
     run_pairs: dict[str, dict[int, dict[str, np.ndarray]]] = {}
     for i, (variant, seed) in enumerate(todo, 1):
-        config = variant_config(base, variant, seed)
         run_dir = out / variant.name / f"seed{seed}"
         label = f"run {i}/{len(todo)} {variant.name} seed {seed}"
-        _check_run_config(run_dir, config)
-        if (run_dir / "results.json").exists():
-            say(f"{label}: done already, reading {run_dir}")
-        else:
-            resume = run_dir if (run_dir / "checkpoints" / "last.pt").exists() else None
-            if resume is None and (run_dir / "metrics.jsonl").exists():
-                # a run killed before its first checkpoint starts over: drop its metric rows
-                (run_dir / "metrics.jsonl").unlink()
-            say(f"{label}: {'resuming' if resume else 'training'} in {run_dir}")
-            run_start = time.perf_counter()
-            run_training(
-                config, run_dir, wandb_mode=wandb_mode, device=device, resume=resume, progress=progress,
-                pairs=pairs, baselines=False,
-                wandb_info=WandbRunInfo(name=f"{name}-{variant.name}-seed{seed}", group=name, job_type=variant.name,
-                                        tags=(variant.name, f"seed{seed}")),
-            )
-            say(f"{label}: trained in {_clock(time.perf_counter() - run_start)}")
         if Split.from_json(run_dir / "split.json") != split:
             raise ValueError(f"{run_dir}/split.json: differs from the study's split {out / 'split.json'}")
         record = _run_record(run_dir, variant.name, seed)
@@ -584,6 +610,50 @@ def run_study(
     atomic_write(out / "study.md", lambda tmp: tmp.write_text(table, encoding="utf-8"))
     say(f"wrote {out / 'study.md'} and {out / 'study.json'}")
     return study
+
+
+def threads_per_job(num_threads: int, jobs: int) -> int:
+    """The ``num_threads`` each of ``jobs`` parallel runs gets: the config's own where it sets one
+    (> 0), else this machine's cores shared out (at least 1); one job keeps the config's value."""
+    if num_threads > 0 or jobs == 1:
+        return num_threads
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
+def _train_run(config: EnergyConfig, run_dir: Path, wandb_mode: str, device: str | None, resume: Path | None,
+               progress: bool, pairs: EmbeddingPairs, info: WandbRunInfo) -> None:
+    """One study run: :func:`run_training` without baselines (the study fits them once per seed)."""
+    run_training(config, run_dir, wandb_mode=wandb_mode, device=device, resume=resume, progress=progress,
+                 pairs=pairs, baselines=False, wandb_info=info)
+
+
+def _execute(tasks: list[tuple[str, str, Callable[..., Any], tuple[Any, ...]]], jobs: int,
+             say: Callable[[str], None]) -> None:
+    """Run ``(label, what, function, args)`` tasks one after another, or ``jobs`` at a time in
+    worker processes (spawned: no CUDA or thread-pool state is inherited). The first failure stops
+    the tasks not yet started and is raised."""
+    if jobs == 1 or len(tasks) <= 1:
+        for label, what, function, args in tasks:
+            say(f"{label}: {what}")
+            task_start = time.perf_counter()
+            function(*args)
+            say(f"{label}: done in {_clock(time.perf_counter() - task_start)}")
+        return
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        started = time.perf_counter()
+        futures = {}
+        for label, what, function, args in tasks:
+            futures[pool.submit(function, *args)] = label
+            say(f"{label}: {what} (queued, {jobs} at a time)")
+        for future in concurrent.futures.as_completed(futures):
+            try:
+                future.result()
+            except BaseException:
+                for other in futures:
+                    other.cancel()
+                raise
+            say(f"{futures[future]}: done ({_clock(time.perf_counter() - started)} into the batch)")
 
 
 def _clock(seconds: float) -> str:
@@ -629,14 +699,15 @@ def _check_run_config(run_dir: Path, config: EnergyConfig) -> None:
 def _fit_baselines(config: EnergyConfig, train: EmbeddingPairs, val: EmbeddingPairs, test: EmbeddingPairs,
                    num_parameters: int, folder: Path) -> None:
     """Fit the baselines of one seed and write their validation and test scores to ``folder``."""
+    apply_num_threads(config.num_threads)
     folder.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"seed": config.seed, "test": {}, "validation": {}, "num_parameters": {}}
     per_pair: dict[str, dict[str, np.ndarray]] = {}
     for baseline in fit_baselines((train.src, train.tgt), (val.src, val.tgt),
                                   **baseline_options(config, len(train), num_parameters)):
         pred = baseline.predict(test.src)
-        results["test"][baseline.name] = evaluate_predictions(pred, test.tgt)
-        results["validation"][baseline.name] = evaluate_predictions(baseline.predict(val.src), val.tgt)
+        results["test"][baseline.name] = score_predictions(config, pred, test.tgt)
+        results["validation"][baseline.name] = score_predictions(config, baseline.predict(val.src), val.tgt)
         results["num_parameters"][baseline.name] = baseline.num_parameters
         per_pair[baseline.name] = pair_scores(pred, test.tgt)
     save_pair_scores(folder / "test_pairs.npz", per_pair)
@@ -658,7 +729,7 @@ def _run_record(run_dir: Path, variant: str, seed: int) -> dict[str, Any]:
         "variant": variant,
         "seed": seed,
         "run_dir": str(run_dir),
-        "test": {k: saved["test"]["energy-flow"][k] for k in TEST_METRICS},
+        "test": {k: v for k, v in saved["test"]["energy-flow"].items() if k in (*TEST_METRICS, ANSWER_METRIC)},
         "validation": {k: saved["validation"][k] for k in (*TEST_METRICS, "loss", "step")},
         "test_dynamics": saved["test_dynamics"],
         # dead: the last evaluation of training (at the final step) saw no flow reach the output face

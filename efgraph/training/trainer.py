@@ -88,7 +88,7 @@ from efgraph.training.run_logger import RunLogger
 from efgraph.training.schedule import warmup_cosine_scheduler
 from efgraph.training.signals import STOP_SIGNALS, StopRequest, TrainingInterrupted, signal_name
 from efgraph.utils import memory
-from efgraph.utils.device import get_device, memory_report
+from efgraph.utils.device import apply_num_threads, get_device, memory_report
 from efgraph.utils.logging import DEBUG_CONVERGENCE, get_logger
 from efgraph.utils.memory import MemoryEstimate, check_training_fits
 
@@ -138,6 +138,11 @@ class EnergyTrainer:
             raise ValueError("skip_nonfinite_steps: not supported with several processes; a non-finite "
                              "step stops all ranks (after rank 0 writes last_good.pt)")
         self.device = get_device(device) if not isinstance(device, torch.device) else device
+        # the process's CPU threads, before anything computes: runs sharing a machine each get
+        # their share (config.num_threads), never PyTorch's default of every core each
+        self.num_threads = apply_num_threads(config.num_threads)
+        logger.info("CPU threads: %d (num_threads %d%s)", self.num_threads, config.num_threads,
+                    ": PyTorch's default" if config.num_threads == 0 else "")
         local_batch = math.ceil(config.batch_size / distributed.world_size)
         # the memory plan (see efgraph.utils.memory): checkpointing and micro-batches chosen so that
         # the worst case fits the device; a config that cannot fit is refused now rather than dying

@@ -43,3 +43,13 @@ def memory_report(device: torch.device | str | None = None) -> dict[str, float]:
         report["cuda_allocated_mb"] = torch.cuda.memory_allocated(device) / 2**20
         report["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return report
+
+
+def apply_num_threads(num_threads: int) -> int:
+    """Set this process's CPU threads (``torch.set_num_threads``) when ``num_threads > 0`` (a
+    config's ``num_threads``; 0 leaves PyTorch's default); returns the count now in force."""
+    if num_threads < 0:
+        raise ValueError(f"num_threads: must be >= 0 (0 = PyTorch's default), got {num_threads}")
+    if num_threads > 0 and torch.get_num_threads() != num_threads:
+        torch.set_num_threads(num_threads)
+    return torch.get_num_threads()

@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from efgraph.data._atomic import atomic_write_text
+from efgraph.training.baselines import format_results_table
 
 # the sections of both reports: (title, metric keys drawn in one panel)
 CURVE_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -141,7 +142,7 @@ def build_wandb_report(runs: list[RunRecord], studies: list[StudyRecord], *, ent
         panels += [wr.LinePlot(title=t, x="Step", y=list(keys)) for t, keys in DYNAMICS_PANELS]
         panels.append(wr.BarPlot(title="Test cosine: model vs baselines",
                                  metrics=[wr.SummaryMetric(f"test/{m}/cosine")
-                                          for m in ("energy-flow", "identity", "ridge", "mlp")]))
+                                          for m in ("energy-flow", "identity", "ridge", "mlp", "transformer")]))
         panels.append(wr.WeavePanelSummaryTable(table_name="test/results"))
         panels.append(wr.MediaBrowser(title="Figures", media_keys=[f"figures/{f}" for f in FIGURES]))
         return wr.PanelGrid(runsets=[runset], panels=panels)
@@ -191,8 +192,7 @@ def _results_markdown(run: RunRecord) -> str:
         last = max((r["step"] for r in run.rows), default=0)
         return f"Unfinished run: last logged step {last}; no test results yet."
     res = run.results
-    lines = ["| model | cosine | MSE | R@1 |", "|---|---:|---:|---:|"]
-    lines += [f"| {m} | {v['cosine']:.4f} | {v['mse']:.4g} | {v['r_at_1']:.4f} |" for m, v in res["test"].items()]
+    lines = format_results_table(res["test"]).splitlines()
     facts = [f"dataset `{res.get('dataset')}`", f"{res.get('num_parameters', 0):,} parameters",
              f"best step {res.get('best_step')} of {res.get('total_steps', '?')}"]
     split = res.get("split")
@@ -205,6 +205,10 @@ def _results_markdown(run: RunRecord) -> str:
     for name in ("mlp", "residual-mlp"):
         if name in baselines:
             facts.append(f"{name} width {baselines[name]['hidden_dim']}, best step {baselines[name]['best_step']}")
+    for name in ("transformer", "residual-transformer"):
+        if name in baselines:
+            b = baselines[name]
+            facts.append(f"{name} {b['tokens']} tokens x {b['width']}, {b['layers']} layers, best step {b['best_step']}")
     return "\n".join(lines) + "\n\n" + "; ".join(facts)
 
 

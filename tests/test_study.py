@@ -276,3 +276,12 @@ def test_study_script_help_documents_every_flag_and_refuses_a_bad_variant(tmp_pa
                           "--variant", "x:seed=1", "--output-dir", str(tmp_path / "s")], capture_output=True, text=True)
     assert bad.returncode != 0 and "error: --variant x: seed is set by --seeds" in bad.stderr
     assert not (tmp_path / "s").exists()  # refused before anything was written
+
+
+def test_parallel_runs_share_the_cores_and_an_explicit_thread_count_is_kept(monkeypatch):
+    from efgraph.training.study import threads_per_job
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert threads_per_job(0, 1) == 0  # one run at a time: PyTorch's default, as configured
+    assert threads_per_job(0, 2) == 4 and threads_per_job(0, 3) == 2 and threads_per_job(0, 16) == 1
+    assert threads_per_job(3, 2) == 3  # the config says so

@@ -343,3 +343,19 @@ def test_training_in_micro_batches_follows_the_whole_batch_run(tmp_path):
             assert b[key] == a[key], key
     for (name, a), (_, b) in zip(whole.processor.state_dict().items(), micro.processor.state_dict().items()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=f"{name} differs")
+
+
+def test_the_trainer_applies_num_threads_and_zero_keeps_the_default(tiny):
+    """Runs that share a machine each get their share of its cores: the trainer sets the process's
+    threads from config.num_threads before anything computes; 0 leaves PyTorch's default alone."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        trainer = EnergyTrainer(FlowProcessor.from_config(tiny), tiny.replace(num_threads=1), progress=False)
+        assert torch.get_num_threads() == 1 and trainer.num_threads == 1
+        trainer = EnergyTrainer(FlowProcessor.from_config(tiny), tiny.replace(num_threads=0), progress=False)
+        assert torch.get_num_threads() == 1 and trainer.num_threads == 1  # 0: whatever is in force stays
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="num_threads: must be >= 0"):
+        tiny.replace(num_threads=-1)

@@ -133,3 +133,17 @@ def test_forward_held_bytes_counts_the_tensors_a_call_leaves_allocated():
 
     out, held = bench.forward_held_bytes(fn)
     assert out.item() == 2000.0 and held == 2048 * 4 + 4
+
+
+def test_bench_threads_runs_side_by_side_at_both_thread_counts(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_threads", ROOT / "scripts/bench_threads.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "threads.json"
+    module.main(["--config", "configs/routing.yaml", "--set", "synthetic_pairs=300",
+                 "--steps", "4", "--warmup", "1", "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert len(res["default_step_s"]) == len(res["shared_step_s"]) == 2
+    assert all(t > 0 for t in res["default_step_s"] + res["shared_step_s"])
+    assert res["shared_threads"] == max(1, res["cores"] // 2)
+    assert "| 0 (PyTorch's default) |" in capsys.readouterr().out

@@ -192,18 +192,24 @@ def test_train_in_process_stops_after_the_step_and_gives_the_callers_handlers_ba
 
 
 def test_a_ctrl_c_stop_is_a_keyboard_interrupt_too_and_a_second_one_stops_at_once(tmp_path):
-    ctrl_c = signal.getsignal(signal.SIGINT)
-    trainer, x, y = _tiny_trainer(tmp_path / "once", _SignalAt(tmp_path / "once", 2, signal.SIGINT))
-    with pytest.raises(KeyboardInterrupt) as once:  # what code catching Ctrl-C around training expects
-        trainer.train(x, y, epochs=2)
-    assert isinstance(once.value, TrainingInterrupted) and (once.value.code, once.value.step) == (130, 2)
+    # the state a foreground Python starts in: a shell starts background jobs (`pytest &`, nohup,
+    # schedulers) with SIGINT ignored, and the trainer rightly leaves an ignored signal alone
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        trainer, x, y = _tiny_trainer(tmp_path / "once", _SignalAt(tmp_path / "once", 2, signal.SIGINT))
+        with pytest.raises(KeyboardInterrupt) as once:  # what code catching Ctrl-C around training expects
+            trainer.train(x, y, epochs=2)
+        assert isinstance(once.value, TrainingInterrupted) and (once.value.code, once.value.step) == (130, 2)
 
-    trainer, x, y = _tiny_trainer(tmp_path / "twice", _SignalAt(tmp_path / "twice", 2, signal.SIGINT, signal.SIGINT))
-    with pytest.raises(KeyboardInterrupt) as twice:
-        trainer.train(x, y, epochs=2)
-    assert not isinstance(twice.value, TrainingInterrupted)  # at once: inside step 2's logging, nothing saved
-    assert not (tmp_path / "twice/checkpoints/last.pt").exists()
-    assert signal.getsignal(signal.SIGINT) is ctrl_c
+        trainer, x, y = _tiny_trainer(tmp_path / "twice",
+                                      _SignalAt(tmp_path / "twice", 2, signal.SIGINT, signal.SIGINT))
+        with pytest.raises(KeyboardInterrupt) as twice:
+            trainer.train(x, y, epochs=2)
+        assert not isinstance(twice.value, TrainingInterrupted)  # at once: inside step 2's logging, nothing saved
+        assert not (tmp_path / "twice/checkpoints/last.pt").exists()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the trainer put it back
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_stop_request_leaves_ignored_signals_and_other_threads_alone():

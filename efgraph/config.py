@@ -330,6 +330,11 @@ class EnergyConfig:
             raise ValueError(f"dataset: must be one of {DATASETS}, got {self.dataset!r}")
         if self.dataset in ("pairs", "text") and not self.data_path:
             raise ValueError(f"data_path: required for dataset={self.dataset!r}")
+        if self.data_path and self.dataset not in ("pairs", "text"):
+            # read only for a file dataset: set alone it would be ignored and the run would train
+            # on the built-in data without a word
+            raise ValueError(f"data_path: only read with dataset 'pairs' (embeddings) or 'text' (text pairs), but "
+                             f"dataset is {self.dataset!r}; add --set dataset=pairs (or text), or drop data_path")
         for name in ["val_fraction", "test_fraction"]:
             if not 0.0 < getattr(self, name) < 0.5:
                 raise ValueError(f"{name}: must be in (0, 0.5), got {getattr(self, name)}")

@@ -73,6 +73,14 @@ def test_overrides_parse_yaml_scalars():
         ({"lattice_width": True}, "lattice_width"),
         ({"energy_threshold": float("nan")}, "energy_threshold"),
         ({"max_lateral_step": -1.0}, "max_lateral_step"),
+        ({"data_path": "pairs.npz"}, "data_path"),  # dataset is synthetic: the file would be ignored
+        ({"num_threads": -1}, "num_threads"),
+        ({"baseline_models": "mlp,gru"}, "baseline_models"),
+        ({"baseline_models": "mlp,mlp"}, "baseline_models"),
+        ({"transformer_width": 30}, "transformer_width"),
+        ({"transformer_heads": 0}, "transformer_heads"),
+        ({"composition_chain": 0}, "composition_chain"),
+        ({"composition_hold_out": "tables"}, "composition_hold_out"),
     ],
 )
 def test_bad_values_raise_naming_the_field(changes, field):

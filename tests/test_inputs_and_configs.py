@@ -158,3 +158,19 @@ def test_a_lattice_from_another_config_is_refused_naming_the_fields():
     other = tiny_config(lattice_width=7)
     with pytest.raises(ValueError, match=r"lattice: .*lattice_width \(7 vs 6\)"):
         FlowProcessor(EnergyLattice(other), SimpleNeuron(config), config)
+
+
+def test_the_readmes_python_block_runs_as_pasted(tmp_path, monkeypatch):
+    """What a newcomer pastes first must run: the README's "Using it from Python" block, as is."""
+    import re
+
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Using it from Python"):]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the project's own README
+    assert (tmp_path / "my-model" / "model.safetensors").exists()
+    assert not namespace["model"].training and namespace["y"].shape == (8, namespace["config"].output_dim)

@@ -46,9 +46,9 @@ from efgraph.data import EmbeddingPairs, Split
 from efgraph.data._atomic import atomic_write
 from efgraph.training.baselines import fit_baselines
 from efgraph.training.metrics import load_pair_scores, pair_scores, save_pair_scores
-from efgraph.utils.device import apply_num_threads
 from efgraph.training.run import (TEST_METRICS, WandbRunInfo, baseline_options, load_pairs, make_run_split,
                                   run_training, score_predictions)
+from efgraph.utils.device import apply_num_threads
 
 # Config fields that decide the pairs or the split: shared by every run of a study, so a variant
 # may not set them (use --set for all runs).
@@ -544,8 +544,9 @@ def run_study(
         if (folder / "results.json").exists():
             say(f"baselines seed {seed}: done already, reading {folder}")
         else:
+            config = base.replace(seed=seed, num_threads=threads_per_job(base.num_threads, jobs))
             tasks.append((f"baselines seed {seed}", "fitting", _fit_baselines,
-                          (base.replace(seed=seed, num_threads=threads_per_job(base.num_threads, jobs)), train, val, test, num_parameters, folder)))
+                          (config, train, val, test, num_parameters, folder)))
     for i, (variant, seed) in enumerate(todo, 1):
         config = variant_config(base, variant, seed)
         config = config.replace(num_threads=threads_per_job(config.num_threads, jobs))

@@ -48,6 +48,7 @@ from torch_geometric.utils import degree
 from efgraph.config import ARCHITECTURE_KEYS, EnergyConfig
 from efgraph.core.budget import keep_top_per_group
 from efgraph.core.compaction import bucket_rows, read_counts, unique_padded
+from efgraph.core.diagnostics import ForwardDiagnostics
 from efgraph.core.energy_carrier import CarrierHeads, EnergyCarrier
 from efgraph.core.energy_lattice import EnergyLattice
 from efgraph.core.flow_state import FlowState
@@ -178,6 +179,9 @@ class StepDecisions:
     # False: the recompute decides again and reuses only the counts (what the engine did before
     # it saved fates); kept so a test can show what replaying the fates protects against
     replay_fates: bool = True
+    # the forward ran the step's parts eagerly (a diagnostics forward under compile: true): so does
+    # the recompute, whose saved activations must be the forward's
+    eager: bool = False
 
     def record(self, counts: list[int], died: Tensor, arrived: Tensor, spawns: Tensor) -> None:
         self.counts = list(counts)
@@ -208,7 +212,10 @@ class FlowProcessor(nn.Module):
         config: the :class:`EnergyConfig`; the carrier is built from it.
 
     After each forward, :attr:`last_trace` holds the :class:`FlowTrace` of that forward. Set
-    :attr:`record_paths` to also keep every flow's position at every step (for figures).
+    :attr:`record_paths` to also keep every flow's position at every step (for figures), and
+    :attr:`record_diagnostics` to record the learning diagnostics of
+    :mod:`efgraph.core.diagnostics` in :attr:`last_diagnostics` (gradient hooks per step, each
+    step's output, the landings; eager even with ``compile: true``).
     """
 
     def __init__(self, lattice: EnergyLattice, neuron: SimpleNeuron, config: EnergyConfig) -> None:
@@ -231,6 +238,11 @@ class FlowProcessor(nn.Module):
         self.register_buffer("neighbour_offsets", neighbourhood_offsets(config.interaction_radius), persistent=False)
         self.record_paths = False
         self.last_trace: FlowTrace | None = None
+        # learning diagnostics (efgraph.core.diagnostics): off, the engine tests `_recording is None`
+        # once per step and does nothing else; on, the forward fills a record for the trainer
+        self.record_diagnostics = False
+        self.last_diagnostics: ForwardDiagnostics | None = None
+        self._recording: ForwardDiagnostics | None = None  # set only while a diagnostics forward runs
         # the per-sample cap on active flows that spawning respects: config.max_active_flows
         # unless a budget controller (efgraph.training.flow_budget) lowers it between forwards
         self.active_flow_budget: int = config.max_active_flows
@@ -268,7 +280,22 @@ class FlowProcessor(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        """``x [B, input_dim]`` -> ``y [B, output_dim]``; the forward's trace goes to :attr:`last_trace`."""
+        """``x [B, input_dim]`` -> ``y [B, output_dim]``; the forward's trace goes to :attr:`last_trace`
+        (and with :attr:`record_diagnostics` its diagnostics to :attr:`last_diagnostics`)."""
+        self.last_diagnostics = None  # the last forward's record: none unless it recorded one
+        if not self.record_diagnostics:
+            return self._forward(x)
+        self._check_input(x)
+        # active for this forward only: a checkpointed step recomputed in backward records nothing
+        self._recording = ForwardDiagnostics(batch_size=x.size(0))
+        try:
+            y = self._forward(x)
+            self.last_diagnostics = self._recording
+        finally:
+            self._recording = None
+        return y
+
+    def _forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         batch_size = x.size(0)
         state = self.inject(x)
@@ -309,6 +336,8 @@ class FlowProcessor(nn.Module):
                 phantoms.append(result.phantoms)
             collected = _add(collected, result.collected)
             phantom = _add(phantom, result.phantom_collected)
+            if self._recording is not None:  # the face this step's arrivals collected
+                self._recording.step_output(self._step_output(result, batch_size))
             books.append(result.books)
             trace.active.append(state.num_active)
             trace.occupied.append(result.occupied_cell_id.numel())
@@ -336,6 +365,9 @@ class FlowProcessor(nn.Module):
             ends = [a.deposited(batch_size) for a in landed]
             trace.paths.append(_landed_record(ends, self.config))
         self.last_trace = trace
+        if self._recording is not None:
+            every = _cat_arrivals(landed) if landed else self._no_deposits(x)
+            self._recording.finish(self.lattice, every.batch, every.xy, every.energy)
         if self.config.readout == "shared":  # not linear in the deposits: collected once, over all of them
             collected = self.collect(_cat_arrivals(landed), batch_size) if landed else None
             phantom = self.collect(_cat_arrivals(phantoms), batch_size) if phantoms else None
@@ -351,6 +383,14 @@ class FlowProcessor(nn.Module):
         gradient past a closed gate."""
         return self.lattice.collect_output_energy(deposits.batch, deposits.xy, deposits.energy, deposits.value,
                                                   batch_size)
+
+    @torch.no_grad()
+    def _step_output(self, result: StepResult, batch_size: int) -> Tensor | None:
+        """``[B, K]`` the face one step's arrivals collected (diagnostics only): the step's own
+        collected face for the linear readout; for ``readout: shared`` its deposits collected alone."""
+        if self.config.readout == "face" or result.deposits is None:
+            return result.collected
+        return self.collect(result.deposits, batch_size)
 
     def _no_deposits(self, x: Tensor) -> Arrivals:
         empty = torch.zeros(0, dtype=torch.long, device=x.device)
@@ -411,7 +451,13 @@ class FlowProcessor(nn.Module):
                 read and no threshold is compared again.
         """
         cfg = self.config
-        d = self._graph("decide")(self, state, batch_size, self._budget_tensor(state.energy.device))
+        if decisions is not None and not decisions.counts:  # the forward (not a recompute)
+            decisions.eager = self._recording is not None
+        # a diagnostics forward hooks tensors inside the step's parts: eager, as is its recompute
+        eager = self._recording is not None or (decisions is not None and decisions.eager)
+        if self._recording is not None:
+            self._recording.begin_step(state.num_active, state.valid)
+        d = self._graph("decide", eager)(self, state, batch_size, self._budget_tensor(state.energy.device))
         died, arrived, spawns = d.died, d.arrived, d.spawns
         # ... the step's one host sync reads how many flows each fate holds (it fixes the next
         # step's shapes); the flows are then picked by sorting on their fate, no further sync
@@ -433,15 +479,16 @@ class FlowProcessor(nn.Module):
         else:
             rows = bucket_rows(n_next) if cfg.compile else n_next
             next_id_t = torch.full((), next_id, dtype=torch.long, device=d.energy.device)
-            next_state = self._graph("compact")(self, moved, d.spawn_score, d.child_dxy, died, arrived, spawns,
-                                                next_id_t, rows, batch_size)
+            next_state = self._graph("compact", eager)(self, moved, d.spawn_score, d.child_dxy, died, arrived,
+                                                       spawns, next_id_t, rows, batch_size)
             next_state.num_valid = n_next if next_state.valid is not None else None
         deposits = collected = phantoms = phantom_collected = None
         if n_arrived:
-            deposits, collected = self._graph("deposit")(self, moved, d.top, d.energy, arrived, batch_size)
+            deposits, collected = self._graph("deposit", eager)(self, moved, d.top, d.energy, arrived, batch_size)
         if cfg.survival_gradient and n_died and torch.is_grad_enabled():
             phantom_energy = survival_phantom_energy(d.energy_logit, cfg.energy_threshold)
-            phantoms, phantom_collected = self._graph("deposit")(self, moved, d.top, phantom_energy, died, batch_size)
+            phantoms, phantom_collected = self._graph("deposit", eager)(self, moved, d.top, phantom_energy, died,
+                                                                         batch_size)
         if logger.isEnabledFor(DEBUG_SPAWN):
             logger.log(DEBUG_SPAWN, "step: %d flows, %d spawned, %d died, %d arrived",
                        state.num_active, n_spawned, n_died, n_arrived)
@@ -534,9 +581,10 @@ class FlowProcessor(nn.Module):
         )
         return deposits, (self.collect(deposits, batch_size) if self.config.readout == "face" else None)
 
-    def _graph(self, name: str) -> Callable[..., Any]:
-        """``decide``, ``compact`` or ``deposit`` as an unbound function: eager, or its compiled graph."""
-        if self._compiled is None:
+    def _graph(self, name: str, eager: bool = False) -> Callable[..., Any]:
+        """``decide``, ``compact`` or ``deposit`` as an unbound function: eager (no ``compile``, or
+        ``eager``), or its compiled graph."""
+        if self._compiled is None or eager:
             return getattr(type(self), name)
         compiled = self._compiled[name]
 
@@ -567,6 +615,8 @@ class FlowProcessor(nn.Module):
         step_input = torch.cat([transformation, energy.unsqueeze(1), self.lattice.position_encoding(pos)], dim=1)
         top, h, c = self.carrier.step(step_input, h, c)
         heads = self.carrier.heads(top)
+        if self._recording is not None:  # diagnostics: gradient hooks on this step's input and heads
+            self._recording.watch(step_input, heads)
         new_pos = self.lattice.move(pos, heads.dxy, heads.dz_fraction)
         return top, h, c, heads, new_pos, torch.sigmoid(heads.energy_logit.float())
 

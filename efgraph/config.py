@@ -29,7 +29,8 @@ INJECTIONS = ("face", "broadcast")
 READOUTS = ("face", "shared")
 # Fields a resumed run may change: they do not affect which batches it sees or what it computes.
 RESUME_MUTABLE_KEYS = ("log_every", "checkpoint_every", "wandb_project", "compile", "skip_nonfinite_steps",
-                       "memory_check", "activation_checkpointing", "micro_batch_size", "num_threads")
+                       "memory_check", "activation_checkpointing", "micro_batch_size", "num_threads",
+                       "learning_diagnostics")
 PRECISIONS = ("fp32", "bf16")
 # fixed: the per-sample flow budget is max_active_flows; adaptive: a controller moves it between
 # forwards, under the memory plan's cap and toward flow_budget_target (efgraph.training.flow_budget)
@@ -124,6 +125,9 @@ class EnergyConfig:
     cosine_weight: float = 1.0
     eval_every: int = 100
     log_every: int = 10
+    # per-lattice-step gradients, output shares, landings and start-cell churn (diag/... keys) on
+    # the logged training steps only (efgraph.core.diagnostics); the other steps pay nothing
+    learning_diagnostics: bool = True
     checkpoint_every: int = 200
     precision: str = "fp32"  # fp32 | bf16 (autocast; the recurrent cell and positions stay fp32)
     # torch.compile the whole step: decide, compact and deposit, each one graph with static shapes

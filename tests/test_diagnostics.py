@@ -332,3 +332,134 @@ def test_compile_runs_a_diagnostics_forward_and_its_recompute_eagerly():
         assert metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-9), key
     with pytest.raises(RuntimeError, match="the compiled graph ran"):
         proc(x)
+
+
+# ---- the trainer -------------------------------------------------------------------------------
+
+def _pairs(config, n=40, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, config.input_dim, generator=gen), torch.randn(n, config.output_dim, generator=gen)
+
+
+@pytest.fixture(scope="module")
+def logged_run(tmp_path_factory):
+    """A short training run with log_every 2: its run folder, and whether each forward recorded."""
+    run_dir = tmp_path_factory.mktemp("diag") / "run"
+    config = _config(batch_size=8, log_every=2, eval_every=3, checkpoint_every=100, warmup_steps=1,
+                     learning_rate=3e-2)
+    torch.manual_seed(0)
+    proc = FlowProcessor.from_config(config)
+    flags = []  # per forward: (training step it belongs to, training forward, recorded diagnostics)
+    forward = proc.forward
+
+    def watched(x):
+        flags.append((trainer.step + 1, torch.is_grad_enabled(), proc.record_diagnostics))
+        return forward(x)
+
+    proc.forward = watched
+    trainer = EnergyTrainer(proc, config, run_dir=run_dir, progress=False)
+    x, y = _pairs(config)
+    trainer.train(x[:32], y[:32], val_inputs=x[32:], val_targets=y[32:], max_steps=7, total_steps=7)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return run_dir, rows, flags, config
+
+
+def test_the_trainer_logs_diagnostics_on_logged_steps_only(logged_run):
+    _, rows, flags, config = logged_run
+    steps = config.lattice_depth - 1
+    expected = {f"diag/grad_{k}_step_{s}" for k in GRADIENT_KEYS for s in range(1, steps + 1)}
+    expected |= {f"diag/output_share_step_{s}" for s in range(1, steps + 1)}
+    expected |= {"diag/landing_cells_per_sample", "diag/landing_effective_cells", "diag/start_churn"}
+    logged = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in logged] == [2, 4, 6, 7]  # log_every 2, and the last step
+    for row in logged:
+        assert {k for k in row if k.startswith("diag/")} == expected, row["step"]
+        assert all(math.isfinite(row[k]) and row[k] >= 0 for k in expected)
+        assert row["diag/grad_carrier_in_step_1"] > 0
+    assert logged[0]["diag/start_churn"] == 0.0  # nothing to compare with yet
+    others = [r for r in rows if "train/loss" not in r]
+    assert [r["step"] for r in others] == [3, 6, 7] and all("val/loss" in r for r in others)
+    assert not any(k.startswith("diag/") for r in others for k in r)
+    # the training forwards of the logged steps recorded, no other forward did (evaluations neither)
+    training = [(step, recorded) for step, grad, recorded in flags if grad]
+    assert training == [(step, step in (2, 4, 6, 7)) for step in range(1, 8)]
+    assert not any(recorded for _, grad, recorded in flags if not grad) and len(flags) > len(training)
+
+
+def test_learning_diagnostics_off_logs_no_diag_keys():
+    config = _config(batch_size=8, learning_diagnostics=False)
+    trainer = EnergyTrainer(FlowProcessor.from_config(config), config, progress=False)
+    trainer.scheduler = warmup_cosine_scheduler(trainer.optimizer, 0, 10)
+    metrics = trainer.train_step(*_pairs(config, n=8), log=True)
+    assert "flows/active_step_1" in metrics and not any(k.startswith("diag/") for k in metrics)
+
+
+def _trainer_step(config, batch, log=True):
+    proc, _, _ = _lively(config)
+    trainer = EnergyTrainer(proc, config, progress=False)
+    trainer.scheduler = warmup_cosine_scheduler(trainer.optimizer, 0, 10)
+    return trainer, trainer.train_step(*batch, log=log)
+
+
+@pytest.mark.parametrize("micro,checkpointing", [(3, False), (1, True)])
+def test_micro_batches_and_checkpointing_give_the_whole_batch_diagnostics(micro, checkpointing):
+    """A flow's gradient is the whole batch's however the batch is split (the trainer weights each
+    micro-batch's loss by its rows), and shares and landings are per sample: the same numbers."""
+    config = _config(batch_size=7, memory_check=False)
+    batch = _pairs(config, n=7, seed=3)
+    _, whole = _trainer_step(config, batch)
+    trainer, split = _trainer_step(config.replace(micro_batch_size=micro, activation_checkpointing=checkpointing),
+                                   batch)
+    assert trainer.micro_batch_size == micro and trainer.processor.config.activation_checkpointing == checkpointing
+    keys = [k for k in whole if k.startswith("diag/")]
+    assert len(keys) == 4 * (config.lattice_depth - 1) + 2  # no probe outside train(): no churn
+    assert whole["diag/grad_carrier_in_step_2"] > 0 and whole["diag/output_share_step_3"] > 0
+    for key in keys:
+        assert split[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-9), key
+
+
+def test_steps_off_the_log_grid_cost_no_op_or_sync_of_the_diagnostics():
+    config = _config(batch_size=B)
+    batch = (torch.randn(B, config.input_dim), torch.randn(B, config.output_dim))
+    counts = {}
+    for name, on, log in [("off", False, False), ("on", True, False), ("on, logged", True, True),
+                          ("off, logged", False, True)]:
+        proc, _, _ = _lively(config.replace(learning_diagnostics=on))
+        trainer = EnergyTrainer(proc, config.replace(learning_diagnostics=on), progress=False)
+        trainer.scheduler = warmup_cosine_scheduler(trainer.optimizer, 0, 10)
+        with count_ops() as mode:
+            trainer.train_step(*batch, log=log)
+        counts[name] = mode.count
+    assert counts["on"].ops == counts["off"].ops and counts["on"].syncs == counts["off"].syncs
+    assert counts["on"].by_name == counts["off"].by_name
+    # the counter does see the diagnostics where they run: a logged step's hooks and statistics
+    assert counts["on, logged"].ops > counts["off, logged"].ops
+
+
+def test_compiled_training_logs_diagnostics_without_new_graphs(monkeypatch):
+    """Real graphs (dynamo + AOT autograd, the aot_eager backend): logged steps run eagerly with
+    diagnostics, and a second pass over logged and unlogged steps compiles nothing new (the
+    engine's diagnostics check compiles to a guard, not to a recompile)."""
+    import efgraph.core.flow_processor as fp
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(fp, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        config = _config(compile=True, memory_check=False)
+        torch.manual_seed(0)
+        trainer = EnergyTrainer(FlowProcessor.from_config(config), config, progress=False)
+        trainer.scheduler = warmup_cosine_scheduler(trainer.optimizer, 0, 100)
+        batch = (torch.randn(B, config.input_dim), torch.randn(B, config.output_dim))
+        logged = [trainer.train_step(*batch, log=i % 2 == 1) for i in range(4)]
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs > 0
+        logged += [trainer.train_step(*batch, log=i % 2 == 1) for i in range(4)]
+        assert counters["stats"]["unique_graphs"] == graphs
+        for i, metrics in enumerate(logged):
+            assert ("diag/grad_carrier_in_step_1" in metrics) == (i % 2 == 1)
+            if i % 2:
+                assert metrics["diag/grad_carrier_in_step_1"] > 0
+    finally:
+        torch._dynamo.reset()

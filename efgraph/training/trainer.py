@@ -50,6 +50,13 @@ logged, ``flows/budget_cap``), which follows the device's free memory on the log
 budget is state: checkpoints save it, a resume restores it, the best state keeps its own, and
 evaluation runs under the budget the model trains under.
 
+Learning diagnostics (``learning_diagnostics``, on by default; :mod:`efgraph.core.diagnostics`):
+on the logged steps only, the forwards record per-step gradient hooks, output shares and landings
+and the trainer logs them as ``diag/...`` with the start-cell churn of a probe batch (the first
+64 training inputs of :meth:`EnergyTrainer.train`); every other step runs exactly as without them.
+They work with micro-batches (the records add up) and activation checkpointing; with ``compile:
+true`` the logged steps run the lattice step eagerly (said once in the log).
+
 Dead-run alarm: ``flows/zero_arrival_steps`` counts the consecutive training steps whose forward
 had no flow reach the output face. When it reaches ``eval_every`` the run is most likely dead --
 every flow dies before the output face, so the lattice contributes nothing to the prediction --
@@ -75,6 +82,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from efgraph.config import ARCHITECTURE_KEYS, EnergyConfig
+from efgraph.core.diagnostics import PROBE_SIZE, ForwardDiagnostics, StartCellProbe, diagnostics_metrics
 from efgraph.core.flow_processor import FlowProcessor
 from efgraph.core.trace import FlowTrace
 from efgraph.data._atomic import atomic_write
@@ -177,6 +185,13 @@ class EnergyTrainer:
                         "flow-steps per sample per forward)", self.flow_budget.budget, self.flow_budget.cap,
                         config.max_active_flows, config.flow_budget_target or "none")
         self.processor.active_flow_budget = self._current_budget()
+        # learning diagnostics on the logged steps (see the module docstring); the probe of
+        # diag/start_churn is kept by train()
+        self.diagnostics = config.learning_diagnostics
+        self._start_probe: StartCellProbe | None = None
+        if self.diagnostics and config.compile:
+            logger.info("learning diagnostics: the logged training steps run the lattice step eagerly (a compiled "
+                        "graph keeps no intermediate tensor to hook); the other steps run compiled")
         self.model: torch.nn.Module = self.processor
         if distributed.enabled:
             # find_unused_parameters: a step without spawns (or arrivals) leaves some heads unused
@@ -291,6 +306,8 @@ class EnergyTrainer:
         if self.step >= stop:
             logger.warning("train: already at step %d of %d (epochs=%d); nothing to do", self.step, stop, epochs)
         cfg = self.config
+        if self.diagnostics:
+            self._keep_start_probe(input_embeddings)
         bar = tqdm(total=stop, initial=self.step, disable=not self.progress, desc="train", dynamic_ncols=True)
         last_loss: float | None = None
         # train/loss is logged as the mean over the steps since the previous log row, not the
@@ -341,6 +358,14 @@ class EnergyTrainer:
             self._stop_request = None
             bar.close()
         return TrainResult(self.step, self.best_step, self.best_val_loss, list(self.evaluations), last_loss)
+
+    def _keep_start_probe(self, inputs: Tensor) -> None:
+        """The probe of ``diag/start_churn``: the first :data:`PROBE_SIZE` training inputs (a
+        train() call on other inputs starts a new probe, whose first churn is 0)."""
+        probe = inputs[:PROBE_SIZE]
+        kept = self._start_probe
+        if kept is None or kept.inputs.shape != probe.shape or not torch.equal(kept.inputs.cpu(), probe.cpu()):
+            self._start_probe = StartCellProbe(self._to_device(probe))
 
     # the stop asked for by a signal while train() runs, and (several processes) the one this step's
     # all-reduce agreed on
@@ -434,7 +459,8 @@ class EnergyTrainer:
         each micro-batch's loss is weighted by its share of the batch's rows, so the accumulated
         gradient is the whole batch's (the loss is a mean over rows), and the optimizer steps
         once. With ``log`` false (a step off the log grid) the flow dynamics are not summarised:
-        that is a host copy of the trace's energies per step, wanted only when they are logged.
+        that is a host copy of the trace's energies per step, wanted only when they are logged; nor
+        are the learning diagnostics (``diag/...``), recorded only in the forwards of a logged step.
         """
         self.model.train()
         start = time.perf_counter()
@@ -453,6 +479,9 @@ class EnergyTrainer:
         grad_norm = float("nan")
         self.optimizer.zero_grad(set_to_none=True)
         budget = self.processor.active_flow_budget = self._current_budget()
+        # learning diagnostics: recorded by the forwards of a logged step only, one record per micro-batch
+        diagnose = log and self.diagnostics
+        records: list[ForwardDiagnostics] = []
         for i, (x, y) in enumerate(chunks):
             last = i == len(chunks) - 1
             # DDP: gradients are reduced across ranks once, in the last micro-batch's backward
@@ -460,6 +489,7 @@ class EnergyTrainer:
             with accumulate:
                 loss: Tensor | None = None
                 if bad is None:
+                    self.processor.record_diagnostics = diagnose
                     try:
                         with self._autocast():
                             pred = self.model(x).float()
@@ -468,10 +498,14 @@ class EnergyTrainer:
                     else:
                         preds.append(pred.detach())
                         traces.append(self.processor.last_trace)
+                        if diagnose:
+                            records.append(self.processor.last_diagnostics)
                         # embedding_loss is a mean over rows: weighted by the rows' share of the global batch
                         weight = x.size(0) * world / global_batch
                         loss = embedding_loss(pred, y, self.config.mse_weight, self.config.cosine_weight) * weight
                         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+                    finally:
+                        self.processor.record_diagnostics = False
                 if last:
                     # the whole batch's forward, as without micro-batches (host counts: no sync)
                     trace = FlowTrace.merge(traces) if traces else None
@@ -535,11 +569,24 @@ class EnergyTrainer:
                 metrics.update({f"flows/{k}": v for k, v in trace.summary().items()})
                 # per lattice step: active flows, spawns, neighbourhood size and mean energy (a curve each in W&B)
                 metrics.update({f"flows/{k}": v for k, v in trace.per_step_metrics().items()})
+            if diagnose:
+                metrics.update(self._diagnostics_metrics(records if bad is None else [], global_batch))
         if self.flow_budget is not None:  # the cap the next forward's budget is under
             metrics["flows/budget_cap"] = float(self.flow_budget.cap)
         if trace is not None and logger.isEnabledFor(DEBUG_CONVERGENCE):
             logger.log(DEBUG_CONVERGENCE, "step %d: %s", self.step + 1, arrival_statistics(trace))
         return metrics
+
+    def _diagnostics_metrics(self, records: list[ForwardDiagnostics], global_batch: int) -> dict[str, float]:
+        """The ``diag/...`` metrics of a logged step (after its backward and optimizer step): the
+        per-step gradients, output shares and landings of its forwards (none after a non-finite
+        step), and the churn of the probe's start cells under the parameters just updated."""
+        # the gradient of a flow's own sample's loss: each rank's loss is weighted so that DDP's mean
+        # over the ranks is the global batch's mean over rows
+        out = diagnostics_metrics(records, self.config.lattice_depth - 1, global_batch / self.dist.world_size)
+        if self._start_probe is not None:
+            out["diag/start_churn"] = float(self._start_probe.update(self.processor.lattice))
+        return out
 
     def _agree_across_ranks(self, bad: str | None, loss_sum: Tensor | None, trace: FlowTrace | None) -> str | None:
         """One all-reduce before the last backward (the one that reduces gradients): every rank gets

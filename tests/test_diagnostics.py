@@ -463,3 +463,31 @@ def test_compiled_training_logs_diagnostics_without_new_graphs(monkeypatch):
                 assert metrics["diag/grad_carrier_in_step_1"] > 0
     finally:
         torch._dynamo.reset()
+
+
+# ---- the reports ---------------------------------------------------------------------------------
+
+def test_the_reports_draw_a_line_per_lattice_step(logged_run):
+    pytest.importorskip("matplotlib")
+    from efgraph.training.report import DIAGNOSTICS_PANELS, RunRecord, _curve_images, expand_keys
+
+    run_dir, rows, _, config = logged_run
+    run = RunRecord(run_dir, "run", config.to_dict(), None, rows)
+    keys = expand_keys(("diag/grad_carrier_in_step_*",), rows)
+    assert keys == [f"diag/grad_carrier_in_step_{k}" for k in range(1, config.lattice_depth)]
+    titles = {t for t, _ in DIAGNOSTICS_PANELS}
+    images = _curve_images([run])
+    drawn = {t for t in titles for img in images if img.startswith(f"<img alt='{html.escape(t)}'")}
+    assert drawn == titles
+
+    wr = pytest.importorskip("wandb_workspaces.reports.v2")
+    from efgraph.training.report import build_wandb_report
+
+    report = build_wandb_report([run], [], entity="team", project="efgraph")
+    grid = [b for b in report.blocks if isinstance(b, wr.PanelGrid)][0]
+    plots = {p.title: p for p in grid.panels if isinstance(p, wr.LinePlot)}
+    carrier = plots["Gradient reaching each lattice step: |d loss / d carrier input| per flow"]
+    assert carrier.metric_regex == r"^diag/grad_carrier_in_step_\d+$" and carrier.y == []
+    assert plots["Output-face cells receiving energy per sample"].y == ["diag/landing_cells_per_sample",
+                                                                       "diag/landing_effective_cells"]
+    assert plots["Validation loss"].y == ["val/loss"] and plots["Validation loss"].metric_regex is None

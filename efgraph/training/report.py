@@ -5,8 +5,9 @@
 variant and seed, see :mod:`efgraph.training.study`):
 
 * the W&B Report (:func:`build_wandb_report`, with the ``wandb-workspaces`` library) has loss
-  and validation curves, flow-dynamics panels, the model-vs-baselines table and the figures of the
-  runs, selected by their W&B names (or the study's group). Building it needs no network;
+  and validation curves, flow-dynamics panels, the learning-diagnostics panels (``diag/...``, one
+  line per lattice step), the model-vs-baselines table and the figures of the runs, selected by
+  their W&B names (or the study's group). Building it needs no network;
   ``Report.save()`` needs an API key and the network.
 * the HTML file (:func:`write_html_report`) needs neither: the same sections from the folders'
   ``metrics.jsonl`` (curves drawn with matplotlib, embedded as base64 PNG), ``results.json`` /
@@ -42,7 +43,39 @@ DYNAMICS_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
      ("flows/energy_arrived_fraction", "flows/energy_created_fraction")),
     ("Steps without any arrival (dead-run alarm)", ("flows/zero_arrival_steps",)),
 )
+# the learning diagnostics of the logged steps (efgraph.core.diagnostics). A key ending in
+# STEP_PATTERN stands for every lattice step a run logged (k = 1, 2, ...): the HTML draws one line
+# per step present in metrics.jsonl, the W&B panel selects them by a regular expression
+STEP_PATTERN = "_step_*"
+DIAGNOSTICS_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Gradient reaching each lattice step: |d loss / d carrier input| per flow", ("diag/grad_carrier_in_step_*",)),
+    ("Gradient on each lattice step's move (dxy, dz)", ("diag/grad_move_step_*",)),
+    ("Gradient on each lattice step's energy logit", ("diag/grad_energy_step_*",)),
+    ("Share of the output carried by each lattice step's arrivals", ("diag/output_share_step_*",)),
+    ("Output-face cells receiving energy per sample",
+     ("diag/landing_cells_per_sample", "diag/landing_effective_cells")),
+    ("Start-cell churn of the probe batch between logged steps", ("diag/start_churn",)),
+)
 FIGURES = ("flow_paths", "landing", "flow_counts", "channels")
+
+
+def step_key_regex(key: str) -> str:
+    """The regular expression of a per-step key (``..._step_*``): ``^..._step_\\d+$``."""
+    return "^" + re.escape(key[: -len(STEP_PATTERN)]) + r"_step_\d+$"
+
+
+def expand_keys(keys: tuple[str, ...], rows: list[dict[str, Any]]) -> list[str]:
+    """The metric keys a panel draws from ``rows``: fixed keys as they are, a per-step key
+    (``..._step_*``) as every ``..._step_k`` in the rows, by step."""
+    out: list[str] = []
+    for key in keys:
+        if not key.endswith(STEP_PATTERN):
+            out.append(key)
+            continue
+        pattern = re.compile(step_key_regex(key))
+        found = {k for row in rows for k in row if pattern.match(k)}
+        out += sorted(found, key=lambda k: int(k.rsplit("_", 1)[1]))
+    return out
 
 
 @dataclass
@@ -137,9 +170,14 @@ def build_wandb_report(runs: list[RunRecord], studies: list[StudyRecord], *, ent
     """
     import wandb_workspaces.reports.v2 as wr
 
+    def line_plot(title: str, keys: tuple[str, ...]) -> Any:
+        fixed = [k for k in keys if not k.endswith(STEP_PATTERN)]
+        per_step = [step_key_regex(k) for k in keys if k.endswith(STEP_PATTERN)]
+        assert len(per_step) <= 1, f"{title}: one per-step key per panel (W&B takes one regular expression)"
+        return wr.LinePlot(title=title, x="Step", y=fixed, metric_regex=per_step[0] if per_step else None)
+
     def grid(runset: Any) -> Any:
-        panels: list[Any] = [wr.LinePlot(title=t, x="Step", y=list(keys)) for t, keys in CURVE_PANELS]
-        panels += [wr.LinePlot(title=t, x="Step", y=list(keys)) for t, keys in DYNAMICS_PANELS]
+        panels: list[Any] = [line_plot(t, keys) for t, keys in CURVE_PANELS + DYNAMICS_PANELS + DIAGNOSTICS_PANELS]
         panels.append(wr.BarPlot(title="Test cosine: model vs baselines",
                                  metrics=[wr.SummaryMetric(f"test/{m}/cosine")
                                           for m in ("energy-flow", "identity", "ridge", "mlp", "transformer")]))
@@ -220,11 +258,11 @@ def _curve_images(runs: list[RunRecord]) -> list[str]:
     import matplotlib.pyplot as plt
 
     out = []
-    for title, keys in CURVE_PANELS + DYNAMICS_PANELS:
+    for title, keys in CURVE_PANELS + DYNAMICS_PANELS + DIAGNOSTICS_PANELS:
         fig, ax = plt.subplots(figsize=(5.2, 3.2), dpi=90)
         drawn = False
         for run in runs:
-            for key in keys:
+            for key in expand_keys(keys, run.rows):
                 points = [(r["step"], r[key]) for r in run.rows if key in r and r[key] is not None]
                 if points:
                     xs, ys = zip(*points)

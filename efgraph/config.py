@@ -143,8 +143,9 @@ class EnergyConfig:
     memory_check: bool = True  # refuse a config whose worst-case training step cannot fit the device
     skip_nonfinite_steps: bool = False  # skip (and count) a step with a NaN/inf loss or gradient instead of stopping
     # CPU threads of this process (torch.set_num_threads), applied by the trainer; 0 = PyTorch's
-    # default (every core). Give each of several runs sharing a machine cores / runs: two runs at the
-    # default thread count on 2 cores ran ~25x slower each than at one thread each
+    # default (every core). Give each of several runs sharing a machine cores / runs: two routing
+    # runs at the default thread count on 2 cores took 2x as long per step as at one thread each
+    # (scripts/bench_threads.py)
     num_threads: int = 0
     seed: int = 0  # model initialisation and batch order
     data_seed: int = 0  # the train / validation / test split, kept apart so that seeds share one test set

@@ -18,7 +18,7 @@ Examples::
 
 With ``--jobs N`` runs train side by side, N processes of ``cores / N`` threads each (the config's
 ``num_threads``, when it sets one, is kept): never several runs at PyTorch's default thread count
-on one machine, which on 2 cores made each ~25x slower.
+on one machine, which on 2 cores made each step take 2x as long (scripts/bench_threads.py).
 """
 
 from __future__ import annotations

@@ -503,8 +503,9 @@ def run_study(
         report: receives one progress line per step (which run, elapsed time).
         jobs: runs (and seeds' baselines) trained side by side, each in a process of its own. Where
             ``base.num_threads`` is 0, each gets ``cores // jobs`` threads (at least 1), so that
-            parallel runs never oversubscribe the cores (two runs at the default thread count
-            on 2 cores ran ~25x slower each); an explicit ``num_threads`` is kept.
+            parallel runs never oversubscribe the cores (two routing runs at the default thread
+            count on 2 cores took 2x as long per step: scripts/bench_threads.py); an explicit
+            ``num_threads`` is kept.
 
     Returns:
         The ``study.json`` payload.

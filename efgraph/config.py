@@ -43,6 +43,7 @@ ARCHITECTURE_KEYS = (
     "carrier_hidden_dim", "carrier_num_layers", "child_rank", "message_dim", "position_frequencies",
     "neuron_hidden_dim", "neuron_output_dim", "aggregation", "injection_rank", "face_channels",
     "readout_hidden_dim", "residual", "interaction_radius", "injection", "readout", "readout_rank",
+    "residual_steps",
 )
 
 
@@ -71,6 +72,12 @@ class EnergyConfig:
     # a flow's neuron sees the flows of its own sample in the cells within this Chebyshev radius
     # (3-D, in cells); 0 = only the flows of its own cell
     interaction_radius: int = 1
+    # depth that starts as one step: the first lattice step is the one-step model's (full update,
+    # no spawning) and every later step t is a residual update of each flow gated by a learned
+    # scalar g_t in [0, 1] started at 0 (ReZero): state h += g_t (GRU(h) - h), lateral move and
+    # child offsets x g_t, energy += g_t (new - old), and a step spawns only while g_t > 0. With
+    # every gate at 0 a deep lattice computes the one-step lattice's output; training opens them
+    residual_steps: bool = False
     # a dying flow sends a surrogate gradient ("had you lived, you would have deposited this"),
     # so death is no gradient cliff; false = hard death with no gradient (an ablation)
     survival_gradient: bool = True

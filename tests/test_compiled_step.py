@@ -82,6 +82,27 @@ def test_compiled_step_equals_eager_outputs_gradients_and_traces(aot_eager, read
             torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_compiled_residual_steps_equal_eager_under_checkpointing(aot_eager):
+    """``residual_steps`` with half-open gates: the gated update, the first step's ban on spawning
+    and the gated children go through the compiled graphs and the recompute like the eager step."""
+    config = tiny_config(residual_steps=True, activation_checkpointing=True, max_active_flows=9, lattice_depth=5)
+    eager, compiled = _pair(config, spawning=True)
+    with torch.no_grad():
+        eager.step_gates.copy_(torch.tensor([0.4, 0.7, 1.0]))
+    compiled.load_state_dict(eager.state_dict())
+    x = torch.randn(3, config.input_dim, generator=torch.Generator().manual_seed(1))
+    y_eager, y_compiled = eager(x), compiled(x)
+    assert eager.last_trace.total_spawned > 0 and eager.last_trace.spawned[0] == 0
+    torch.testing.assert_close(y_compiled, y_eager, atol=1e-5, rtol=1e-5)
+    _same_trace(eager.last_trace, compiled.last_trace)
+    y_eager.square().sum().backward()
+    y_compiled.square().sum().backward()
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
+    ran = len(eager.last_trace.active)  # the gates of the steps that ran get a gradient
+    assert ran > 2 and eager.step_gates.grad[: ran - 1].abs().min() > 0
+
+
 def test_recompiles_over_a_training_run_are_bounded_by_the_buckets(aot_eager):
     """Twenty training steps whose flow counts wander (spawning, budgets, deaths): the graphs
     compiled are at most 3 parts (decide, compact, deposit x2 kinds) per bucket seen, none is

@@ -90,7 +90,7 @@ def test_the_survival_gradient_points_where_keeping_the_flow_alive_would(gate, m
     monkeypatch.setattr(fp, "survival_phantom_energy", keep_logits)
     results = []
     step = proc.step
-    monkeypatch.setattr(proc, "step", lambda *args: results.append(step(*args)) or results[-1])
+    monkeypatch.setattr(proc, "step", lambda *args, **kwargs: results.append(step(*args, **kwargs)) or results[-1])
     y = proc(x)
     loss = torch.nn.functional.mse_loss(y, target)
     loss.backward()

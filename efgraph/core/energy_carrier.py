@@ -168,7 +168,12 @@ class EnergyCarrier(nn.Module):
         """Fraction of a parent's energy that goes to its child, in (0, 0.5)."""
         return 0.5 * torch.sigmoid(spawn_score)
 
-    def spawn(self, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """Children's states from their parents' ``[L, S, H]`` states (same layer-wise shape)."""
-        h_child = h + self.child_up(torch.tanh(self.child_down(h)))
+    def spawn(self, h: Tensor, c: Tensor | None, gate: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Children's states from their parents' ``[L, S, H]`` states (same layer-wise shape).
+
+        ``gate`` (a scalar, ``residual_steps``) scales the child's perturbation: a child spawned by
+        a nearly closed step is nearly a copy of its parent, so opening a gate changes the output
+        continuously."""
+        perturbation = self.child_up(torch.tanh(self.child_down(h)))
+        h_child = h + (perturbation if gate is None else gate * perturbation)
         return h_child, c  # c comes from index_select: already a fresh tensor

@@ -235,6 +235,9 @@ class FlowProcessor(nn.Module):
         self.neuron = neuron
         self.carrier = EnergyCarrier(config)
         self.conv = FlowToCellConv(config.carrier_hidden_dim, config.message_dim, config.aggregation)
+        # residual_steps: the gate of each lattice step after the first, started closed (see step_gate)
+        self.step_gates = (nn.Parameter(torch.zeros(config.lattice_depth - 2))
+                           if config.residual_steps and config.lattice_depth > 2 else None)
         self.register_buffer("neighbour_offsets", neighbourhood_offsets(config.interaction_radius), persistent=False)
         self.record_paths = False
         self.last_trace: FlowTrace | None = None
@@ -316,12 +319,12 @@ class FlowProcessor(nn.Module):
         collected: Tensor | None = None
         phantom: Tensor | None = None
         books: list[Tensor] = []  # each step's [5] books, made cumulative once at the end
-        for _ in range(self.config.lattice_depth - 1):
+        for step_index in range(self.config.lattice_depth - 1):
             if state.num_active == 0:
                 break
             if trace.paths is not None:
                 trace.paths.append(_path_record(state))
-            result = self._run_step(state, batch_size, next_id, nonfinite)
+            result = self._run_step(state, batch_size, next_id, nonfinite, step_index)
             if nonfinite is not None:
                 if result.also_read:
                     self._raise_nonfinite_rows(x)
@@ -396,7 +399,8 @@ class FlowProcessor(nn.Module):
         empty = torch.zeros(0, dtype=torch.long, device=x.device)
         return Arrivals(empty, x.new_zeros(0, 2), x.new_zeros(0), x.new_zeros(0, self.config.face_channels), empty)
 
-    def _run_step(self, state: FlowState, batch_size: int, next_id: int, also_read: Tensor | None) -> StepResult:
+    def _run_step(self, state: FlowState, batch_size: int, next_id: int, also_read: Tensor | None,
+                  step_index: int = 0) -> StepResult:
         """:meth:`step`, recomputed in backward when ``activation_checkpointing`` is on.
 
         With checkpointing, autograd keeps only what a step needs to be run again (its input
@@ -408,8 +412,8 @@ class FlowProcessor(nn.Module):
         if self.config.activation_checkpointing and torch.is_grad_enabled():
             decisions = StepDecisions()
             return torch.utils.checkpoint.checkpoint(self.step, state, batch_size, next_id, also_read, decisions,
-                                                     use_reentrant=False)
-        return self.step(state, batch_size, next_id, also_read)
+                                                     step_index, use_reentrant=False)
+        return self.step(state, batch_size, next_id, also_read, step_index=step_index)
 
     @classmethod
     def from_config(cls, config: EnergyConfig) -> "FlowProcessor":
@@ -431,7 +435,7 @@ class FlowProcessor(nn.Module):
         )
 
     def step(self, state: FlowState, batch_size: int, next_id: int = 0, also_read: Tensor | None = None,
-             decisions: StepDecisions | None = None) -> StepResult:
+             decisions: StepDecisions | None = None, step_index: int = 0) -> StepResult:
         """Advance all active flows by one step (see the module docstring), with one host sync.
 
         Three parts, each one compiled graph with ``compile: true`` (static shapes: the rows are a
@@ -449,6 +453,8 @@ class FlowProcessor(nn.Module):
             decisions: a record the step fills with what it decided (counts and fates); when it
                 is already filled (a recompute of the same step), the step replays it: nothing is
                 read and no threshold is compared again.
+            step_index: which lattice step of the forward this is (0 = the first), for the gates
+                of ``residual_steps`` (:meth:`step_gate`).
         """
         cfg = self.config
         if decisions is not None and not decisions.counts:  # the forward (not a recompute)
@@ -457,7 +463,9 @@ class FlowProcessor(nn.Module):
         eager = self._recording is not None or (decisions is not None and decisions.eager)
         if self._recording is not None:
             self._recording.begin_step(state.num_active, state.valid)
-        d = self._graph("decide", eager)(self, state, batch_size, self._budget_tensor(state.energy.device))
+        gate, spawn_allowed = self.step_gate(step_index)
+        d = self._graph("decide", eager)(self, state, batch_size, self._budget_tensor(state.energy.device), gate,
+                                         spawn_allowed)
         died, arrived, spawns = d.died, d.arrived, d.spawns
         # ... the step's one host sync reads how many flows each fate holds (it fixes the next
         # step's shapes); the flows are then picked by sorting on their fate, no further sync
@@ -480,7 +488,7 @@ class FlowProcessor(nn.Module):
             rows = bucket_rows(n_next) if cfg.compile else n_next
             next_id_t = torch.full((), next_id, dtype=torch.long, device=d.energy.device)
             next_state = self._graph("compact", eager)(self, moved, d.spawn_score, d.child_dxy, died, arrived,
-                                                       spawns, next_id_t, rows, batch_size)
+                                                       spawns, next_id_t, rows, batch_size, gate)
             next_state.num_valid = n_next if next_state.valid is not None else None
         deposits = collected = phantoms = phantom_collected = None
         if n_arrived:
@@ -514,18 +522,27 @@ class FlowProcessor(nn.Module):
             also_read=extra[0] if extra else None,
         )
 
-    def decide(self, state: FlowState, batch_size: int, budget: Tensor) -> Decision:
+    def decide(self, state: FlowState, batch_size: int, budget: Tensor, gate: Tensor | None = None,
+               spawn_allowed: bool = True) -> Decision:
         """Steps 1-5 up to the sync: cells, message passing, neuron, carrier, move, and every
-        flow's fate as masks on the device (padding rows have none)."""
+        flow's fate as masks on the device (padding rows have none). ``gate`` and
+        ``spawn_allowed``: see :meth:`step_gate`."""
         cfg = self.config
         cells = self.cell_transformation(state, batch_size)
-        top, h, c, heads, pos, energy = self.advance(cells.transformation, state.h, state.c, state.pos, state.energy)
+        top, h, c, heads, pos, energy = self.advance(cells.transformation, state.h, state.c, state.pos, state.energy,
+                                                     gate)
+        # the survival surrogate reads the logit of the energy the step set (a gated step's blend)
+        energy_logit = heads.energy_logit if gate is None else torch.logit(energy, eps=1e-6)
         died = energy < cfg.energy_threshold
         arrived = ~died & (pos[:, 2] >= cfg.lattice_depth - 1)
         if state.valid is not None:
             died, arrived = died & state.valid, arrived & state.valid
         alive = _continuing(state.valid, died, arrived)
         spawns = self._spawn_mask(alive, energy, heads.spawn_score, state.batch, batch_size, budget)
+        if not spawn_allowed:
+            spawns = torch.zeros_like(spawns)
+        elif gate is not None:  # a closed step spawns nothing
+            spawns = spawns & (gate > 0)
         counts = torch.stack([alive.sum(), arrived.sum(), spawns.sum(), cells.num_occupied])
         # bookkeeping only: detached, so it adds nothing to the autograd graph
         e = energy.detach()
@@ -534,22 +551,23 @@ class FlowProcessor(nn.Module):
             change = change * state.valid
         books = torch.stack([(-change).clamp(min=0).sum(), change.clamp(min=0).sum(), (e * died).sum(),
                              (e * arrived).sum(), (e * alive).sum()])
-        return Decision(top, h, c, heads.energy_logit, heads.spawn_score, heads.child_dxy, pos, energy,
+        return Decision(top, h, c, energy_logit, heads.spawn_score, heads.child_dxy, pos, energy,
                         died, arrived, spawns, counts, books,
                         cells.occupied_cell_id, cells.neighbourhood_flows)
 
     def compact(self, moved: FlowState, spawn_score: Tensor, child_dxy: Tensor, died: Tensor, arrived: Tensor,
-                spawns: Tensor, next_id: Tensor, rows: int, batch_size: int) -> FlowState:
+                spawns: Tensor, next_id: Tensor, rows: int, batch_size: int, gate: Tensor | None = None) -> FlowState:
         """The next state, ``rows`` rows: the continuing flows, then the spawners' children (each
         with its own hidden state and lateral offset and ``sigmoid(score) / 2`` of its parent's
         energy, so the sum is conserved), both in row order, then padding (only when compiled).
+        A gated step (``residual_steps``) scales the children's state perturbation and offset by its gate.
 
         Children are made for every row and the rows kept are picked by one stable sort on their
         fate (continues 0, child 1, gone 2): static shapes, the same order as ``nonzero``."""
         alive = _continuing(moved.valid, died, arrived)
         child_energy = torch.where(spawns, moved.energy * self.carrier.split_fraction(spawn_score), 0.0)
-        child_h, child_c = self.carrier.spawn(moved.h, moved.c)
-        child_xy = self.lattice.reflect_xy(moved.pos[:, :2] + child_dxy)
+        child_h, child_c = self.carrier.spawn(moved.h, moved.c, gate)
+        child_xy = self.lattice.reflect_xy(moved.pos[:, :2] + (child_dxy if gate is None else gate * child_dxy))
         gone = torch.full_like(alive, 2, dtype=torch.uint8)
         fate = torch.cat([torch.where(alive, 0, gone), torch.where(spawns, 1, gone)])
         order = torch.sort(fate, stable=True).indices[:rows]
@@ -604,21 +622,51 @@ class FlowProcessor(nn.Module):
         return self._budget[1]
 
     def advance(
-        self, transformation: Tensor, h: Tensor, c: Tensor | None, pos: Tensor, energy: Tensor
+        self, transformation: Tensor, h: Tensor, c: Tensor | None, pos: Tensor, energy: Tensor,
+        gate: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor | None, CarrierHeads, Tensor, Tensor]:
         """The dense part of a step: carrier call, heads, move and next energy (no compaction).
 
         Returns ``(top [F, H], h, c, heads, new pos [F, 3], next energy [F])``; the carrier sets
         the next energy, ``sigmoid(energy_logit)``, in fp32 even under autocast (the books and
-        the thresholds read it).
+        the thresholds read it). A ``gate`` g (scalar, ``residual_steps``) makes the step a residual
+        update: ``h + g (h_new - h)`` (and ``c``), lateral move ``g * dxy``, energy
+        ``e + g (sigmoid(logit) - e)``; ``top`` is then the gated state's top layer. The move in z
+        is never gated: every step still advances a flow by at least one cell.
         """
         step_input = torch.cat([transformation, energy.unsqueeze(1), self.lattice.position_encoding(pos)], dim=1)
-        top, h, c = self.carrier.step(step_input, h, c)
+        top, h_new, c_new = self.carrier.step(step_input, h, c)
         heads = self.carrier.heads(top)
         if self._recording is not None:  # diagnostics: gradient hooks on this step's input and heads
             self._recording.watch(step_input, heads)
-        new_pos = self.lattice.move(pos, heads.dxy, heads.dz_fraction)
-        return top, h, c, heads, new_pos, torch.sigmoid(heads.energy_logit.float())
+        next_energy = torch.sigmoid(heads.energy_logit.float())
+        dxy = heads.dxy
+        if gate is not None:
+            h_new = h + gate * (h_new - h)
+            c_new = None if c is None else c + gate * (c_new - c)
+            top = h_new[-1]
+            dxy = gate * dxy
+            next_energy = energy + gate * (next_energy - energy)
+        new_pos = self.lattice.move(pos, dxy, heads.dz_fraction)
+        return top, h_new, c_new, heads, new_pos, next_energy
+
+    def step_gate(self, step_index: int) -> tuple[Tensor | None, bool]:
+        """``(gate, spawn_allowed)`` of lattice step ``step_index`` of a forward.
+
+        Without ``residual_steps``: ``(None, True)``, every step a full update. With it, the first
+        step is the one-step model's (``(None, False)``: a full update and no spawning, the one-step
+        lattice's flows all arrive at once) and step ``t >= 1`` is gated by ``g_t =
+        clamp(step_gates[t-1], 0, 1)``, whose gradient passes the clamp (straight through), so a
+        gate pushed below 0 is closed yet can reopen. Every gate starts at 0: the deep lattice then
+        computes the one-step lattice's output (each flow's state, landing point and energy are
+        the first step's), and training decides how far to open each step.
+        """
+        if self.step_gates is None:
+            return None, not self.config.residual_steps
+        if step_index == 0:
+            return None, False
+        raw = self.step_gates[step_index - 1]
+        return raw + (raw.clamp(0.0, 1.0) - raw).detach(), True
 
     def cell_transformation(self, state: FlowState, batch_size: int | None = None) -> CellStep:
         """The neuron's transformation for every flow, computed per occupied cell.

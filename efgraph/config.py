@@ -113,6 +113,13 @@ class EnergyConfig:
     face_channels: int = 64
     readout_rank: int = 16  # readout: face
     readout_hidden_dim: int = 256  # readout: shared
+    # readout: face, training forwards only: a landing point reads the readout keys blurred by a
+    # Gaussian of readout_key_blur cells (std), annealed linearly to 0 over the first
+    # readout_key_blur_fraction of training, so a flow landing far from where its deposit belongs
+    # still feels the slope toward it; evaluation (and the rest of training) reads the keys
+    # themselves. The blur is one pass over the W x H key table per forward, never per flow. 0 = off
+    readout_key_blur: float = 0.0
+    readout_key_blur_fraction: float = 0.5
     residual: bool = False  # y = x + f(x); needs input_dim == output_dim
     # initial value of the learned scalar gate on the flows' contribution to the output
     # (y = [x +] gate * lattice(x) + bias). With residual: true, 0 scales the lattice in from zero,
@@ -303,6 +310,13 @@ class EnergyConfig:
             raise ValueError(f"injection: must be one of {INJECTIONS}, got {self.injection!r}")
         if self.readout not in READOUTS:
             raise ValueError(f"readout: must be one of {READOUTS}, got {self.readout!r}")
+        if self.readout_key_blur < 0:
+            raise ValueError(f"readout_key_blur: must be >= 0 (cells; 0 = off), got {self.readout_key_blur}")
+        if self.readout_key_blur > 0 and self.readout != "face":
+            raise ValueError(f"readout_key_blur: blurs the readout keys of readout 'face', but readout is "
+                             f"{self.readout!r}; set readout_key_blur: 0")
+        if not 0.0 < self.readout_key_blur_fraction <= 1.0:
+            raise ValueError(f"readout_key_blur_fraction: must be in (0, 1], got {self.readout_key_blur_fraction}")
         if self.routing_noise < 0:
             raise ValueError(f"routing_noise: must be >= 0, got {self.routing_noise}")
         for name, low in (("composition_values", 2), ("composition_tables", 1), ("composition_chain", 1)):

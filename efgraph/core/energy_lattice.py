@@ -162,6 +162,9 @@ class EnergyLattice(nn.Module):
         self.readout_bias = nn.Parameter(torch.empty(config.output_dim))
         # learned scalar on the flows' contribution; starting at 0 scales the lattice in from zero
         self.output_gate = nn.Parameter(torch.empty(()))
+        # the std (cells) of the readout-key blur of training forwards (readout_key_blur): a
+        # tensor the trainer sets between steps, so a compiled graph reads it as data
+        self.register_buffer("key_blur", torch.zeros(()), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -313,7 +316,10 @@ class EnergyLattice(nn.Module):
             return scatter(per_cell, deposit.batch, dim=0, dim_size=batch_size + 1, reduce="sum")[:batch_size]
         cell, weight = self.landing_corners(xy)
         r, c = self.config.readout_rank, self.config.face_channels
-        keys = (weight.unsqueeze(-1) * self.readout_keys[cell]).sum(dim=1)  # [A, r]: L at the landing point
+        table = self.readout_keys
+        if self.training and self.config.readout_key_blur > 0:  # global credit for landings (config)
+            table = blur_face_field(table, self.width, self.height, self.key_blur)
+        keys = (weight.unsqueeze(-1) * table[cell]).sum(dim=1)  # [A, r]: L at the landing point
         outer = keys.unsqueeze(2) * (energy.unsqueeze(1) * values).unsqueeze(1)  # [A, r, c]
         # rows of sample B (the engine's rows that deposit nothing) go to row B, which is dropped
         return scatter(outer.reshape(-1, r * c), batch, dim=0, dim_size=batch_size + 1, reduce="sum")[:batch_size]
@@ -364,6 +370,23 @@ class EnergyLattice(nn.Module):
             summed = summed + phantom_gate * phantom
         # sum over cells before the (linear, bias-free) last layer: it runs on B rows, not 4A
         return self.readout_out(summed) + self.readout_bias
+
+
+def blur_face_field(field: Tensor, width: int, height: int, sigma: Tensor) -> Tensor:
+    """``[W*H, r]`` face field (row ``y * W + x``) blurred by a Gaussian of std ``sigma`` cells.
+
+    Separable and normalised per cell (the face's border does not darken it); ``sigma`` near 0
+    (below 1e-3) is the field itself. Cost ``O((W + H) W H r)``, independent of the flows.
+    """
+    s = sigma.clamp(min=1e-3)
+
+    def kernel(n: int) -> Tensor:
+        d = torch.arange(n, device=field.device, dtype=field.dtype)
+        k = torch.exp(-((d.view(-1, 1) - d.view(1, -1)) ** 2) / (2 * s * s))
+        return k / k.sum(dim=1, keepdim=True)
+
+    grid = field.view(height, width, -1)
+    return torch.einsum("yY,xX,YXr->yxr", kernel(height), kernel(width), grid).reshape(field.shape)
 
 
 def face_tiles(width: int, height: int, channels: int) -> Tensor:

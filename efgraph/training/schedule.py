@@ -49,3 +49,10 @@ def warmup_cosine_scheduler(
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
     return LambdaLR(optimizer, factor, last_epoch=current_step - 1)
+
+
+def readout_key_blur_at(step: int, total_steps: int, blur: float, fraction: float) -> float:
+    """The readout-key blur (std in cells) of training step ``step``: ``blur`` at step 0, falling
+    linearly to 0 at ``fraction * total_steps`` and 0 after (``readout_key_blur``)."""
+    span = max(fraction * total_steps, 1.0)
+    return blur * max(0.0, 1.0 - step / span)

@@ -93,7 +93,7 @@ from efgraph.training.flow_budget import (AdaptiveFlowBudget, held_memory_bytes,
 from efgraph.training.metrics import embedding_loss, evaluate_predictions
 from efgraph.training.optim import adamw
 from efgraph.training.run_logger import RunLogger
-from efgraph.training.schedule import warmup_cosine_scheduler
+from efgraph.training.schedule import readout_key_blur_at, warmup_cosine_scheduler
 from efgraph.training.signals import STOP_SIGNALS, StopRequest, TrainingInterrupted, signal_name
 from efgraph.utils import memory
 from efgraph.utils.device import apply_num_threads, get_device, memory_report
@@ -479,6 +479,9 @@ class EnergyTrainer:
         grad_norm = float("nan")
         self.optimizer.zero_grad(set_to_none=True)
         budget = self.processor.active_flow_budget = self._current_budget()
+        if self.config.readout_key_blur > 0:  # annealed over the run (efgraph.training.schedule)
+            self.processor.lattice.key_blur.fill_(readout_key_blur_at(
+                self.step, self.total_steps or 1, self.config.readout_key_blur, self.config.readout_key_blur_fraction))
         # learning diagnostics: recorded by the forwards of a logged step only, one record per micro-batch
         diagnose = log and self.diagnostics
         records: list[ForwardDiagnostics] = []

@@ -80,16 +80,20 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from efgraph import (EnergyConfig, EnergyLattice, FlowProcessor, SimpleNeuron, create_debug_config,
                      create_experiment_config, create_optimized_config)
-from efgraph.core.dense_reference import DenseReferenceProcessor
 from efgraph.utils.dispatch_count import count_ops
 from efgraph.utils.kernel_count import count_kernels, profile_compiled_kernels
 from efgraph.utils.memory import saved_activation_bytes
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # the dense baseline sits next to this file
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dense_reference import DenseReferenceProcessor  # noqa: E402
 
 PRESETS = {"debug": create_debug_config, "experiment": create_experiment_config, "optimized": create_optimized_config}
 LATTICES = [(20, 20, 10), (35, 35, 15), (50, 50, 20), (75, 75, 35), (100, 100, 50)]

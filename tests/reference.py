@@ -29,6 +29,15 @@ def position_encoding(config, x: float, y: float, z: float) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float32)
 
 
+def cell_from_id(config, cell_id: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :meth:`EnergyLattice.cell_id`: ``(batch [N], cell [N, 3])`` (x, y, z)."""
+    w, h, d = config.lattice_width, config.lattice_height, config.lattice_depth
+    x = cell_id % w
+    y = (cell_id // w) % h
+    z = (cell_id // (w * h)) % d
+    return cell_id // (w * h * d), torch.stack([x, y, z], dim=1)
+
+
 def reflect(u: float, upper: int) -> float:
     if upper == 0:
         return 0.0

@@ -109,7 +109,9 @@ def test_budgets_hold_per_sample_every_step_when_everyone_wants_to_spawn(max_act
 def _state_from_rows(rows: list[dict], like: FlowState) -> FlowState:
     """A FlowState built from the slow reference's per-flow rows (not from the engine's tensors)."""
     if not rows:
-        return like.select(torch.zeros(0, dtype=torch.long))
+        none = torch.zeros(0, dtype=torch.long)
+        return FlowState(h=like.h[:, :0], c=None if like.c is None else like.c[:, :0], pos=like.pos[:0],
+                         energy=like.energy[:0], batch=none, flow_id=none)
     return FlowState(
         h=torch.stack([r["h"] for r in rows], dim=1),
         c=None if rows[0]["c"] is None else torch.stack([r["c"] for r in rows], dim=1),

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from reference import dense_face, dense_readout, reference_step
+from reference import cell_from_id, dense_face, dense_readout, reference_step
 from conftest import build_processor, force_spawning, spread_next_energies, tiny_config
 
 
@@ -22,8 +22,7 @@ def _rows(state):
 def _assert_step_equal(proc, state, batch_size, next_id):
     fast = proc.step(state, batch_size, next_id)
     slow = reference_step(proc, state, batch_size, next_id)
-    _, cells = proc.lattice.cell_from_id(fast.occupied_cell_id)
-    batch_of, _ = proc.lattice.cell_from_id(fast.occupied_cell_id)
+    batch_of, cells = cell_from_id(proc.config, fast.occupied_cell_id)
     assert [(int(b), int(c[2]), int(c[1]), int(c[0])) for b, c in zip(batch_of, cells)] == slow["occupied"]
     assert fast.num_spawned == slow["num_spawned"]
     assert fast.num_died == slow["num_died"]
@@ -187,7 +186,13 @@ def test_face_readout_depends_on_where_a_flow_lands():
 
 
 def test_dense_reference_gives_the_same_output():
-    from efgraph.core.dense_reference import DenseReferenceProcessor
+    import importlib.util
+
+    from conftest import ROOT  # the dense reference is the benchmark's baseline, in scripts/
+    spec = importlib.util.spec_from_file_location("dense_reference", ROOT / "scripts/dense_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    DenseReferenceProcessor = module.DenseReferenceProcessor
 
     config = tiny_config(energy_threshold=0.001, spawn_threshold=0.002)
     sparse = build_processor(config)

@@ -194,14 +194,6 @@ class EnergyLattice(nn.Module):
         """Unique id of (sample, cell) pairs, ``((sample * D + z) * H + y) * W + x``: ``[N]`` int64."""
         return batch * self.config.num_cells + (cell * self.id_stride).sum(dim=1)
 
-    def cell_from_id(self, cell_id: Tensor) -> tuple[Tensor, Tensor]:
-        """Inverse of :meth:`cell_id`: ``(batch [N], cell [N, 3])``."""
-        w, h, d = self.width, self.height, self.depth
-        x = cell_id % w
-        y = (cell_id // w) % h
-        z = (cell_id // (w * h)) % d
-        return cell_id // (w * h * d), torch.stack([x, y, z], dim=1)
-
     def move(self, pos: Tensor, dxy: Tensor, dz_fraction: Tensor) -> Tensor:
         """Apply one step of displacement.
 

@@ -65,27 +65,3 @@ class FlowState:
             valid=torch.arange(rows, device=self.energy.device) < n,
             num_valid=n,
         )
-
-    def select(self, index: Tensor) -> "FlowState":
-        """The flows at ``index`` (``[K]`` int64), as fresh tensors (an unpadded state)."""
-        assert index.dtype == torch.long, f"select needs int64 indices, got {index.dtype}"
-        assert self.valid is None, "select: a padded state is compacted by the step"
-        return FlowState(
-            h=self.h.index_select(1, index),
-            c=None if self.c is None else self.c.index_select(1, index),
-            pos=self.pos.index_select(0, index),
-            energy=self.energy.index_select(0, index),
-            batch=self.batch.index_select(0, index),
-            flow_id=self.flow_id.index_select(0, index),
-        )
-
-    @staticmethod
-    def cat(states: list["FlowState"]) -> "FlowState":
-        return FlowState(
-            h=torch.cat([s.h for s in states], dim=1),
-            c=None if states[0].c is None else torch.cat([s.c for s in states], dim=1),
-            pos=torch.cat([s.pos for s in states], dim=0),
-            energy=torch.cat([s.energy for s in states], dim=0),
-            batch=torch.cat([s.batch for s in states], dim=0),
-            flow_id=torch.cat([s.flow_id for s in states], dim=0),
-        )

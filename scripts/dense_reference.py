@@ -6,6 +6,9 @@ This is what a dense lattice implementation costs: the flows' messages are scatt
 :class:`FlowProcessor`'s (no flow ever reads an empty cell), which the tests check;
 ``scripts/bench_forward.py`` times the two side by side to measure what "only occupied cells cost
 compute" buys.
+
+A benchmark baseline and a test oracle, not part of the engine: it sits next to the benchmark that
+imports it (``tests/test_engine_step.py`` loads it from here).
 """
 
 from __future__ import annotations
@@ -39,8 +42,10 @@ class DenseReferenceProcessor(FlowProcessor):
         heard = heard.permute(0, 2, 3, 4, 1).reshape(batch_size * cfg.num_cells, channels)
         sums, counts = heard[:, :-1], heard[:, -1:]
         aggregated = sums / counts.clamp(min=1.0) if cfg.aggregation == "mean" else sums
-        all_cells = torch.arange(cfg.num_cells, device=cell_id.device)
-        _, coords = lattice.cell_from_id(all_cells)
+        # every cell's (x, y, z), in the id order (z, y, x) of the grid above
+        zs, ys, xs = torch.meshgrid(*(torch.arange(n, device=cell_id.device) for n in (
+            cfg.lattice_depth, cfg.lattice_height, cfg.lattice_width)), indexing="ij")
+        coords = torch.stack([xs, ys, zs], dim=-1).reshape(-1, 3)
         cell_pe = lattice.position_encoding(coords.to(state.pos.dtype)).repeat(batch_size, 1)
         transformation = self.neuron(torch.cat([aggregated, cell_pe], dim=1))  # every cell
         occupied = torch.unique(cell_id)

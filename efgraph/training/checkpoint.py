@@ -12,9 +12,9 @@ A checkpoint is one ``torch.save`` file holding a plain dict::
 
 Why each property:
 
-* **Atomic**: the file is written to a temporary file in the same folder, flushed, fsynced and then
-  renamed over the target with ``os.replace``. A crash or an exception mid-write leaves the previous
-  checkpoint untouched (a rename within one filesystem is atomic).
+* **Atomic**: written with :func:`efgraph.data._atomic.atomic_write` (a temporary file in the same
+  folder, fsynced, renamed over the target with ``os.replace``, the folder fsynced). A crash or an
+  exception mid-write leaves the previous checkpoint untouched.
 * **weights_only**: everything is tensors or plain Python values, so :func:`load_checkpoint` can use
   ``torch.load(..., weights_only=True)``, which never executes code from the file. Values that the
   restricted unpickler would refuse are rejected at *save* time, naming where they are.
@@ -28,7 +28,6 @@ import dataclasses
 import os
 import random
 import struct
-import uuid
 import warnings
 import zlib
 from collections.abc import Iterable, Mapping
@@ -40,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from efgraph.config import ARCHITECTURE_KEYS  # noqa: F401  (re-exported for check_compatible callers)
-from efgraph.data._atomic import fsync_dir
+from efgraph.data._atomic import atomic_write
 
 FORMAT = "efgraph-checkpoint"
 FORMAT_VERSION = 1
@@ -245,22 +244,12 @@ def save_checkpoint(
     # Checked before any byte is written, so a bad value never costs the previous checkpoint.
     payload["checksum"] = _walk(payload, "checkpoint", 0)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same folder as the target: os.replace is only atomic within one filesystem. os.open with
-    # mode 0o666 lets the umask decide the permissions, as for any ordinary file.
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
             torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())  # the bytes are on disk before the name points at them
-        os.replace(tmp, path)
-    except BaseException:  # KeyboardInterrupt included: never leave a stray temp file behind
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return path
+
+    # KeyboardInterrupt included: a failed write leaves the previous checkpoint and no temp file
+    return atomic_write(path, write)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:

@@ -49,7 +49,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -96,32 +95,17 @@ def preset_path(name: str) -> Path:
     return ROOT / "configs" / f"{name}.yaml"
 
 
-def proc_status_kib(field: str) -> int | None:
-    """A ``/proc/self/status`` field in KiB (VmRSS, VmHWM), or ``None`` off Linux."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def rss_bytes() -> int:
-    """This process's resident set size now (:func:`efgraph.utils.device.process_rss_mb`)."""
+def rss_bytes(peak: bool = False) -> int:
+    """This process's resident set size now, or its peak (``VmHWM`` on Linux) with ``peak``
+    (:func:`efgraph.utils.device.process_rss_mb`)."""
     from efgraph.utils.device import process_rss_mb
 
-    return int(process_rss_mb() * 2**20)
+    return int(process_rss_mb(peak) * 2**20)
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak RSS: ``VmHWM`` (Linux), else ``ru_maxrss``."""
-    kib = proc_status_kib("VmHWM")
-    if kib is not None:
-        return kib * 1024
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+    """This process's peak RSS."""
+    return rss_bytes(peak=True)
 
 
 def available_bytes(device: str = "cpu") -> int:
@@ -185,14 +169,15 @@ def pin_worst_case(model) -> None:
 
 def heartbeat(path: Path, device: str, every_s: float = 10.0) -> None:
     """A daemon thread that writes this process's peak memory so far to ``path`` every ``every_s``."""
+    from efgraph.data._atomic import atomic_write_text
+
     start = time.perf_counter()
 
     def beat() -> None:
         while True:
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"peak_rss_bytes": peak_rss_bytes(), "peak_device_bytes": device_bytes(device, True),
-                                       "seconds": time.perf_counter() - start}))
-            tmp.replace(path)
+            atomic_write_text(path, json.dumps({"peak_rss_bytes": peak_rss_bytes(),
+                                                "peak_device_bytes": device_bytes(device, True),
+                                                "seconds": time.perf_counter() - start}))
             time.sleep(every_s)
 
     threading.Thread(target=beat, daemon=True, name="bench_presets heartbeat").start()

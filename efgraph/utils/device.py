@@ -24,15 +24,22 @@ def get_device(preference: str | None = None) -> torch.device:
     return device
 
 
-def process_rss_mb() -> float:
-    """Current resident set size of this process in MiB (Linux: /proc; else peak RSS)."""
+def process_rss_mb(peak: bool = False) -> float:
+    """This process's resident set size in MiB: now, or with ``peak`` its high-water mark.
+
+    Linux: ``VmRSS`` (``VmHWM`` for the peak) of ``/proc/self/status``; elsewhere ``ru_maxrss``,
+    which is the peak, for both. The one RSS reader of the package and its scripts.
+    """
+    field = "VmHWM:" if peak else "VmRSS:"
     try:
-        with open("/proc/self/statm") as fh:
-            pages = int(fh.read().split()[1])
-        return pages * resource.getpagesize() / 2**20
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field):
+                    return int(line.split()[1]) / 2**10  # kB
     except OSError:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+        pass
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return max_rss / 2**20 if sys.platform == "darwin" else max_rss / 2**10  # bytes on macOS, else KiB
 
 
 def memory_report(device: torch.device | str | None = None) -> dict[str, float]:

@@ -77,6 +77,10 @@ def test_train_script_writes_the_run_folder_and_offline_wandb_run(tmp_path):
     for name in ["config.yaml", "split.json", "metrics.jsonl", "results.md", "flow_paths.png", "landing.png", "flow_counts.png",
                  "checkpoints/best.pt", "checkpoints/last.pt", "model/model.safetensors", "model/config.yaml"]:
         assert (run_dir / name).exists(), name
+    # flow_paths.png: two rows (the untrained model of the seed above the trained one), two projections
+    import matplotlib.image
+    height, width = matplotlib.image.imread(run_dir / "flow_paths.png").shape[:2]
+    assert height > 0.6 * width, (height, width)
     # what W&B recorded, read back from the offline run file
     run_file = find_run_file(run_dir)
     keys = logged_keys(run_file)

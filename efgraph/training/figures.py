@@ -5,6 +5,7 @@ Rendered with matplotlib's Agg backend to PNG files, so a run folder shows them 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -12,36 +13,75 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
+from torch import Tensor  # noqa: E402
 
 from efgraph.config import EnergyConfig  # noqa: E402
 from efgraph.core.trace import FlowTrace  # noqa: E402
 
 
-def flow_paths_figure(trace: FlowTrace, config: EnergyConfig, path: str | Path, sample: int = 0) -> Path:
-    """Side views (x-z and y-z) of every flow of one sample, line width ~ energy."""
-    if trace.paths is None:
+def flow_polylines(trace: FlowTrace, config: EnergyConfig,
+                   samples: Sequence[int] | None = None) -> list[tuple[int, int, Tensor]]:
+    """Every flow of ``samples`` (all when ``None``) as ``(sample, start_cell, points [n, 3])``:
+    its (x, y, z) from the input face (z = 0) to where it ended (the output face or where it died).
+    A child's polyline starts with its parent's up to the spawn, and both take the input-face cell
+    ``y * W + x`` that their root ancestor started on; z increases strictly along each polyline."""
+    if trace.paths is None or trace.parent_of is None:
         raise ValueError("trace: recorded without paths; set processor.record_paths = True before the forward")
-    points: dict[int, list[tuple[float, float, float, float]]] = {}
-    for record in trace.paths:
-        mine = record["batch"] == sample
-        for fid, (x, y, z), e in zip(record["flow_id"][mine].tolist(), record["pos"][mine].tolist(),
-                                     record["energy"][mine].tolist()):
-            points.setdefault(fid, []).append((x, y, z, e))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    cmap = plt.get_cmap("viridis")
-    for fid, pts in points.items():
-        xs, ys, zs, es = zip(*pts)
-        color = cmap(min(max(es[-1], 0.0), 1.0))
-        axes[0].plot(zs, xs, "-o", color=color, lw=0.6 + 2 * es[0], ms=2, alpha=0.8)
-        axes[1].plot(zs, ys, "-o", color=color, lw=0.6 + 2 * es[0], ms=2, alpha=0.8)
-    for ax, name, size in [(axes[0], "x", config.lattice_width), (axes[1], "y", config.lattice_height)]:
-        ax.set_xlim(-0.3, config.lattice_depth - 0.7)
-        ax.set_xlabel("z (input face 0 -> output face)")
-        ax.set_title(f"flows of sample {sample}: {name} against z")
-        ax.axvline(config.lattice_depth - 1, color="k", lw=0.8, ls="--")
-    axes[0].set_ylabel("lateral position (cells)")
-    axes[0].set_ylim(-0.5, max(config.lattice_width, config.lattice_height) - 0.5)
-    fig.colorbar(plt.cm.ScalarMappable(cmap=cmap), ax=axes, label="final energy")
+    own: dict[int, list[list[float]]] = {}
+    sample_of: dict[int, int] = {}
+    for record in trace.paths:  # one record per step (flows at its start), then the arrivals
+        for fid, b, pos in zip(record["flow_id"].tolist(), record["batch"].tolist(), record["pos"].tolist()):
+            own.setdefault(fid, []).append(pos)
+            sample_of[fid] = b
+    roots = {int(f) for f in trace.paths[0]["flow_id"]}
+    full: dict[int, list[list[float]]] = {}
+
+    def polyline(fid: int) -> list[list[float]]:
+        if fid not in full:
+            first_z = own[fid][0][2]
+            parent = trace.parent_of.get(fid)
+            prefix = [] if fid in roots or parent is None else [p for p in polyline(parent) if p[2] < first_z]
+            full[fid] = prefix + own[fid]
+        return full[fid]
+
+    def start_cell(fid: int) -> int:
+        while fid not in roots:
+            fid = trace.parent_of[fid]
+        x, y = own[fid][0][:2]
+        w, h = config.lattice_width, config.lattice_height
+        return min(max(round(y), 0), h - 1) * w + min(max(round(x), 0), w - 1)
+
+    wanted = None if samples is None else set(samples)
+    return [(sample_of[fid], start_cell(fid), torch.tensor(polyline(fid)))
+            for fid in sorted(own) if wanted is None or sample_of[fid] in wanted]
+
+
+def flow_paths_figure(traces: Mapping[str, FlowTrace], config: EnergyConfig, path: str | Path,
+                      samples: Sequence[int] = (0, 1, 2, 3)) -> Path:
+    """One row per trace (e.g. untrained, trained): x-z and y-z projections of every flow of
+    ``samples``, each flow a polyline from the input face to where it ended, coloured by the
+    input-face cell its root ancestor started on (children inherit it)."""
+    w, h, d = config.lattice_width, config.lattice_height, config.lattice_depth
+    fig, axes = plt.subplots(len(traces), 2, figsize=(12, 4.0 * len(traces)), squeeze=False, layout="constrained")
+    cmap, norm = plt.get_cmap("turbo"), Normalize(vmin=0, vmax=max(w * h - 1, 1))
+    shown: list[int] = []
+    for row, (label, trace) in zip(axes, traces.items()):
+        lines = flow_polylines(trace, config, samples)
+        shown = sorted({s for s, _, _ in lines} | set(shown))
+        for _, cell, pts in lines:
+            for ax, axis in zip(row, (0, 1)):
+                ax.plot(pts[:, 2], pts[:, axis], "-o", color=cmap(norm(cell)), lw=0.9, ms=2, alpha=0.75)
+        for ax, name, size in zip(row, ("x", "y"), (w, h)):
+            ax.set_xlim(-0.3, d - 0.7)
+            ax.set_ylim(-0.5, size - 0.5)
+            ax.axvline(d - 1, color="k", lw=0.8, ls="--")
+            ax.set_xlabel("z (input face 0 -> output face %d)" % (d - 1))
+            ax.set_ylabel(f"{name} (cells)")
+            ax.set_title(f"{label}: {name}-z projection ({len(lines)} flows)")
+    fig.suptitle(f"flow paths of test samples {shown}, input face to where each ended (children draw their parent's "
+                 "path before the spawn)", fontsize=10)
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, label="start cell (y*W+x)")
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)

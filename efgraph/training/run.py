@@ -42,6 +42,7 @@ import yaml
 
 from efgraph.config import RESUME_MUTABLE_KEYS, EnergyConfig
 from efgraph.core.flow_processor import FlowProcessor
+from efgraph.core.trace import FlowTrace
 from efgraph.data import (EmbeddingPairs, Split, load_bible_pairs, load_embedding_pairs, load_text_pairs,
                           make_composition_pairs, make_routing_pairs, make_teacher_pairs)
 from efgraph.data.composition import composition_answers, composition_oracle
@@ -579,21 +580,31 @@ def _write_report(run_dir: Path, config: EnergyConfig, results: dict[str, dict[s
     atomic_write_text(run_dir / "results.md", header + table + "\n")
 
 
-def _figures(trainer: EnergyTrainer, test: EmbeddingPairs, config: EnergyConfig, run_dir: Path,
-             run_logger: RunLogger, step: int) -> dict[str, float]:
-    """The run's figures from one traced forward over (up to 64) test pairs; returns the channel
-    metrics of that forward (:mod:`efgraph.training.channels`)."""
-    proc = trainer.processor
+def _traced(proc: FlowProcessor, x: torch.Tensor) -> FlowTrace:
+    """The trace, with every flow's path, of an evaluation forward of ``proc`` on ``x``."""
     proc.eval()
     proc.record_paths = True
     try:
         with torch.no_grad():
-            proc(test.src[: min(len(test), 64)].to(trainer.device))
-        trace = proc.last_trace
+            proc(x)
+        return proc.last_trace
     finally:
         proc.record_paths = False
+
+
+def _figures(trainer: EnergyTrainer, test: EmbeddingPairs, config: EnergyConfig, run_dir: Path,
+             run_logger: RunLogger, step: int) -> dict[str, float]:
+    """The run's figures from one traced forward over (up to 64) test pairs (and, for the flow
+    paths, the same forward of the untrained model of ``config.seed``); returns the channel
+    metrics of the trained forward (:mod:`efgraph.training.channels`)."""
+    x = test.src[: min(len(test), 64)].to(trainer.device)
+    trace = _traced(trainer.processor, x)
+    with torch.random.fork_rng(devices=[]):  # the untrained model of this seed, beside the trained one
+        torch.manual_seed(config.seed)
+        untrained = FlowProcessor.from_config(config.replace(compile=False)).to(trainer.device)
+    rows = {f"untrained (seed {config.seed})": _traced(untrained, x), "trained (the selected state)": trace}
     paths = {
-        "figures/flow_paths": flow_paths_figure(trace, config, run_dir / "flow_paths.png"),
+        "figures/flow_paths": flow_paths_figure(rows, config, run_dir / "flow_paths.png"),
         "figures/landing": landing_figure(trace, config, run_dir / "landing.png"),
         "figures/flow_counts": flow_counts_figure(trace, run_dir / "flow_counts.png"),
     }

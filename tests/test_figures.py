@@ -1,0 +1,57 @@
+"""The run's figures: flow paths as per-flow polylines coloured by their root's start cell."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import build_processor, force_spawning, tiny_config
+from efgraph.training.figures import flow_paths_figure, flow_polylines
+
+
+def _traced(config, seed=0, spawn=True):
+    proc = build_processor(config, seed=seed)
+    if spawn:
+        force_spawning(proc)
+    proc.eval()
+    proc.record_paths = True
+    with torch.no_grad():
+        proc(torch.randn(3, config.input_dim, generator=torch.Generator().manual_seed(seed)))
+    return proc.last_trace
+
+
+def test_polylines_start_on_the_input_face_climb_in_z_and_children_inherit_the_start_cell():
+    config = tiny_config(energy_threshold=0.001, spawn_threshold=0.002)
+    trace = _traced(config)
+    assert trace.total_spawned > 0
+    lines = flow_polylines(trace, config)
+    ids = {int(f) for record in trace.paths for f in record["flow_id"]}
+    assert len(lines) == len(ids)
+    start = trace.paths[0]
+    root_cell = {int(f): int(round(float(p[1]))) * config.lattice_width + int(round(float(p[0])))
+                 for f, p in zip(start["flow_id"], start["pos"])}
+    sample_of = {int(f): int(b) for record in trace.paths for f, b in zip(record["flow_id"], record["batch"])}
+    for (sample, cell, pts), fid in zip(lines, sorted(ids)):
+        assert pts[0, 2] == 0.0, fid  # every polyline starts on the input face
+        assert (pts[1:, 2] > pts[:-1, 2]).all(), fid  # and moves on in z at every point
+        assert pts[-1, 2] <= config.lattice_depth - 1
+        root = fid
+        while root not in root_cell:
+            root = trace.parent_of[root]
+        assert cell == root_cell[root] and sample == sample_of[fid] == sample_of[root]
+        if root != fid:  # a child's polyline begins with its root's start
+            assert torch.equal(pts[0, :2], start["pos"][(start["flow_id"] == root).nonzero()[0, 0], :2])
+    children = [fid for fid in trace.parent_of if fid in ids]
+    assert children, "no child was recorded"
+    # the arrivals end on the output face
+    landed = set(trace.paths[-1]["flow_id"].tolist())
+    assert all(float(pts[-1, 2]) == config.lattice_depth - 1 for (_, _, pts), fid in zip(lines, sorted(ids))
+               if fid in landed)
+    # only the samples asked for
+    assert {s for s, _, _ in flow_polylines(trace, config, samples=[1])} == {1}
+
+
+def test_the_flow_paths_figure_has_a_row_per_model(tmp_path):
+    config = tiny_config(energy_threshold=0.001, spawn_threshold=0.002)
+    rows = {"untrained": _traced(config, seed=1, spawn=False), "trained": _traced(config)}
+    path = flow_paths_figure(rows, config, tmp_path / "flow_paths.png")
+    assert path.stat().st_size > 5000

@@ -1,6 +1,7 @@
 """Benchmark the engine's forward + backward: sparse scaling and overhead over the carrier alone.
 
-Three tables, each row the median of ``--repeats`` timed forward+backward passes after warm-up:
+Seven tables, chosen with ``--workload``: ``sweeps`` (the default on CPU) gives tables 1-4, each row
+the median of ``--repeats`` timed forward+backward passes after warm-up:
 
 1. *lattice*: a fixed number of flows and steps while the lattice grows from 20x20x10 to
    100x100x50. Only occupied cells cost compute, so time should stay flat.
@@ -8,9 +9,9 @@ Three tables, each row the median of ``--repeats`` timed forward+backward passes
 3. *overhead*: at each preset's lattice and flows, the engine against the carrier alone (its
    recurrent call and heads over the same flows and steps, no lattice). The ratio is what the
    lattice (cells, message passing, neuron, injection, readout, bookkeeping) costs on top.
-4. *dense*: at each preset's lattice, the sparse engine against :class:`DenseReferenceProcessor`,
-   which aggregates into and runs the neuron on every cell of the lattice each step (same
-   weights, same outputs). The ratio is what "only occupied cells cost compute" buys. The batch
+4. *dense*: at each preset's lattice, the sparse engine against ``DenseReferenceProcessor``
+   (``scripts/dense_reference.py``), which aggregates into and runs the neuron on every cell of
+   the lattice each step (same weights, same outputs). The ratio is what "only occupied cells cost compute" buys. The batch
    is small (``--dense-batch``) so that the dense lattice fits in memory.
 
 To compare like with like, every engine run is pinned to the same number of steps and flows: the
@@ -18,7 +19,7 @@ dz head is set so that all flows reach the output face in exactly ``--steps`` st
 sets every energy to 1 (nobody dies) and spawning is off. Lateral moves stay as initialised, so flows spread and
 share cells as in an untrained model.
 
-Two more tables (``--workload``):
+The other workloads, one table each:
 
 5. *prior* (``--workload prior``): the prior implementation's workload -- a 28x28x40 lattice,
    batch 4, 784 flows per sample (every input-face cell), GRU 512 x 3, 19 steps per flow
@@ -26,14 +27,7 @@ Two more tables (``--workload``):
    with ``activation_checkpointing: true``, and the carrier alone. Time, memory, ratios (each
    the median over rounds of the ratio within a round, so that a load that comes and goes on a
    shared machine cancels out).
-7. *compile* (``--workload compile``): per preset, the engine eager and with ``compile: true``
-   (the whole step compiled, flows padded to bucket sizes) against the carrier alone, interleaved
-   round by round (ratios: the median of within-round ratios), and the kernels per lattice step
-   of a forward + backward counted with ``torch.profiler``
-   (:func:`efgraph.utils.kernel_count.count_kernels`: compiled kernels count one each), at the
-   pinned work and with an untrained model's natural dynamics (flows spawn, die and arrive, so
-   the compaction and deposits run); the warm-up column is mostly the compile.
-6. *gpu* (``--workload gpu``, the default on CUDA; runs on CPU too): per preset, engine /
+6. *gpu* (``--workload gpu``; with *prior*, the default on CUDA; runs on CPU too): per preset, engine /
    carrier alone, peak memory, flow-steps per second, dispatcher ops and host syncs per lattice
    step (:class:`efgraph.utils.dispatch_count.count_ops` over one forward+backward, divided by
    the steps), and the share of the device's matmul peak that the carrier's recurrent matmuls
@@ -42,6 +36,13 @@ Two more tables (``--workload``):
    ``3 x sum over layers of 2 * gates * hidden * (layer input + hidden)`` per flow-step
    (forward, plus backward at twice the forward); ``tests/test_bench_scripts.py`` checks the
    count against ``torch.utils.flop_counter.FlopCounterMode`` on CPU.
+7. *compile* (``--workload compile``): per preset, the engine eager and with ``compile: true``
+   (the whole step compiled, flows padded to bucket sizes) against the carrier alone, interleaved
+   round by round (ratios: the median of within-round ratios), and the kernels per lattice step
+   of a forward + backward counted with ``torch.profiler``
+   (:func:`efgraph.utils.kernel_count.count_kernels`: compiled kernels count one each), at the
+   pinned work and with an untrained model's natural dynamics (flows spawn, die and arrive, so
+   the compaction and deposits run); the warm-up column is mostly the compile.
 
 Memory, three measures (MiB in the tables):
 

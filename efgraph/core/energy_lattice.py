@@ -7,9 +7,12 @@ has arrived exactly when ``z == D-1``. Lateral moves *reflect* off the faces (a 
 keeps a gradient at the border where clamping would zero it.
 
 Collection. An arriving flow deposits ``energy * value`` on the four output-face cells nearest its
-continuous (x, y) with bilinear weights, so the landing position receives a gradient. Only the
-cells that are hit are materialised (compacted with ``torch.unique``): the cost grows with the
-number of arrivals, never with W * H.
+continuous (x, y) with bilinear weights, so the landing position receives a gradient. The cost
+grows with the number of arrivals, never with W * H: with ``readout: face`` each arrival adds one
+outer product ``energy * L(xy) value^T`` (its readout key interpolated at the landing point)
+scattered into its sample's row, and no face cell is materialised; with ``readout: shared`` the
+deposits are compacted to the hit cells by :func:`~efgraph.core.compaction.unique_padded`
+(:meth:`EnergyLattice.deposit_on_cells`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch_geometric.utils import scatter
 
-from efgraph.config import EnergyConfig
+from efgraph.config import EnergyConfig, config_attribute
 from efgraph.core.compaction import unique_padded
 
 
@@ -132,6 +135,8 @@ class EnergyLattice(nn.Module):
     and is summed per sample, position entering only as an additive code in each deposit: y is
     blind to where the flows land. ``g`` is a learned gate initialised to ``output_gate_init``.
     """
+
+    config = config_attribute()  # the processor's one frozen config, set once
 
     def __init__(self, config: EnergyConfig) -> None:
         super().__init__()

@@ -13,9 +13,11 @@ class SimpleNeuron(nn.Module):
     .. math::
         t_c = W_2\,\mathrm{GELU}(W_1 [\bar m_c \,\|\, \mathrm{pe}(c)] + b_1) + b_2
 
-    where :math:`\bar m_c` aggregates the messages of the flows in cell :math:`c` and
-    :math:`\mathrm{pe}(c)` is the cell's position encoding. The result is the *transformation*
-    every flow in the cell receives. 32 -> 64 -> 16 by default (~3k parameters).
+    where :math:`\bar m_c` aggregates (``aggregation``: mean or sum) the messages of the flows of
+    :math:`c`'s sample within ``interaction_radius`` cells of it (Chebyshev distance; radius 0: the
+    flows in :math:`c` only; see :mod:`efgraph.core.message_passing`) and :math:`\mathrm{pe}(c)` is
+    the cell's position encoding. The result is the *transformation* every flow in the cell
+    receives. 32 -> 64 -> 16 by default (~3k parameters).
 
     Args:
         config: uses ``neuron_input_dim`` (message_dim + position encoding), ``neuron_hidden_dim``,

@@ -1,8 +1,11 @@
 """`FlowTrace`: what happened during one forward, step by step.
 
-Counts are host integers the engine already knows (they come from the shapes that compaction
-produces); energies stay on the device as one stacked tensor and are copied to the host only when
-a caller asks, so keeping the trace on costs no extra synchronisation in the step loop.
+Counts are host integers the engine has read anyway: each step's one host sync
+(:func:`~efgraph.core.compaction.read_counts`) reads how many flows continue, arrive and spawn and
+how many cells are occupied, which fixes the next step's shapes; the dead are the rest, and the
+active flows are the state's own count. Energies stay on the device as one stacked tensor and are
+copied to the host only when a caller asks, so keeping the trace on costs no extra
+synchronisation in the step loop.
 """
 
 from __future__ import annotations

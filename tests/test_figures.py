@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from conftest import build_processor, force_spawning, tiny_config
-from efgraph.training.figures import flow_paths_figure, flow_polylines
+from efgraph.training.figures import flow_counts_figure, flow_paths_figure, flow_polylines, landing_figure
 
 
 def _traced(config, seed=0, spawn=True):
@@ -55,3 +55,40 @@ def test_the_flow_paths_figure_has_a_row_per_model(tmp_path):
     rows = {"untrained": _traced(config, seed=1, spawn=False), "trained": _traced(config)}
     path = flow_paths_figure(rows, config, tmp_path / "flow_paths.png")
     assert path.stat().st_size > 5000
+
+
+def _drawn(monkeypatch, draw):
+    """The matplotlib figure that ``draw()`` saves."""
+    import matplotlib.figure
+
+    saved = []
+    original = matplotlib.figure.Figure.savefig
+
+    def savefig(self, *args, **kwargs):
+        saved.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    draw()
+    assert len(saved) == 1
+    return saved[0]
+
+
+def test_figures_read_alone_colour_bar_one_step_bars_and_channel_text(tmp_path, monkeypatch):
+    from efgraph.training.channels import channels_figure
+
+    config = tiny_config(energy_threshold=0.001, spawn_threshold=0.002)
+    trace = _traced(config)
+    landing = _drawn(monkeypatch, lambda: landing_figure(trace, config, tmp_path / "landing.png"))
+    labels = [ax.get_ylabel() for ax in landing.axes]
+    assert len(landing.axes) == 3 and any("arrivals per output-face cell" in label for label in labels)  # colour bar
+    channels = _drawn(monkeypatch, lambda: channels_figure(trace, config, tmp_path / "channels.png"))
+    assert "regions" in channels.get_suptitle() and "Concentration 1" in channels.get_suptitle()
+    # a one-step lattice (depth 2): bars, one per quantity, not one dot per curve
+    one = tiny_config(lattice_depth=2)
+    one_trace = _traced(one, spawn=False)
+    assert one_trace.num_steps == 1
+    counts = _drawn(monkeypatch, lambda: flow_counts_figure(one_trace, tmp_path / "flow_counts.png"))
+    assert [len(ax.patches) for ax in counts.axes] == [5, 4, 1] and not any(ax.lines for ax in counts.axes)
+    deep = _drawn(monkeypatch, lambda: flow_counts_figure(trace, tmp_path / "flow_counts_deep.png"))
+    assert all(ax.lines for ax in deep.axes)  # curves over the steps

@@ -95,7 +95,7 @@ def channels_figure(trace: FlowTrace, config: EnergyConfig, path: str | Path, gr
     a = arrival_origins(trace)
     maps = _sample_maps(a, config, grid, trace.batch_size)
     m, metrics = maps.sum(dim=0), _metrics(maps)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 5.0))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.6), layout="constrained")
     share = m / m.sum(dim=1, keepdim=True).clamp(min=1e-12)
     im = axes[0].imshow(share.numpy(), cmap="magma", vmin=0, vmax=1)
     axes[0].set_xlabel(f"output-face region ({grid}x{grid}, row-major)")
@@ -114,11 +114,14 @@ def channels_figure(trace: FlowTrace, config: EnergyConfig, path: str | Path, gr
     axes[1].set_xlim(-0.5, config.lattice_width - 0.5)
     axes[1].set_ylim(-0.5, config.lattice_height - 0.5)
     axes[1].set_aspect("equal")
-    axes[1].set_title(f"sample {sample}: input-face origin (dot) -> landing (arrow head)")
-    axes[1].set_xlabel("x")
-    axes[1].set_ylabel("y")
-    fig.tight_layout()
+    axes[1].set_title(f"sample {sample}: input-face origin (dot) -> landing (arrow head)\n"
+                      f"colour: input region, width: energy on arrival")
+    axes[1].set_xlabel("x (cells)")
+    axes[1].set_ylabel("y (cells)")
+    fig.suptitle(f"Channels: both faces cut into {grid}x{grid} regions (row-major from x=0, y=0); every arrival is "
+                 "traced back to the input-face cell its lineage started on.\nConcentration 1: each input region sends "
+                 "all its energy to one output region; 0: it spreads evenly over the face.", fontsize=9)
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path

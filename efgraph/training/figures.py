@@ -95,14 +95,17 @@ def landing_figure(trace: FlowTrace, config: EnergyConfig, path: str | Path) -> 
     arrivals = trace.paths[-1]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     pos = arrivals["pos"]
-    axes[0].hist2d(pos[:, 0].numpy(), pos[:, 1].numpy(), bins=[config.lattice_width, config.lattice_height],
-                   range=[[-0.5, config.lattice_width - 0.5], [-0.5, config.lattice_height - 0.5]], cmap="magma")
-    axes[0].set_title(f"landing positions ({pos.size(0)} arrivals)")
-    axes[0].set_xlabel("x")
-    axes[0].set_ylabel("y")
+    image = axes[0].hist2d(pos[:, 0].numpy(), pos[:, 1].numpy(), bins=[config.lattice_width, config.lattice_height],
+                           range=[[-0.5, config.lattice_width - 0.5], [-0.5, config.lattice_height - 0.5]],
+                           cmap="magma")[3]
+    fig.colorbar(image, ax=axes[0], label=f"arrivals per output-face cell (batch of {trace.batch_size})")
+    axes[0].set_title(f"landing positions on the output face ({pos.size(0)} arrivals)")
+    axes[0].set_xlabel("x (cells)")
+    axes[0].set_ylabel("y (cells)")
     axes[1].hist(arrivals["energy"].numpy(), bins=30, range=(0, 1), color="tab:orange")
-    axes[1].set_title("energy on arrival")
+    axes[1].set_title("energy of each flow on arrival")
     axes[1].set_xlabel("energy")
+    axes[1].set_ylabel("arrivals")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
@@ -112,28 +115,38 @@ def landing_figure(trace: FlowTrace, config: EnergyConfig, path: str | Path) -> 
 
 def flow_counts_figure(trace: FlowTrace, path: str | Path) -> Path:
     """Per lattice step: active flows, occupied cells, spawned, died, arrived; the energy books;
-    and how many flows a flow's neuron hears (its interaction neighbourhood)."""
+    and how many flows a flow's neuron hears (its interaction neighbourhood). A lattice that ran
+    one step (depth 2) is drawn as bars, one per quantity, instead of one dot per curve."""
     counts = trace.as_dict()
     steps = list(range(1, trace.num_steps + 1))
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    for key, style in [("active", "-o"), ("occupied", "--o"), ("spawned", "-^"), ("died", "-x"), ("arrived", "-s")]:
-        axes[0].plot(steps, counts[key], style, label=key, ms=4)
-    for ax in axes:
-        ax.set_xticks(steps)
-    axes[0].set_xlabel("lattice step")
-    axes[0].set_title(f"flows per step (batch of {trace.batch_size})")
-    axes[0].legend(fontsize=8)
     injected = float(trace.energy_injected) or 1.0
-    for key in ("energy_in_flight", "energy_arrived", "energy_lost", "energy_created"):
-        axes[1].plot(steps, [v / injected for v in counts[key]], "-o", ms=4, label=key.replace("energy_", ""))
-    axes[1].set_ylim(bottom=0)
-    axes[1].set_xlabel("lattice step")
-    axes[1].set_title("cumulative energy / injected")
-    axes[1].legend(fontsize=8)
-    axes[2].plot(steps, counts["neighbourhood_flows"], "-o", ms=4)
-    axes[2].set_ylim(bottom=0)
-    axes[2].set_xlabel("lattice step")
-    axes[2].set_title("flows per interaction neighbourhood")
+    panels = [
+        (f"flows per step (batch of {trace.batch_size})", "flows",
+         {k: counts[k] for k in ("active", "occupied", "spawned", "died", "arrived")}),
+        ("cumulative energy / injected", "share of the injected energy",
+         {k.replace("energy_", ""): [v / injected for v in counts[k]]
+          for k in ("energy_in_flight", "energy_arrived", "energy_lost", "energy_created")}),
+        ("flows per interaction neighbourhood", "mean flows a flow's neuron hears",
+         {"neighbourhood": counts["neighbourhood_flows"]}),
+    ]
+    one_step = len(steps) == 1
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for ax, (title, ylabel, series) in zip(axes, panels):
+        if one_step:  # one value per quantity: bars, labelled with their values
+            bars = ax.bar(list(series), [v[0] for v in series.values()], color=plt.get_cmap("tab10").colors)
+            ax.bar_label(bars, fmt="%.3g", fontsize=8)
+            ax.set_xlabel("the lattice's one step")
+            ax.tick_params(axis="x", labelsize=8)
+        else:
+            for (key, values), style in zip(series.items(), ["-o", "--o", "-^", "-x", "-s"]):
+                ax.plot(steps, values, style, label=key, ms=4)
+            ax.set_xticks(steps)
+            ax.set_xlabel("lattice step")
+            if len(series) > 1:
+                ax.legend(fontsize=8)
+        ax.set_ylim(bottom=0)
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

@@ -36,6 +36,11 @@ PRECISIONS = ("fp32", "bf16")
 # forwards, under the memory plan's cap and toward flow_budget_target (efgraph.training.flow_budget)
 FLOW_BUDGETS = ("fixed", "adaptive")
 
+# Fields a built model may change (FlowProcessor.reconfigure sets them on the processor, its lattice
+# and its carrier together): read on every forward, they change how a forward is computed, not what.
+# Every other field is fixed when the model is built (compile, for one, builds the graphs then).
+RUNTIME_MUTABLE_KEYS = ("activation_checkpointing",)
+
 # Fields that fix the shapes of the parameters or what the computation means: a checkpoint only
 # loads into a model whose config agrees on all of them (training knobs may change on resume).
 ARCHITECTURE_KEYS = (
@@ -47,12 +52,17 @@ ARCHITECTURE_KEYS = (
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class EnergyConfig:
     """Configuration of the lattice, the flows, the networks and training.
 
     Lattice geometry: ``lattice_width`` x ``lattice_height`` x ``lattice_depth`` cells; z=0 is the
     input face, z=depth-1 the output face.
+
+    Frozen: assigning a field raises ``dataclasses.FrozenInstanceError``, so the processor, its
+    lattice and its carrier, which share one config, can never disagree. A changed config is a new
+    one (:meth:`replace`); a built model changes only its runtime switches
+    (:meth:`efgraph.core.flow_processor.FlowProcessor.reconfigure`).
     """
 
     # --- lattice -------------------------------------------------------------------------------
@@ -255,7 +265,7 @@ class EnergyConfig:
             if expected is float:
                 if not math.isfinite(value):
                     raise ValueError(f"{f.name}: must be finite, got {value!r}")
-                setattr(self, f.name, float(value))
+                object.__setattr__(self, f.name, float(value))  # frozen: 3 -> 3.0 once, while validating
 
         positive = [
             "lattice_width", "lattice_height", "input_dim", "output_dim", "initial_flows_per_sample",
@@ -412,6 +422,29 @@ class EnergyConfig:
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def config_attribute() -> property:
+    """The ``config`` attribute of a model part (processor, lattice, carrier), kept as ``_config``.
+
+    Assigned once, in ``__init__``; assigning it again raises ``AttributeError``: a part given a new
+    config alone would disagree with the parts that keep the old one. A built model changes its
+    runtime switches with :meth:`efgraph.core.flow_processor.FlowProcessor.reconfigure`, which puts
+    one new config on every part.
+    """
+
+    def get(part: Any) -> EnergyConfig:
+        return part._config
+
+    def set_once(part: Any, config: EnergyConfig) -> None:
+        if "_config" in vars(part):
+            raise AttributeError(
+                f"{type(part).__name__}.config: set once, when the model is built; change a runtime switch "
+                f"({', '.join(RUNTIME_MUTABLE_KEYS)}) with FlowProcessor.reconfigure(...), or build a new model "
+                f"from config.replace(...)")
+        vars(part)["_config"] = config
+
+    return property(get, set_once, doc="The part's EnergyConfig: frozen, set once (efgraph.config.config_attribute).")
 
 
 def create_debug_config(**overrides: Any) -> EnergyConfig:

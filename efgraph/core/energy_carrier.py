@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from efgraph.config import EnergyConfig
+from efgraph.config import EnergyConfig, config_attribute
 
 # Initial biases, chosen so that an untrained model behaves sensibly (and tests are not flaky):
 # the carrier sets energies near sigmoid(2) = 0.88, above the preset spawn threshold (0.8), so an
@@ -58,6 +58,8 @@ class EnergyCarrier(nn.Module):
         step input: ``[F, neuron_output_dim + 1 + position_encoding_dim]`` (transformation,
         energy, position encoding); hidden state ``[L, F, H]``.
     """
+
+    config = config_attribute()  # the processor's one frozen config, set once
 
     def __init__(self, config: EnergyConfig) -> None:
         super().__init__()

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch_geometric.utils import scatter
 
-from efgraph.config import EnergyConfig
+from efgraph.config import EnergyConfig, config_attribute
 from efgraph.core.compaction import unique_padded
 
 
@@ -135,6 +135,8 @@ class EnergyLattice(nn.Module):
     and is summed per sample, position entering only as an additive code in each deposit: y is
     blind to where the flows land. ``g`` is a learned gate initialised to ``output_gate_init``.
     """
+
+    config = config_attribute()  # the processor's one frozen config, set once
 
     def __init__(self, config: EnergyConfig) -> None:
         super().__init__()

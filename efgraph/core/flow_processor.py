@@ -37,7 +37,7 @@ backward replays the forward's fates (:class:`StepDecisions`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -45,7 +45,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch_geometric.utils import degree
 
-from efgraph.config import ARCHITECTURE_KEYS, EnergyConfig
+from efgraph.config import RUNTIME_MUTABLE_KEYS, EnergyConfig, config_attribute
 from efgraph.core.budget import keep_top_per_group
 from efgraph.core.compaction import bucket_rows, read_counts, unique_padded
 from efgraph.core.diagnostics import ForwardDiagnostics
@@ -209,7 +209,10 @@ class FlowProcessor(nn.Module):
     Args:
         lattice: the :class:`EnergyLattice` (geometry, injection, readout).
         neuron: the shared :class:`SimpleNeuron`.
-        config: the :class:`EnergyConfig`; the carrier is built from it.
+        config: the :class:`EnergyConfig`: the lattice must have been built from an equal one (every
+            field), the neuron to its widths; the carrier is built from it. The processor, lattice
+            and carrier then share this one frozen object: only :meth:`reconfigure` changes it, on
+            all three at once.
 
     After each forward, :attr:`last_trace` holds the :class:`FlowTrace` of that forward. Set
     :attr:`record_paths` to also keep every flow's position at every step (for figures), and
@@ -218,18 +221,23 @@ class FlowProcessor(nn.Module):
     step's output, the landings; eager even with ``compile: true``).
     """
 
+    config = config_attribute()  # the one frozen config of processor, lattice and carrier, set once
+
     def __init__(self, lattice: EnergyLattice, neuron: SimpleNeuron, config: EnergyConfig) -> None:
         super().__init__()
-        differing = [k for k in ARCHITECTURE_KEYS if getattr(lattice.config, k) != getattr(config, k)]
-        if differing:  # e.g. a 10x10 lattice under a 20x20 processor would index the wrong cells
+        # any field, not only the shapes: the lattice also reads e.g. initial_flows_per_sample and
+        # output_gate_init, and a 10x10 lattice under a 20x20 processor would index the wrong cells
+        differing = [f.name for f in fields(config) if getattr(lattice.config, f.name) != getattr(config, f.name)]
+        if differing:
             raise ValueError("lattice: built from another config than the processor's; differing fields: "
-                             + ", ".join(f"{k} ({getattr(lattice.config, k)!r} vs {getattr(config, k)!r})"
-                                         for k in differing))
-        if neuron.input_dim != config.neuron_input_dim:
-            raise ValueError(
-                f"neuron: input width {neuron.input_dim} does not match config.neuron_input_dim "
-                f"{config.neuron_input_dim}"
-            )
+                             + ", ".join(f"{k} (lattice {getattr(lattice.config, k)!r}, processor "
+                                         f"{getattr(config, k)!r})" for k in differing))
+        widths = (("neuron_input_dim", neuron.input_dim, config.neuron_input_dim),
+                  ("neuron_hidden_dim", neuron.fc1.out_features, config.neuron_hidden_dim),
+                  ("neuron_output_dim", neuron.fc2.out_features, config.neuron_output_dim))
+        for name, width, expected in widths:
+            if width != expected:
+                raise ValueError(f"neuron: built for {name} {width}, the processor's config has {expected}")
         self.config = config
         self.lattice = lattice
         self.neuron = neuron
@@ -254,10 +262,32 @@ class FlowProcessor(nn.Module):
         # bucket sizes, see bucket_rows), so the graphs are few and each can be a CUDA graph;
         # fullgraph: no silent graph breaks. The *unbound* methods are compiled and called with
         # self, so a deep copy of this module (EMA, SWA) runs its own weights, not this instance's.
+        # compile is read here, once: the graphs and the padding (static shapes) follow this value
+        self._static_shapes = config.compile
         self._compiled = (
             {name: torch.compile(getattr(type(self), name), backend=COMPILE_BACKEND, dynamic=False, fullgraph=True)
-             for name in ("decide", "compact", "deposit")} if config.compile else None
+             for name in ("decide", "compact", "deposit")} if self._static_shapes else None
         )
+
+    def reconfigure(self, **changes: Any) -> None:
+        """Change runtime switches of the built model: one new config (``config.replace(**changes)``)
+        on the processor, its lattice and its carrier together.
+
+        Only the fields of :data:`efgraph.config.RUNTIME_MUTABLE_KEYS` (``activation_checkpointing``),
+        read on every forward, may change; every other field fixes the parameters or was read when
+        the model was built (``compile``: the graphs and the padding), so it is refused.
+
+        Raises:
+            ValueError: naming the refused fields, or a value out of its range.
+        """
+        refused = sorted(set(changes) - set(RUNTIME_MUTABLE_KEYS))
+        if refused:
+            raise ValueError(f"reconfigure: {', '.join(refused)} cannot change on a built model (only "
+                             f"{', '.join(RUNTIME_MUTABLE_KEYS)} can); build a new one with "
+                             f"FlowProcessor.from_config(config.replace(...))")
+        config = self.config.replace(**changes)
+        for part in (self, self.lattice, self.carrier):
+            vars(part)["_config"] = config  # past config_attribute's set-once guard, on every part at once
 
     # ---- input checks ----------------------------------------------------------------------------
     def _check_input(self, x: Tensor) -> None:
@@ -310,7 +340,7 @@ class FlowProcessor(nn.Module):
             parent_of={} if self.record_paths else None,
         )
         next_id = state.num_flows
-        if self.config.compile:  # static shapes: the flows padded to a bucket size
+        if self._static_shapes:  # compile: the flows padded to a bucket size
             state = state.padded(bucket_rows(state.num_flows), batch_size)
         # x's finiteness is read in the first step's sync instead of a sync of its own
         nonfinite = (~torch.isfinite(x)).any().long()
@@ -485,7 +515,7 @@ class FlowProcessor(nn.Module):
         if n_alive == state.num_active and not n_spawned:  # fast path: every flow continues as it is
             next_state = moved
         else:
-            rows = bucket_rows(n_next) if cfg.compile else n_next
+            rows = bucket_rows(n_next) if self._static_shapes else n_next
             next_id_t = torch.full((), next_id, dtype=torch.long, device=d.energy.device)
             next_state = self._graph("compact", eager)(self, moved, d.spawn_score, d.child_dxy, died, arrived,
                                                        spawns, next_id_t, rows, batch_size, gate)
@@ -572,7 +602,7 @@ class FlowProcessor(nn.Module):
         fate = torch.cat([torch.where(alive, 0, gone), torch.where(spawns, 1, gone)])
         order = torch.sort(fate, stable=True).indices[:rows]
         keep = fate.index_select(0, order) < 2
-        padded = self.config.compile
+        padded = self._static_shapes
         return FlowState(
             h=torch.cat([moved.h, child_h], dim=1).index_select(1, order),
             c=None if moved.c is None else torch.cat([moved.c, child_c], dim=1).index_select(1, order),

@@ -172,9 +172,9 @@ class EnergyTrainer:
             checkpointing, micro = config.activation_checkpointing, config.micro_batch_size or local_batch
         self.micro_batch_size = micro  # rows per forward + backward on this process
         if processor.config.activation_checkpointing != checkpointing:
-            # the processor reads the flag from its own config; the caller's config is left as given
-            # (checkpoints keep the settings asked for, so a resume plans again for its device)
-            processor.config = processor.config.replace(activation_checkpointing=checkpointing)
+            # on the processor, its lattice and its carrier at once; the caller's config is left as
+            # given (checkpoints keep the settings asked for, so a resume plans again for its device)
+            processor.reconfigure(activation_checkpointing=checkpointing)
         self.processor = processor.to(self.device)
         # the per-sample flow budget (see the module docstring): fixed, or moved by the controller
         self.flow_budget: AdaptiveFlowBudget | None = None

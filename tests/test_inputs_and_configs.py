@@ -156,7 +156,7 @@ def test_bible_full_is_bible_on_every_verse_with_a_shorter_schedule():
 def test_a_lattice_from_another_config_is_refused_naming_the_fields():
     config = tiny_config()
     other = tiny_config(lattice_width=7)
-    with pytest.raises(ValueError, match=r"lattice: .*lattice_width \(7 vs 6\)"):
+    with pytest.raises(ValueError, match=r"lattice: .*lattice_width \(lattice 7, processor 6\)"):
         FlowProcessor(EnergyLattice(other), SimpleNeuron(config), config)
 
 

@@ -37,7 +37,7 @@ def test_float64_is_cast_to_float32_contiguous():
 
 
 def test_mismatched_row_counts_name_both_counts():
-    with pytest.raises(ValueError, match=r"src has 3.*tgt has 4"):
+    with pytest.raises(ValueError, match=r"tgt: has 4 rows but src has 3"):
         EmbeddingPairs(torch.zeros(3, 2), torch.zeros(4, 2))
 
 
@@ -48,17 +48,17 @@ def test_empty_set_is_rejected():
 
 @pytest.mark.parametrize("shape", [(4,), (2, 2, 2)])
 def test_non_2d_is_rejected_with_the_tensor_name(shape):
-    with pytest.raises(ValueError, match=r"tgt must be 2-D"):
+    with pytest.raises(ValueError, match=r"tgt: must be 2-D"):
         EmbeddingPairs(torch.zeros(2, 2), torch.zeros(*shape))
 
 
 def test_integer_tensor_is_rejected():
-    with pytest.raises(ValueError, match=r"src must be a floating-point tensor.*int64"):
+    with pytest.raises(ValueError, match=r"src: must be a floating-point tensor.*int64"):
         EmbeddingPairs(torch.zeros(2, 2, dtype=torch.long), torch.zeros(2, 2))
 
 
 def test_zero_width_is_rejected():
-    with pytest.raises(ValueError, match="src has width 0"):
+    with pytest.raises(ValueError, match="src: has width 0"):
         EmbeddingPairs(torch.zeros(2, 0), torch.zeros(2, 2))
 
 
@@ -67,7 +67,7 @@ def test_non_finite_names_tensor_and_first_bad_row(bad):
     tgt = torch.zeros(5, 3)
     tgt[3, 1] = bad
     tgt[4, 0] = bad
-    with pytest.raises(ValueError, match=r"tgt contains a non-finite value.*first bad row 3 "
+    with pytest.raises(ValueError, match=r"tgt: contains a non-finite value.*first bad row 3 "
                                          r"\(column 1"):
         EmbeddingPairs(torch.zeros(5, 2), tgt)
 
@@ -75,7 +75,7 @@ def test_non_finite_names_tensor_and_first_bad_row(bad):
 def test_float64_overflowing_float32_is_caught_as_non_finite():
     src = torch.zeros(2, 2, dtype=torch.float64)
     src[1, 0] = 1e300
-    with pytest.raises(ValueError, match="src contains a non-finite value.*first bad row 1"):
+    with pytest.raises(ValueError, match="src: contains a non-finite value.*first bad row 1"):
         EmbeddingPairs(src, torch.zeros(2, 2))
 
 

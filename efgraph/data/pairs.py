@@ -39,14 +39,12 @@ class EmbeddingPairs:
     groups: list[str] | None = None
 
     def __post_init__(self) -> None:
-        self.src = _check_matrix("src", self.src)
-        self.tgt = _check_matrix("tgt", self.tgt)
-        n_src, n_tgt = self.src.shape[0], self.tgt.shape[0]
-        if n_src != n_tgt:
-            raise ValueError(
-                f"src and tgt must have the same number of rows (pairs): src has {n_src}, "
-                f"tgt has {n_tgt}"
-            )
+        # contiguous CPU float32, what the models use
+        self.src, self.tgt = (check_embeddings(name, value, allow_empty=True, dtype=torch.float32,
+                                               device="cpu").contiguous()
+                              for name, value in (("src", self.src), ("tgt", self.tgt)))
+        _check_aligned(self.src, self.tgt, ("src", "tgt"), same_width=False)
+        n_src = self.src.shape[0]
         if n_src == 0:
             raise ValueError("empty pair set: src and tgt have 0 rows; need at least one pair")
         self.keys = _check_labels("keys", self.keys, n_src, unique=True)
@@ -93,32 +91,71 @@ class EmbeddingPairs:
         )
 
 
-def _check_matrix(name: str, value: object) -> Tensor:
-    """Validate one side of the pairs and return it as contiguous float32 ``[N, D]``."""
+def check_embeddings(
+    name: str, value: object, *, allow_empty: bool = False, finite: bool = True,
+    dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+) -> Tensor:
+    """The package's one check of an embedding matrix (pairs, splits, predictions, targets).
+
+    ``value`` must be a floating-point ``[N, D]`` tensor (one embedding per row) with ``D >= 1``,
+    ``N >= 1`` unless ``allow_empty``, and, with ``finite``, no NaN or inf. With ``dtype`` /
+    ``device`` it is converted (detached) first, so that finiteness is checked in the type it will
+    be used in (a float64 value too large for float32 is caught). ``finite`` reads the tensor on
+    the host: leave it off inside a training step, which must not sync.
+
+    Returns:
+        ``value``, converted when ``dtype`` or ``device`` is given.
+
+    Raises:
+        ValueError: starting with ``"{name}: "``, saying what is wrong (for a non-finite value:
+            the first bad row, its column and value).
+    """
     if not isinstance(value, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
     if value.dim() != 2:
-        raise ValueError(
-            f"{name} must be 2-D [N, D] (one embedding per row), got shape {tuple(value.shape)}"
-        )
+        raise ValueError(f"{name}: must be 2-D [N, D] (one embedding per row), got shape {tuple(value.shape)}")
     # Integer or bool "embeddings" are almost certainly a mix-up (e.g. token ids), so refuse
     # them instead of silently casting.
     if not value.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+        raise ValueError(f"{name}: must be a floating-point tensor, got dtype {value.dtype}")
     if value.shape[1] == 0:
-        raise ValueError(f"{name} has width 0; embeddings need at least one dimension")
-    # Check finiteness after the cast, so a float64 value too large for float32 (which the cast
-    # turns into inf) is caught too.
-    value = value.detach().to(device="cpu", dtype=torch.float32).contiguous()
-    finite_rows = torch.isfinite(value).all(dim=1)
-    if not bool(finite_rows.all()):
-        row = int((~finite_rows).nonzero()[0, 0])
-        col = int((~torch.isfinite(value[row])).nonzero()[0, 0])
-        raise ValueError(
-            f"{name} contains a non-finite value (NaN or inf): first bad row {row} "
-            f"(column {col}, value {value[row, col].item()})"
-        )
+        raise ValueError(f"{name}: has width 0; embeddings need at least one dimension")
+    if value.shape[0] == 0 and not allow_empty:
+        raise ValueError(f"{name}: is empty (0 rows)")
+    if dtype is not None or device is not None:
+        value = value.detach().to(device=device, dtype=dtype)
+    if finite and value.numel():
+        finite_rows = torch.isfinite(value).all(dim=1)
+        if not bool(finite_rows.all()):
+            row = int((~finite_rows).nonzero()[0, 0])
+            col = int((~torch.isfinite(value[row])).nonzero()[0, 0])
+            raise ValueError(
+                f"{name}: contains a non-finite value (NaN or inf): first bad row {row} "
+                f"(column {col}, value {value[row, col].item()})"
+            )
     return value
+
+
+def check_embedding_pair(
+    a: object, b: object, names: tuple[str, str] = ("src", "tgt"), *, same_width: bool = False,
+    allow_empty: bool = False, finite: bool = True,
+) -> None:
+    """:func:`check_embeddings` of both, then: the same rows (row ``i`` of each is pair ``i``),
+    the same device, and with ``same_width`` the same width. Raises ValueError naming the
+    second of ``names`` for a mismatch."""
+    check_embeddings(names[0], a, allow_empty=allow_empty, finite=finite)
+    check_embeddings(names[1], b, allow_empty=allow_empty, finite=finite)
+    _check_aligned(a, b, names, same_width)
+
+
+def _check_aligned(a: Tensor, b: Tensor, names: tuple[str, str], same_width: bool) -> None:
+    first, second = names
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"{second}: has {b.shape[0]} rows but {first} has {a.shape[0]} (one row per pair)")
+    if same_width and a.shape[1] != b.shape[1]:
+        raise ValueError(f"{second}: shape {tuple(b.shape)} does not match {first} shape {tuple(a.shape)}")
+    if a.device != b.device:
+        raise ValueError(f"{second}: on {b.device}, but {first} is on {a.device}")
 
 
 def _check_labels(

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from torch import Tensor, nn
 
 from efgraph.config import LEARNED_BASELINES
+from efgraph.data.pairs import check_embedding_pair
 from efgraph.training.metrics import embedding_loss, evaluate_predictions
 from efgraph.training.optim import adamw
 from efgraph.training.schedule import warmup_cosine_scheduler
@@ -62,15 +63,9 @@ class Baseline(Protocol):
 
 
 def _check_split(src: Tensor, tgt: Tensor, what: str) -> None:
-    """Raise ``ValueError`` unless ``src`` [N, D_in] and ``tgt`` [N, D_out] are a matching pair."""
-    for name, value in ((f"{what}_src", src), (f"{what}_tgt", tgt)):
-        if not isinstance(value, Tensor) or value.dim() != 2 or not value.is_floating_point():
-            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-            raise ValueError(f"{name}: expected a floating-point [N, D] tensor, got {shape}")
-        if value.shape[0] == 0:
-            raise ValueError(f"{name}: is empty")
-    if src.shape[0] != tgt.shape[0]:
-        raise ValueError(f"{what}_tgt: has {tgt.shape[0]} rows but {what}_src has {src.shape[0]}")
+    """Raise ``ValueError`` unless ``src`` [N, D_in] and ``tgt`` [N, D_out] are a matching, finite
+    pair (:func:`efgraph.data.pairs.check_embedding_pair`)."""
+    check_embedding_pair(src, tgt, (f"{what}_src", f"{what}_tgt"))
 
 
 def _check_val(val_src: Tensor | None, val_tgt: Tensor | None, train_src: Tensor, train_tgt: Tensor) -> bool:

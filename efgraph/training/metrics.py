@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from efgraph.data._atomic import atomic_write
+from efgraph.data.pairs import check_embedding_pair
 
 # Norm floor for cosine similarity: a zero row gets cosine 0 instead of NaN.
 _COS_EPS = 1e-8
@@ -26,23 +27,10 @@ _COS_EPS = 1e-8
 _MAX_SIM_ELEMENTS = 1 << 22
 
 
-def _check_pair(pred: Tensor, target: Tensor) -> None:
-    """Raise ``ValueError`` naming the argument whose type, rank or shape is wrong."""
-    for name, value in (("pred", pred), ("target", target)):
-        if not isinstance(value, Tensor):
-            raise ValueError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
-        if value.dim() != 2:
-            raise ValueError(f"{name}: expected shape [N, D], got {tuple(value.shape)}")
-        if value.shape[0] == 0 or value.shape[1] == 0:
-            raise ValueError(f"{name}: expected a non-empty [N, D] tensor, got {tuple(value.shape)}")
-        if not value.is_floating_point():
-            raise ValueError(f"{name}: expected a floating-point tensor, got {value.dtype}")
-    if pred.shape != target.shape:
-        raise ValueError(
-            f"target: shape {tuple(target.shape)} does not match pred shape {tuple(pred.shape)}"
-        )
-    if pred.device != target.device:
-        raise ValueError(f"target: on {target.device}, but pred is on {pred.device}")
+def _check_pair(pred: Tensor, target: Tensor, finite: bool = False) -> None:
+    """Raise ``ValueError`` naming the argument whose type, rank, shape, device (or, with
+    ``finite``, values) is wrong (:func:`efgraph.data.pairs.check_embedding_pair`)."""
+    check_embedding_pair(pred, target, ("pred", "target"), same_width=True, finite=finite)
 
 
 def embedding_loss(pred: Tensor, target: Tensor, mse_weight: float, cosine_weight: float) -> Tensor:
@@ -120,11 +108,7 @@ def answer_accuracy(pred: Tensor, target: Tensor, answers: Tensor) -> float:
 
 def _scoring_pair(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """Check a ``[N, D]`` pair for scoring and promote it to at least float32."""
-    _check_pair(pred, target)
-    for name, value in (("pred", pred), ("target", target)):
-        # A NaN would silently turn into a miss (NaN > x is False); better to say so.
-        if not bool(torch.isfinite(value).all()):
-            raise ValueError(f"{name}: contains NaN or infinite values")
+    _check_pair(pred, target, finite=True)  # a NaN would silently turn into a miss (NaN > x is False)
     # Half-precision dot products over D = 768 lose enough to flip close retrieval calls.
     dtype = torch.promote_types(torch.promote_types(pred.dtype, target.dtype), torch.float32)
     return pred.to(dtype), target.to(dtype)

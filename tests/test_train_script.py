@@ -55,6 +55,7 @@ def test_train_script_writes_the_run_folder_and_offline_wandb_run(tmp_path):
     proc = _train(run_dir, "--wandb-mode", "offline", "--set", "num_threads=1", env_key=secret)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "CPU threads: 1 (num_threads 1)" in proc.stderr  # applied and logged
+    assert "val step 12/12: loss " in proc.stderr  # the validation metrics on the console when computed
     # the table is printed and written
     for name in ["energy-flow", "identity", "ridge", "mlp", "transformer"]:
         assert f"| {name} |" in proc.stdout

@@ -359,3 +359,21 @@ def test_the_trainer_applies_num_threads_and_zero_keeps_the_default(tiny):
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match="num_threads: must be >= 0"):
         tiny.replace(num_threads=-1)
+
+
+def test_the_console_shows_the_validation_metrics_each_time_they_are_computed(caplog):
+    import logging
+
+    train_x, train_y, val_x, val_y = _teacher(n=80)  # 40 training pairs: 5 steps per epoch
+    config = _config(batch_size=8, eval_every=2)
+    torch.manual_seed(0)
+    trainer = EnergyTrainer(FlowProcessor.from_config(config), config, progress=False)
+    with caplog.at_level(logging.INFO, logger="efgraph"):
+        trainer.train(train_x, train_y, epochs=1, val_inputs=val_x, val_targets=val_y)  # evaluates at 2, 4, 5
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("val step")]
+    assert [e["step"] for e in trainer.evaluations] == [2, 4, 5]
+    assert len(lines) == 3 and lines[0].startswith("val step 2/5: ") and lines[-1].startswith("val step 5/5: ")
+    for line, e in zip(lines, trainer.evaluations):
+        assert f"loss {e['loss']:.4f}" in line and f"cosine {e['cosine']:.4f}" in line and "mse " in line
+        assert "r@1 " in line and "arrived/sample " in line and len(line) < 120
+    assert lines[0].endswith("(best)")  # the first evaluation is the best so far

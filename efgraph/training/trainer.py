@@ -101,6 +101,9 @@ from efgraph.utils.logging import DEBUG_CONVERGENCE, get_logger
 from efgraph.utils.memory import MemoryEstimate, check_training_fits
 
 logger = get_logger(__name__)
+# the validation metrics the console shows each time they are computed: (key, name, format)
+_CONSOLE_VAL = (("loss", "loss", ".4f"), ("cosine", "cosine", ".4f"), ("mse", "mse", ".4g"), ("r_at_1", "r@1", ".3f"),
+                ("flows_arrived_per_sample", "arrived/sample", ".2f"))
 
 
 @dataclass
@@ -688,7 +691,10 @@ class EnergyTrainer:
         metrics = self.evaluate(val_inputs, val_targets)
         self.evaluations.append({"step": self.step, **metrics})
         self.run_logger.log({f"val/{k}": v for k, v in metrics.items()}, self.step)
-        if self.best_val_loss is None or metrics["loss"] < self.best_val_loss:
+        best = self.best_val_loss is None or metrics["loss"] < self.best_val_loss
+        shown = [f"{name} {metrics[key]:{fmt}}" for key, name, fmt in _CONSOLE_VAL if key in metrics]
+        logger.info("val step %d/%s: %s%s", self.step, self.total_steps, " ".join(shown), " (best)" if best else "")
+        if best:
             self.best_val_loss, self.best_step = metrics["loss"], self.step
             self._best_state = copy.deepcopy({k: v.detach().cpu() for k, v in self.processor.state_dict().items()})
             self._best_flow_budget = self.processor.active_flow_budget
@@ -741,7 +747,9 @@ class EnergyTrainer:
     def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
         """Restore model, optimizer, scheduler, step, RNG and best-so-far from a checkpoint."""
         ckpt = load_checkpoint(path, map_location=self.device)
-        check_compatible(ckpt["config"], self.config.to_dict(), ARCHITECTURE_KEYS)
+        # a config saved by an older efgraph, read with the values that version computed with
+        saved = EnergyConfig.from_saved(ckpt["config"], str(path))
+        check_compatible(saved.to_dict(), self.config.to_dict(), ARCHITECTURE_KEYS)
         self.processor.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scheduler is not None and ckpt["scheduler"] is not None:

@@ -79,12 +79,11 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 
 def _umask() -> int:
     """The process umask, read without changing it where Linux allows (``/proc/self/status``)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
+    from efgraph.utils.device import proc_self_status
+
+    value = proc_self_status("Umask")
+    if value is not None:
+        return int(value, 8)
     mask = os.umask(0o022)  # elsewhere: read it by setting it, and put it back at once
     os.umask(mask)
     return mask

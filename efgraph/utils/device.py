@@ -24,20 +24,28 @@ def get_device(preference: str | None = None) -> torch.device:
     return device
 
 
+def proc_self_status(field: str) -> str | None:
+    """The value of ``field`` (``"VmRSS"``, ``"VmHWM"``, ``"Umask"``, ...) in ``/proc/self/status``,
+    or ``None`` where there is none (not Linux). The one reader of that file."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return line.split(maxsplit=1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def process_rss_mb(peak: bool = False) -> float:
     """This process's resident set size in MiB: now, or with ``peak`` its high-water mark.
 
     Linux: ``VmRSS`` (``VmHWM`` for the peak) of ``/proc/self/status``; elsewhere ``ru_maxrss``,
     which is the peak, for both. The one RSS reader of the package and its scripts.
     """
-    field = "VmHWM:" if peak else "VmRSS:"
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field):
-                    return int(line.split()[1]) / 2**10  # kB
-    except OSError:
-        pass
+    value = proc_self_status("VmHWM" if peak else "VmRSS")
+    if value is not None:
+        return int(value.split()[0]) / 2**10  # "1234 kB"
     max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return max_rss / 2**20 if sys.platform == "darwin" else max_rss / 2**10  # bytes on macOS, else KiB
 

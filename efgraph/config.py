@@ -41,6 +41,61 @@ FLOW_BUDGETS = ("fixed", "adaptive")
 # Every other field is fixed when the model is built (compile, for one, builds the graphs then).
 RUNTIME_MUTABLE_KEYS = ("activation_checkpointing",)
 
+
+
+@dataclass(frozen=True)
+class SameAs:
+    """A :data:`FIELD_DEFAULTS_BEFORE` entry: before the field existed, the code used this other field."""
+
+    field: str
+
+
+@dataclass(frozen=True)
+class Unreproducible:
+    """A :data:`FIELD_DEFAULTS_BEFORE` entry: no value of today's fields computes what the code did
+    before the field existed (``reason`` says what it did), so a saved config lacking it is refused."""
+
+    reason: str
+
+
+# For every field added after the first config (commit 02612cc), in the order the fields were
+# added: the value that reproduces what efgraph computed before the field existed (for a field
+# that changes nothing the model computes: its default when it was added). A *saved* config (a
+# checkpoint's, a run folder's or an exported model's config.yaml: EnergyConfig.from_saved) that
+# lacks a field was written before it and is read with this value, not today's default; a config a
+# user writes gets today's defaults. A new field needs an entry here (tests/test_model_config.py).
+FIELD_DEFAULTS_BEFORE: dict[str, Any] = {
+    # 0f8684b: the trainer, the data and the run folder
+    "residual": False, "log_every": 10, "checkpoint_every": 200, "dataset": "synthetic", "data_path": "",
+    "source_version": "KJV", "target_version": "WEB", "max_pairs": 0, "synthetic_pairs": 2000,
+    "embedding_model": "", "val_fraction": 0.1, "test_fraction": 0.1, "wandb_project": "efgraph",
+    "verses_per_book": 0,  # 9859fd7: every verse of every book
+    "skip_nonfinite_steps": False,  # d2a73f5: a non-finite step stopped the run
+    "precision": "fp32",  # 2a407d9
+    "compile": False,  # 54e0d72
+    "memory_check": False,  # 37ea51e: nothing was checked
+    # 80f32f7, read from a095cae (the live dynamics) on; before it a neuron heard only its own cell,
+    # a dying flow sent no gradient and the split followed seed
+    "interaction_radius": 0,
+    "survival_gradient": False,
+    "output_gate_init": Unreproducible("before the live dynamics of commit a095cae the carrier gated each flow's "
+                                       "energy instead of setting it, and the output had no learned gate"),
+    "data_seed": SameAs("seed"),
+    "activation_checkpointing": False, "micro_batch_size": 0,  # 7c6dd6c: the whole batch, nothing recomputed
+    # b61226d: the faces; before them every flow started from the whole embedding and one shared
+    # per-cell MLP read the hit cells out
+    "injection": "broadcast", "readout": "shared", "readout_rank": 16,
+    "routing_slots": 4, "routing_token_dim": 8, "routing_noise": 0.0,
+    "flow_budget": "fixed", "flow_budget_target": 0.0,  # 84fc7bc
+    # 4b1ef34: before it a run used PyTorch's thread count and trained the MLP baseline only
+    "num_threads": 0, "baseline_models": "mlp",
+    "composition_values": 16, "composition_tables": 8, "composition_chain": 2, "composition_hold_out": "pairs",
+    "transformer_tokens": 8, "transformer_layers": 2, "transformer_heads": 4, "transformer_width": 0,
+    "learning_diagnostics": False,  # e0d5a3a: none were logged
+    "residual_steps": False,  # 2a537ae: every step a full update
+    "readout_key_blur": 0.0, "readout_key_blur_fraction": 0.5,  # 19f67a5: the keys themselves
+}
+
 # Fields that fix the shapes of the parameters or what the computation means: a checkpoint only
 # loads into a model whose config agrees on all of them (training knobs may change on resume).
 ARCHITECTURE_KEYS = (
@@ -412,6 +467,51 @@ class EnergyConfig:
         return self.replace(**changes)
 
     @classmethod
+    def from_saved(cls, data: dict[str, Any], where: str) -> "EnergyConfig":
+        """A config that efgraph saved (a checkpoint's, a run folder's or an exported model's),
+        maybe by an older version: a field it lacks takes the value of
+        :data:`FIELD_DEFAULTS_BEFORE` (what the version that wrote it computed), not today's default.
+
+        Raises:
+            ValueError: one line naming ``where``, the efgraph that wrote it, this one and what to
+                do, when the config cannot be read as the run it describes: fields this version does
+                not know, a lacking field whose old behaviour no setting reproduces, or a value this
+                version refuses.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: expected a saved config (a mapping of field names to values), "
+                             f"got {type(data).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(f"{where}: written by another (newer?) efgraph: its config has fields this one does not "
+                             f"know ({', '.join(unknown)}); this is {_this_efgraph()}; read it with the efgraph "
+                             f"that wrote it")
+        filled = dict(data)
+        for name in (n for n in known if n not in data):
+            if name not in FIELD_DEFAULTS_BEFORE:
+                raise ValueError(f"{where}: lacks the field {name!r}, and this efgraph records no value for configs "
+                                 f"written before it existed (add it to FIELD_DEFAULTS_BEFORE in efgraph/config.py)")
+            before = FIELD_DEFAULTS_BEFORE[name]
+            if isinstance(before, Unreproducible):
+                raise ValueError(f"{where}: written by {saved_config_writer(data)}; this is {_this_efgraph()}, which "
+                                 f"cannot compute what that run computed ({before.reason}); read it with the efgraph "
+                                 f"that wrote it, or train the run again with this one")
+            filled[name] = data.get(before.field, getattr(cls, before.field)) if isinstance(before, SameAs) else before
+        try:
+            return cls.from_dict(filled)
+        except ValueError as err:
+            raise ValueError(f"{where}: written by {saved_config_writer(data)}; this is {_this_efgraph()}, which "
+                             f"refuses its config: {err}") from None
+
+    @classmethod
+    def from_saved_yaml(cls, path: str | Path) -> "EnergyConfig":
+        """:meth:`from_saved` of a saved ``config.yaml`` (a run folder's or an exported model's)."""
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+        return cls.from_saved(data if data is not None else {}, str(path))
+
+    @classmethod
     def from_yaml(cls, path: str | Path) -> "EnergyConfig":
         with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh)
@@ -422,6 +522,20 @@ class EnergyConfig:
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def saved_config_writer(data: dict[str, Any]) -> str:
+    """Which efgraph wrote a saved config, told by the fields it has: e.g. "an efgraph from before
+    'injection' existed" (the oldest field of :data:`FIELD_DEFAULTS_BEFORE` that it lacks)."""
+    lacking = next((name for name in FIELD_DEFAULTS_BEFORE if name not in data), None)
+    return f"an efgraph from before {lacking!r} existed" if lacking else "an efgraph with this one's config fields"
+
+
+def _this_efgraph() -> str:
+    """This efgraph, for messages about configs saved by another: its version and newest field."""
+    from efgraph import __version__  # efgraph/__init__.py imports this module: read at call time
+
+    return f"efgraph {__version__} (config fields up to {next(reversed(FIELD_DEFAULTS_BEFORE))!r})"
 
 
 def config_attribute() -> property:

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
+import yaml
 
-from efgraph.config import EnergyConfig
+from efgraph.config import EnergyConfig, saved_config_writer
 from efgraph.core.flow_processor import FlowProcessor
 from efgraph.training.checkpoint import load_checkpoint
 
@@ -38,6 +39,10 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Fl
     ``path`` may be a run folder (uses ``checkpoints/best.pt``, else ``checkpoints/last.pt``, else
     an exported ``model.safetensors``), a checkpoint ``.pt`` (loaded with ``weights_only=True``),
     or a ``.safetensors`` file with ``config.yaml`` beside it.
+
+    The saved config may come from an older efgraph: a field it lacks takes the value that
+    reproduces what that version computed (:meth:`EnergyConfig.from_saved`); where nothing does, or
+    the weights do not fit this version's model, ``ValueError`` says so in one line.
     """
     path = Path(path)
     if path.is_dir():
@@ -49,19 +54,26 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Fl
         config_path = path.with_name(CONFIG_FILE)
         if not config_path.exists():
             raise FileNotFoundError(f"{path}: expected its config at {config_path}")
-        config = EnergyConfig.from_yaml(config_path)
+        saved = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+        config = EnergyConfig.from_saved(saved, str(config_path))
         state = safetensors.torch.load_file(str(path), device=str(map_location))
         with safetensors.safe_open(str(path), framework="pt") as fh:
             budget = (fh.metadata() or {}).get("active_flow_budget")
     else:
         ckpt = load_checkpoint(path, map_location=map_location)
-        config = EnergyConfig.from_dict(ckpt["config"])
+        saved = ckpt["config"]
+        config = EnergyConfig.from_saved(saved, str(path))
         state = ckpt["model"]
         budget = (ckpt.get("extra") or {}).get("active_flow_budget")
     model = FlowProcessor.from_config(config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        problem = f"missing {missing[:5]}, unexpected {unexpected[:5]}" if missing or unexpected else ""
+    except RuntimeError as err:  # a tensor of another shape
+        problem = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
+    if problem:
+        raise ValueError(f"{path}: its weights do not fit this efgraph's model of its config ({problem}); written by "
+                         f"{saved_config_writer(saved)}: load it with the efgraph that wrote it")
     if budget is not None:  # files written before the budget was saved ran under max_active_flows
         model.active_flow_budget = min(int(budget), config.max_active_flows)
     return model.to(map_location).eval()

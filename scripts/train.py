@@ -88,13 +88,15 @@ def resolve_config(args: argparse.Namespace, run_dir: Path | None) -> EnergyConf
         path = checkpoint_run_dir(args.resume) / "config.yaml"
     else:
         path = DEFAULT_CONFIG
+    runs_own = bool(args.resume and not args.config)  # the resumed run's config.yaml, not a user's file
+    flag = "--resume" if runs_own else "--config"
     if not path.is_file():
-        flag = "--config" if args.config or not args.resume else "--resume"
         raise RunInputError(f"{flag}: no config file at {path}")
     try:
-        config = EnergyConfig.from_yaml(path)
+        # a run's own config may come from an older efgraph: read with the values that version ran
+        config = EnergyConfig.from_saved_yaml(path) if runs_own else EnergyConfig.from_yaml(path)
     except (ValueError, yaml.YAMLError) as err:
-        raise RunInputError(f"--config: {str(err).splitlines()[0] if str(err) else err}") from None
+        raise RunInputError(f"{flag}: {str(err).splitlines()[0] if str(err) else err}") from None
     known = set(config.to_dict())
     for item in args.overrides:
         key = item.split("=", 1)[0].strip()

@@ -313,6 +313,8 @@ def plan_resume(resume: str | Path, run_dir: Path) -> ResumePlan:
     source = checkpoint_run_dir(path)
     try:
         saved = load_checkpoint(path)
+        # a config saved by an older efgraph, read with the values that version computed with
+        saved["config"] = EnergyConfig.from_saved(saved["config"], str(path)).to_dict()
     except ValueError as err:
         raise RunInputError(f"--resume: {err}") from None
     step = int(saved["step"])

@@ -666,7 +666,7 @@ def _clock(seconds: float) -> str:
 def _check_or_write_base(path: Path, base: EnergyConfig) -> None:
     """Refuse to continue a study folder that was started with another base config."""
     if path.exists():
-        saved = EnergyConfig.from_yaml(path).to_dict()
+        saved = EnergyConfig.from_saved_yaml(path).to_dict()  # maybe an older efgraph's: as that version ran it
         changed = [f"{k}: study has {saved[k]!r}, now {v!r}" for k, v in base.to_dict().items()
                    if k not in RESUME_MUTABLE_KEYS and saved[k] != v]
         if changed:
@@ -690,7 +690,7 @@ def _check_run_config(run_dir: Path, config: EnergyConfig) -> None:
     path = run_dir / "config.yaml"
     if not path.exists():
         return
-    saved = EnergyConfig.from_yaml(path).to_dict()
+    saved = EnergyConfig.from_saved_yaml(path).to_dict()  # maybe an older efgraph's: as that version ran it
     changed = [f"{k}: folder has {saved[k]!r}, study wants {v!r}" for k, v in config.to_dict().items()
                if k not in RESUME_MUTABLE_KEYS and saved[k] != v]
     if changed:

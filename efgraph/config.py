@@ -27,6 +27,8 @@ COMPOSITION_HOLD_OUTS = ("pairs", "inputs", "chains")  # what a composition spli
 # how the input embedding enters the lattice / how the output embedding leaves it
 INJECTIONS = ("face", "broadcast")
 READOUTS = ("face", "shared")
+# which parameters AdamW's weight decay pulls toward 0 (efgraph.training.optim)
+WEIGHT_DECAY_ON = ("matrices", "all")
 # Fields a resumed run may change: they do not affect which batches it sees or what it computes.
 RESUME_MUTABLE_KEYS = ("log_every", "checkpoint_every", "wandb_project", "compile", "skip_nonfinite_steps",
                        "memory_check", "activation_checkpointing", "micro_batch_size", "num_threads",
@@ -94,6 +96,7 @@ FIELD_DEFAULTS_BEFORE: dict[str, Any] = {
     "learning_diagnostics": False,  # e0d5a3a: none were logged
     "residual_steps": False,  # 2a537ae: every step a full update
     "readout_key_blur": 0.0, "readout_key_blur_fraction": 0.5,  # 19f67a5: the keys themselves
+    "weight_decay_on": "all",  # before 4be4558 AdamW decayed every parameter, in one group
 }
 
 # Fields that fix the shapes of the parameters or what the computation means: a checkpoint only
@@ -197,6 +200,9 @@ class EnergyConfig:
     batch_size: int = 8
     learning_rate: float = 1e-4
     weight_decay: float = 0.01
+    # which parameters the decay pulls toward 0: matrices (dim >= 2; biases, gates and scalars are
+    # not decayed, efgraph.training.optim) or all (what efgraph did before 2026-11-30, commit 4be4558)
+    weight_decay_on: str = "matrices"
     warmup_steps: int = 100
     epochs: int = 10
     grad_clip: float = 1.0
@@ -367,6 +373,8 @@ class EnergyConfig:
         for name in ["weight_decay", "mse_weight", "cosine_weight"]:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.weight_decay_on not in WEIGHT_DECAY_ON:
+            raise ValueError(f"weight_decay_on: must be one of {WEIGHT_DECAY_ON}, got {self.weight_decay_on!r}")
         if self.mse_weight + self.cosine_weight <= 0:
             raise ValueError("mse_weight, cosine_weight: at least one loss weight must be > 0")
         if self.carrier_type not in CARRIER_TYPES:

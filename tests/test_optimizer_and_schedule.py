@@ -1,4 +1,5 @@
-"""AdamW's two groups (weight decay on matrices only) and the warm-up + cosine schedule against torch's."""
+"""AdamW's two groups (weight decay on matrices only; one group with weight_decay_on: all) and the warm-up +
+cosine schedule against torch's."""
 
 from __future__ import annotations
 
@@ -82,6 +83,38 @@ def test_mlp_baseline_uses_the_same_groups(monkeypatch):
     x = torch.randn(32, 5)
     MLPBaseline(hidden_dim=7, steps=2, batch_size=8, weight_decay=0.05).fit(x, x)
     assert seen == [[(0.05, [(7, 5), (5, 7)]), (0.0, [(7,), (5,)])]]
+
+
+def test_weight_decay_on_all_is_one_group_that_decays_every_parameter_for_trainer_and_mlp(monkeypatch):
+    """What efgraph did before the two groups (and what a run saved then resumes with)."""
+    config = tiny_config(weight_decay=0.1, weight_decay_on="all")
+    trainer = EnergyTrainer(FlowProcessor.from_config(config), config, progress=False)
+    model, opt = trainer.processor, trainer.optimizer
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1]
+    _covers_every_parameter_once(model, opt)
+    assert [id(p) for p in opt.param_groups[0]["params"]] == [id(p) for p in model.parameters()]
+    for p in model.parameters():  # zero gradients: only the decay acts, now on the gate too
+        p.grad = torch.zeros_like(p)
+    gate, lr = model.lattice.output_gate.detach().clone(), opt.param_groups[0]["lr"]
+    opt.step()
+    torch.testing.assert_close(model.lattice.output_gate.detach(), gate * (1 - lr * 0.1))
+
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        if not seen:
+            seen.append([(g["weight_decay"], [tuple(p.shape) for p in g["params"]]) for g in self.param_groups])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    x = torch.randn(32, 5)
+    MLPBaseline(hidden_dim=7, steps=2, batch_size=8, weight_decay=0.05, weight_decay_on="all").fit(x, x)
+    assert seen == [[(0.05, [(7, 5), (7,), (5, 7), (5,)])]]
+    with pytest.raises(ValueError, match="weight_decay_on: must be one of"):
+        tiny_config(weight_decay_on="vectors")
+    with pytest.raises(ValueError, match="weight_decay_on: must be one of"):
+        weight_decay_groups(model, 0.1, "vectors")
 
 
 def test_resume_restores_both_groups_and_ends_with_the_same_parameters(tmp_path):

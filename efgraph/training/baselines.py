@@ -409,6 +409,7 @@ class LearnedBaseline:
         batch_size: int = 64,
         lr: float = 1e-3,
         weight_decay: float = 0.01,
+        weight_decay_on: str = "matrices",
         seed: int = 0,
         mse_weight: float = 1.0,
         cosine_weight: float = 1.0,
@@ -428,6 +429,7 @@ class LearnedBaseline:
         self.batch_size = batch_size
         self.lr = lr
         self.weight_decay = weight_decay
+        self.weight_decay_on = weight_decay_on  # the model's recipe (efgraph.training.optim)
         self.seed = seed
         self.mse_weight = mse_weight
         self.cosine_weight = cosine_weight
@@ -472,7 +474,7 @@ class LearnedBaseline:
             model = self.build(in_dim, out_dim)
         model = model.to(device=device, dtype=dtype)
         self.model = model
-        optimizer = adamw(model, self.lr, self.weight_decay)  # the model's recipe: no decay on biases
+        optimizer = adamw(model, self.lr, self.weight_decay, self.weight_decay_on)  # the model's recipe
         scheduler = warmup_cosine_scheduler(optimizer, self.warmup_steps, self.steps)
         generator = torch.Generator().manual_seed(self.seed)  # CPU: indices are moved to `device`
 
@@ -607,6 +609,7 @@ def fit_baselines(
     mse_weight: float,
     cosine_weight: float,
     weight_decay: float = 0.01,
+    weight_decay_on: str = "matrices",
     eval_every: int = 100,
     residual: bool = False,
     warmup_steps: int = 0,
@@ -646,9 +649,9 @@ def fit_baselines(
     if residual:
         baselines.append(ResidualRidgeBaseline(mse_weight=mse_weight, cosine_weight=cosine_weight))
     training = dict(target_params=target_params, steps=steps, batch_size=batch_size, lr=lr,
-                    weight_decay=weight_decay, seed=seed, mse_weight=mse_weight, cosine_weight=cosine_weight,
-                    eval_every=eval_every, residual=residual, warmup_steps=warmup_steps, grad_clip=grad_clip,
-                    progress=progress)
+                    weight_decay=weight_decay, weight_decay_on=weight_decay_on, seed=seed, mse_weight=mse_weight,
+                    cosine_weight=cosine_weight, eval_every=eval_every, residual=residual, warmup_steps=warmup_steps,
+                    grad_clip=grad_clip, progress=progress)
     for kind in learned:
         if kind == "mlp":
             baselines.append(MLPBaseline(**training))

@@ -217,8 +217,9 @@ def baseline_options(config: EnergyConfig, num_train: int, num_parameters: int,
     return dict(
         target_params=num_parameters, steps=steps, batch_size=config.batch_size, lr=config.learning_rate,
         seed=config.seed, mse_weight=config.mse_weight, cosine_weight=config.cosine_weight,
-        weight_decay=config.weight_decay, eval_every=config.eval_every, residual=config.residual,
-        warmup_steps=config.warmup_steps, grad_clip=config.grad_clip, learned=config.learned_baselines,
+        weight_decay=config.weight_decay, weight_decay_on=config.weight_decay_on, eval_every=config.eval_every,
+        residual=config.residual, warmup_steps=config.warmup_steps, grad_clip=config.grad_clip,
+        learned=config.learned_baselines,
         transformer_tokens=config.transformer_tokens, transformer_layers=config.transformer_layers,
         transformer_heads=config.transformer_heads, transformer_width=config.transformer_width,
     )

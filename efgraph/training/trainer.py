@@ -203,7 +203,7 @@ class EnergyTrainer:
                 find_unused_parameters=True,
             )
         # weight decay on the weight matrices only, not on gates, biases, scalars (efgraph.training.optim)
-        self.optimizer = adamw(self.processor, config.learning_rate, config.weight_decay)
+        self.optimizer = adamw(self.processor, config.learning_rate, config.weight_decay, config.weight_decay_on)
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.run_dir = Path(run_dir) if run_dir is not None and distributed.is_main else None
         if self.run_dir is not None:

@@ -1,21 +1,37 @@
-"""One model config no part can contradict (issue 23).
+"""One model config no part can contradict, and configs saved by older versions (issue 23).
 
 The processor, its lattice and its carrier share one frozen :class:`EnergyConfig`: parts built
 from configs that differ in any field are refused, naming the fields; a field cannot be assigned;
 the runtime switches change through :meth:`FlowProcessor.reconfigure`, on every part at once;
 ``compile`` is read once, when the model is built.
+
+A config saved by an older efgraph is read with the values that reproduce what that version
+computed (``FIELD_DEFAULTS_BEFORE``), tested on a real run written at commit e5722ce
+(tests/fixtures/run-e5722ce): it loads, computes that version's outputs and resumes as it did;
+where it cannot be read as its run, one line says so.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
+import yaml
 
-from conftest import build_processor, tiny_config
-from efgraph import EnergyLattice, FlowProcessor, SimpleNeuron
+from conftest import ROOT, build_processor, tiny_config
+from efgraph import EnergyConfig, EnergyLattice, FlowProcessor, SimpleNeuron, load_model
+from efgraph.config import FIELD_DEFAULTS_BEFORE, SameAs, Unreproducible
 from efgraph.core.flow_state import FlowState
+from efgraph.training.checkpoint import load_checkpoint
 from efgraph.training.trainer import EnergyTrainer
 
 
@@ -160,3 +176,148 @@ def test_compile_is_read_once_when_the_model_is_built(monkeypatch):
     # one row per continuing flow and child, none of padding
     assert result.next_state.num_flows == state.num_flows - result.num_died - result.num_arrived + result.num_spawned
     torch.testing.assert_close(again, eager)
+
+
+# ------------------------------------------------------------------------------------------------
+# configs saved by older versions
+# ------------------------------------------------------------------------------------------------
+OLD_RUN = Path(__file__).parent / "fixtures" / "run-e5722ce"  # how it was made: its HOW_MADE.md
+
+# The fields of the first config (commit 02612cc): every field added since has an entry in
+# FIELD_DEFAULTS_BEFORE. Fixed here, not in the package, so that adding a field cannot pass unnoticed.
+FIRST_CONFIG_FIELDS = (
+    "lattice_width", "lattice_height", "lattice_depth", "input_dim", "output_dim", "initial_flows_per_sample",
+    "max_active_flows", "max_spawn_per_step", "energy_threshold", "spawn_threshold", "max_lateral_step",
+    "carrier_type", "carrier_hidden_dim", "carrier_num_layers", "child_rank", "message_dim", "position_frequencies",
+    "neuron_hidden_dim", "neuron_output_dim", "aggregation", "injection_rank", "face_channels", "readout_hidden_dim",
+    "batch_size", "learning_rate", "weight_decay", "warmup_steps", "epochs", "grad_clip", "mse_weight",
+    "cosine_weight", "eval_every", "seed",
+)
+
+
+def test_every_field_added_since_the_first_config_says_what_it_was_before():
+    fields_now = [f.name for f in dataclasses.fields(EnergyConfig)]
+    lacking = [name for name in fields_now if name not in FIRST_CONFIG_FIELDS and name not in FIELD_DEFAULTS_BEFORE]
+    assert not lacking, (
+        f"EnergyConfig fields with no entry in FIELD_DEFAULTS_BEFORE (efgraph/config.py): {lacking}. A saved config "
+        f"written before a field existed is read with that table's value, so add, at the end of the table, "
+        + ", ".join(f'"{name}": <the value that reproduces what efgraph computed before {name} existed>'
+                    for name in lacking)
+        + " (for a switch of new behaviour: the setting that turns it off; Unreproducible(reason) if no value does)")
+    stale = [name for name in FIELD_DEFAULTS_BEFORE if name not in fields_now or name in FIRST_CONFIG_FIELDS]
+    assert not stale, f"FIELD_DEFAULTS_BEFORE entries that are no field added since the first config: {stale}"
+    for name, before in FIELD_DEFAULTS_BEFORE.items():  # every plain entry is a value the field accepts
+        if not isinstance(before, (SameAs, Unreproducible)):
+            EnergyConfig(**{name: before, **({"readout": "shared"} if name == "readout_key_blur" else {})})
+
+
+def test_a_saved_config_takes_the_old_values_a_users_yaml_todays_defaults(tmp_path):
+    saved = yaml.safe_load((OLD_RUN / "config.yaml").read_text())
+    assert "injection" not in saved and "readout" not in saved
+    old = EnergyConfig.from_saved_yaml(OLD_RUN / "config.yaml")
+    assert (old.injection, old.readout, old.baseline_models, old.weight_decay_on) == ("broadcast", "shared", "mlp",
+                                                                                     "all")
+    assert {k: getattr(old, k) for k in saved} == saved  # what it holds is kept
+    users = EnergyConfig.from_yaml(OLD_RUN / "config.yaml")  # the same file given as --config: a user's config
+    assert (users.injection, users.readout, users.weight_decay_on) == ("face", "face", "matrices")
+    assert EnergyConfig.from_saved(EnergyConfig(seed=3).to_dict(), "x") == EnergyConfig(seed=3)  # today's: as is
+
+
+def test_a_field_that_came_from_another_takes_its_value():
+    saved = {k: v for k, v in EnergyConfig(seed=5).to_dict().items() if k != "data_seed"}
+    assert FIELD_DEFAULTS_BEFORE["data_seed"] == SameAs("seed")
+    # before data_seed the split followed seed; such a config is also from before the live dynamics
+    with pytest.raises(ValueError):
+        EnergyConfig.from_saved({k: v for k, v in saved.items() if k != "output_gate_init"}, "x")
+    assert EnergyConfig.from_saved(saved, "x").data_seed == 5
+
+
+@pytest.mark.parametrize("change, message", [
+    # from before the live dynamics (a095cae): no field reproduces the carrier's gated energies
+    (lambda d: {k: v for k, v in d.items() if k not in ("interaction_radius", "survival_gradient",
+                                                        "output_gate_init", "data_seed")},
+     r"run/config\.yaml: written by an efgraph from before 'interaction_radius' existed; this is efgraph \S+ "
+     r"\(config fields up to '\w+'\), which cannot compute what that run computed \(before the live dynamics.*"
+     r"read it with the efgraph that wrote it, or train the run again"),
+    ({"comet_project": "x"}, r"run/config\.yaml: written by another \(newer\?\) efgraph: its config has fields "
+                             r"this one does not know \(comet_project\); this is efgraph .*read it with the efgraph"),
+    ({"data_path": "pairs.pt"}, r"run/config\.yaml: written by an efgraph from before 'injection' existed; this is "
+                                r"efgraph .*, which refuses its config: data_path: only read with dataset"),
+])
+def test_a_saved_config_that_cannot_be_read_as_its_run_is_one_line_naming_both_versions(change, message):
+    saved = yaml.safe_load((OLD_RUN / "config.yaml").read_text())
+    saved = change(saved) if callable(change) else {**saved, **change}
+    with pytest.raises(ValueError, match=message) as err:
+        EnergyConfig.from_saved(saved, "run/config.yaml")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("checkpoint", ["best", "last"])
+def test_load_model_on_the_old_run_reproduces_its_outputs_and_flows(checkpoint):
+    old = torch.load(OLD_RUN / "old_outputs.pt")
+    model = load_model(OLD_RUN / "checkpoints" / f"{checkpoint}.pt")
+    assert (model.config.injection, model.config.readout) == ("broadcast", "shared")
+    with torch.no_grad():
+        y = model(old["x"])
+    torch.testing.assert_close(y, old[checkpoint], rtol=1e-5, atol=1e-6)
+    trace = model.last_trace
+    assert torch.tensor([trace.active, trace.spawned, trace.died, trace.arrived]).tolist() == \
+        old[f"{checkpoint}_counts"].tolist()
+    assert load_model(OLD_RUN).config == model.config  # the run folder: best.pt
+
+
+def test_weights_that_do_not_fit_the_config_are_one_line_not_a_state_dict_error(tmp_path):
+    """The old run's weights under a config that claims the face readout (what reading the old
+    config with today's defaults did: a raw size mismatch for lattice.readout_out.weight)."""
+    saved = yaml.safe_load((OLD_RUN / "config.yaml").read_text())
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**saved, "readout": "face"}))
+    state = load_checkpoint(OLD_RUN / "checkpoints" / "last.pt")["model"]
+    safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"model\.safetensors: its weights do not fit this efgraph's model of its "
+                                         r"config \(.*readout_out.*\); written by an efgraph from before 'injection' "
+                                         r"existed: load it with the efgraph that wrote it") as err:
+        load_model(tmp_path / "model.safetensors")
+    assert "\n" not in str(err.value)
+
+
+def _train_script(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *args, "--wandb-mode", "disabled",
+                           "--no-progress"], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_resuming_the_old_run_continues_it_as_that_version_did(tmp_path):
+    """``train.py --resume`` of the old run (no --config, no --set) runs its last two steps and
+    logs and tests what the old version's resume did (old_resumed.json)."""
+    run = tmp_path / "run"
+    shutil.copytree(OLD_RUN, run)
+    done = _train_script("--resume", str(run), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    old = json.loads((OLD_RUN / "old_resumed.json").read_text())
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    later = [{k: r[k] for k in r if k in ("step", "train/loss", "val/loss", "val/cosine")} for r in rows
+             if r["step"] > 2]
+    assert [r["step"] for r in later] == [r["step"] for r in old["metrics_after_step_2"]] == [3, 3, 4, 4]
+    for ours, theirs in zip(later, old["metrics_after_step_2"]):
+        assert ours == pytest.approx(theirs, rel=1e-5), (ours, theirs)
+    results = json.loads((run / "results.json").read_text())
+    assert results["best_step"] == old["best_step"]
+    assert results["test"].keys() == old["test"].keys()  # the model's and the old version's baselines
+    for name, scores in old["test"].items():
+        assert results["test"][name] == pytest.approx(scores, rel=1e-5), name
+    rewritten = EnergyConfig.from_yaml(run / "config.yaml")  # the folder now holds the whole config
+    assert (rewritten.injection, rewritten.readout, rewritten.weight_decay_on) == ("broadcast", "shared", "all")
+
+
+def test_resuming_a_run_from_before_the_live_dynamics_is_one_clear_line(tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(OLD_RUN, run)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    older = {k: v for k, v in saved.items() if k not in ("interaction_radius", "survival_gradient",
+                                                         "output_gate_init", "data_seed")}
+    (run / "config.yaml").write_text(yaml.safe_dump(older, sort_keys=False))
+    done = _train_script("--resume", str(run), cwd=tmp_path)
+    assert done.returncode == 2
+    assert re.fullmatch(r"train\.py: error: --resume: \S+config\.yaml: written by an efgraph from before "
+                        r"'interaction_radius' existed; this is efgraph .*, which cannot compute what that run "
+                        r"computed .*train the run again with this one\n", done.stderr), done.stderr

@@ -44,7 +44,6 @@ FLOW_BUDGETS = ("fixed", "adaptive")
 RUNTIME_MUTABLE_KEYS = ("activation_checkpointing",)
 
 
-
 @dataclass(frozen=True)
 class SameAs:
     """A :data:`FIELD_DEFAULTS_BEFORE` entry: before the field existed, the code used this other field."""

@@ -24,7 +24,8 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -83,6 +84,12 @@ def _check_val(val_src: Tensor | None, val_tgt: Tensor | None, train_src: Tensor
     return True
 
 
+def _check_equal_widths(name: str, src: Tensor, tgt: Tensor) -> None:
+    if src.shape[1] != tgt.shape[1]:
+        raise ValueError(f"{name} baseline needs equal source and target widths, got source width "
+                         f"{src.shape[1]} and target width {tgt.shape[1]}")
+
+
 @torch.no_grad()
 def _chunked_loss(
     predict: Callable[[Tensor], Tensor], src: Tensor, tgt: Tensor, mse_weight: float, cosine_weight: float
@@ -118,11 +125,7 @@ class IdentityBaseline:
         self, train_src: Tensor, train_tgt: Tensor, val_src: Tensor | None = None, val_tgt: Tensor | None = None
     ) -> "IdentityBaseline":
         _check_split(train_src, train_tgt, "train")
-        if train_src.shape[1] != train_tgt.shape[1]:
-            raise ValueError(
-                f"identity baseline needs equal source and target widths, got source width "
-                f"{train_src.shape[1]} and target width {train_tgt.shape[1]}"
-            )
+        _check_equal_widths(self.name, train_src, train_tgt)
         _check_val(val_src, val_tgt, train_src, train_tgt)
         self._dim = train_src.shape[1]
         return self
@@ -206,8 +209,8 @@ class RidgeBaseline:
             weight = evecs @ (projected / (evals + alpha).unsqueeze(1))
             return weight, y_mean - x_mean @ weight
 
+        self.val_losses_ = {}
         if has_val and self.alphas:
-            self.val_losses_ = {}
             for alpha in self.alphas:
                 self.weight, self.bias = solve(alpha)
                 self.val_losses_[alpha] = _chunked_loss(
@@ -216,7 +219,6 @@ class RidgeBaseline:
             # min over insertion order: on an exact tie the earlier (smaller, by default) alpha wins.
             self.alpha_ = min(self.val_losses_, key=self.val_losses_.__getitem__)
         else:
-            self.val_losses_ = {}
             self.alpha_ = self.alpha
         self.weight, self.bias = solve(self.alpha_)
         return self
@@ -252,11 +254,7 @@ class ResidualRidgeBaseline(RidgeBaseline):
     name = "residual-ridge"
 
     def _regression_target(self, train_src: Tensor, train_tgt: Tensor) -> Tensor:
-        if train_src.shape[1] != train_tgt.shape[1]:
-            raise ValueError(
-                f"residual-ridge baseline needs equal source and target widths, got source width "
-                f"{train_src.shape[1]} and target width {train_tgt.shape[1]}"
-            )
+        _check_equal_widths(self.name, train_src, train_tgt)
         return train_tgt.double() - train_src.double()
 
     def predict(self, src: Tensor) -> Tensor:
@@ -379,6 +377,7 @@ class TokenTransformer(nn.Module):
         return x + y if self.residual else y
 
 
+@dataclass(eq=False, kw_only=True)
 class LearnedBaseline:
     """A baseline network trained with AdamW on :func:`embedding_loss`: the one training loop that
     every learned baseline shares (subclasses only say which network, :meth:`build`).
@@ -399,46 +398,29 @@ class LearnedBaseline:
     ``history_`` (list of ``(step, val_loss)``).
     """
 
-    kind = "learned"  # the name without the residual- prefix
+    kind: ClassVar[str] = "learned"  # the name without the residual- prefix
+    target_params: int | None = None
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    weight_decay_on: str = "matrices"  # the model's recipe (efgraph.training.optim)
+    seed: int = 0
+    mse_weight: float = 1.0
+    cosine_weight: float = 1.0
+    eval_every: int = 100
+    residual: bool = False
+    warmup_steps: int = 0
+    grad_clip: float | None = None
+    progress: bool = False  # a progress bar: a baseline trains as many steps as the model
 
-    def __init__(
-        self,
-        *,
-        target_params: int | None = None,
-        steps: int = 1000,
-        batch_size: int = 64,
-        lr: float = 1e-3,
-        weight_decay: float = 0.01,
-        weight_decay_on: str = "matrices",
-        seed: int = 0,
-        mse_weight: float = 1.0,
-        cosine_weight: float = 1.0,
-        eval_every: int = 100,
-        residual: bool = False,
-        warmup_steps: int = 0,
-        grad_clip: float | None = None,
-        progress: bool = False,
-    ) -> None:
-        for name, value in (("steps", steps), ("batch_size", batch_size), ("eval_every", eval_every)):
-            if value < 1:
-                raise ValueError(f"{name}: must be >= 1, got {value}")
-        if not lr > 0:
-            raise ValueError(f"lr: must be > 0, got {lr}")
-        self.target_params = target_params
-        self.steps = steps
-        self.batch_size = batch_size
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.weight_decay_on = weight_decay_on  # the model's recipe (efgraph.training.optim)
-        self.seed = seed
-        self.mse_weight = mse_weight
-        self.cosine_weight = cosine_weight
-        self.eval_every = eval_every
-        self.residual = residual
-        self.warmup_steps = warmup_steps
-        self.grad_clip = grad_clip
-        self.progress = progress  # a progress bar: a baseline trains as many steps as the model
-        self.name = f"residual-{self.kind}" if residual else self.kind
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr: must be > 0, got {self.lr}")
+        self.name = f"residual-{self.kind}" if self.residual else self.kind
         self.model: nn.Module | None = None
         self.best_step_: int | None = None
         self.best_val_loss_: float | None = None
@@ -537,6 +519,7 @@ class LearnedBaseline:
         return torch.cat(outs).to(src.dtype)
 
 
+@dataclass(eq=False, kw_only=True)
 class MLPBaseline(LearnedBaseline):
     """``Linear(D_in, H) -> GELU -> Linear(H, D_out)``, trained by :class:`LearnedBaseline`'s loop.
 
@@ -544,15 +527,15 @@ class MLPBaseline(LearnedBaseline):
     :func:`mlp_hidden_for_params`. The other arguments are :class:`LearnedBaseline`'s.
     """
 
-    kind = "mlp"
+    kind: ClassVar[str] = "mlp"
+    hidden_dim: int | None = None
 
-    def __init__(self, *, target_params: int | None = None, hidden_dim: int | None = None, **options: Any) -> None:
-        if (target_params is None) == (hidden_dim is None):
+    def __post_init__(self) -> None:
+        if (self.target_params is None) == (self.hidden_dim is None):
             raise ValueError("target_params, hidden_dim: give exactly one")
-        if hidden_dim is not None and hidden_dim < 1:
-            raise ValueError(f"hidden_dim: must be >= 1, got {hidden_dim}")
-        super().__init__(target_params=target_params, **options)
-        self.hidden_dim = hidden_dim
+        if self.hidden_dim is not None and self.hidden_dim < 1:
+            raise ValueError(f"hidden_dim: must be >= 1, got {self.hidden_dim}")
+        super().__post_init__()
 
     def build(self, in_dim: int, out_dim: int) -> nn.Module:
         hidden = self.hidden_dim or mlp_hidden_for_params(in_dim, out_dim, self.target_params)
@@ -562,6 +545,7 @@ class MLPBaseline(LearnedBaseline):
         return {"hidden_dim": self.model.net[0].out_features}
 
 
+@dataclass(eq=False, kw_only=True)
 class TransformerBaseline(LearnedBaseline):
     """:class:`TokenTransformer`, trained by :class:`LearnedBaseline`'s loop: the peer a user with
     routing-shaped data would pick instead of the lattice.
@@ -571,20 +555,22 @@ class TransformerBaseline(LearnedBaseline):
     fixed. The other arguments are :class:`LearnedBaseline`'s.
     """
 
-    kind = "transformer"
+    kind: ClassVar[str] = "transformer"
+    width: int | None = None
+    tokens: int = 8
+    layers: int = 2
+    heads: int = 4
 
-    def __init__(self, *, target_params: int | None = None, width: int | None = None, tokens: int = 8,
-                 layers: int = 2, heads: int = 4, **options: Any) -> None:
-        if (target_params is None) == (width is None):
+    def __post_init__(self) -> None:
+        if (self.target_params is None) == (self.width is None):
             raise ValueError("target_params, width: give exactly one")
-        for name, value in (("tokens", tokens), ("layers", layers), ("heads", heads)):
-            if value < 1:
-                raise ValueError(f"transformer_{name}: must be >= 1, got {value}")
-        if width is not None and (width < 1 or width % heads):
-            raise ValueError(f"transformer_width: must be a positive multiple of transformer_heads ({heads}), "
-                             f"got {width}")
-        super().__init__(target_params=target_params, **options)
-        self.width, self.tokens, self.layers, self.heads = width, tokens, layers, heads
+        for name in ("tokens", "layers", "heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"transformer_{name}: must be >= 1, got {getattr(self, name)}")
+        if self.width is not None and (self.width < 1 or self.width % self.heads):
+            raise ValueError(f"transformer_width: must be a positive multiple of transformer_heads ({self.heads}), "
+                             f"got {self.width}")
+        super().__post_init__()
 
     def build(self, in_dim: int, out_dim: int) -> nn.Module:
         width = self.width or transformer_width_for_params(in_dim, out_dim, self.target_params, tokens=self.tokens,
@@ -602,33 +588,31 @@ def fit_baselines(
     val: Split | None,
     *,
     target_params: int,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
     mse_weight: float,
     cosine_weight: float,
-    weight_decay: float = 0.01,
-    weight_decay_on: str = "matrices",
-    eval_every: int = 100,
     residual: bool = False,
-    warmup_steps: int = 0,
-    grad_clip: float | None = None,
-    progress: bool = False,
     learned: Sequence[str] = LEARNED_BASELINES,
     transformer_tokens: int = 8,
     transformer_layers: int = 2,
     transformer_heads: int = 4,
     transformer_width: int = 0,
+    **training: Any,
 ) -> list[Baseline]:
-    """Fit every applicable baseline on ``train``, selecting on ``val``; see :func:`run_baselines`.
+    """Fit every applicable baseline on ``train``, selecting on ``val``.
+
+    Identity is included only when source and target widths match. Ridge selects its alpha on
+    ``val``; with ``residual`` the residual ridge (``x + W x + b``) is fitted beside it and the
+    learned baselines predict ``x + f(x)``. ``val`` may be ``None`` (ridge then uses alpha = 1,
+    the learned ones their final weights), but then nothing is selected on held-out data.
 
     Args:
+        target_params: the parameter count of each learned baseline (pass the model's).
         learned: which learned baselines to train, from ``LEARNED_BASELINES`` (``"mlp"``,
-            ``"transformer"``); each gets ``target_params`` parameters and the same steps, batch,
-            schedule, clipping, loss and seed.
+            ``"transformer"``).
         transformer_*: the Transformer's tokens, layers, heads and width (0: sized to
             ``target_params``).
+        training: the other arguments of :class:`LearnedBaseline` (``steps``, ``batch_size``,
+            ``lr``, ``seed``, schedule, clipping, ...), the same for every learned baseline.
 
     Returns:
         The fitted baselines in the order identity (widths match), ridge, residual-ridge (with
@@ -648,42 +632,22 @@ def fit_baselines(
     baselines.append(RidgeBaseline(mse_weight=mse_weight, cosine_weight=cosine_weight))
     if residual:
         baselines.append(ResidualRidgeBaseline(mse_weight=mse_weight, cosine_weight=cosine_weight))
-    training = dict(target_params=target_params, steps=steps, batch_size=batch_size, lr=lr,
-                    weight_decay=weight_decay, weight_decay_on=weight_decay_on, seed=seed, mse_weight=mse_weight,
-                    cosine_weight=cosine_weight, eval_every=eval_every, residual=residual, warmup_steps=warmup_steps,
-                    grad_clip=grad_clip, progress=progress)
+    training.update(mse_weight=mse_weight, cosine_weight=cosine_weight, residual=residual)
     for kind in learned:
         if kind == "mlp":
-            baselines.append(MLPBaseline(**training))
+            baselines.append(MLPBaseline(target_params=target_params, **training))
         else:
             baselines.append(TransformerBaseline(
-                **{**training, "target_params": None if transformer_width else target_params},
-                width=transformer_width or None, tokens=transformer_tokens, layers=transformer_layers,
-                heads=transformer_heads))
+                target_params=None if transformer_width else target_params, width=transformer_width or None,
+                tokens=transformer_tokens, layers=transformer_layers, heads=transformer_heads, **training))
     for baseline in baselines:
         baseline.fit(train_src, train_tgt, val_src, val_tgt)
     return baselines
 
 
 def run_baselines(train: Split, val: Split | None, test: Split, **options: Any) -> dict[str, dict[str, float]]:
-    """Fit every applicable baseline on ``train`` (selecting on ``val``) and score it on ``test``.
-
-    Identity is included only when source and target widths match. Ridge selects its alpha on
-    ``val``; with ``residual`` the residual ridge (``x + W x + b``) is fitted beside it. The
-    learned baselines (MLP, Transformer) get ``target_params`` parameters (pass the model's count)
-    and keep their best validation checkpoint; with ``residual`` they predict ``x + f(x)`` like a
-    residual model, and they follow the same warm-up + cosine schedule and clipping. ``val`` may be ``None`` (ridge then uses
-    alpha = 1, the MLP its final weights), but then nothing is selected on held-out data.
-
-    Args:
-        options: the keyword arguments of :func:`fit_baselines` (``target_params``, ``steps``,
-            ``batch_size``, ``lr``, ``seed``, loss weights, schedule, ...), passed on unchanged.
-
-    Returns:
-        ``{"identity"?: metrics, "ridge": metrics, "residual-ridge"?: metrics, "[residual-]mlp"?:
-        metrics, "[residual-]transformer"?: metrics}`` with the metrics of
-        :func:`~efgraph.training.metrics.evaluate_predictions` on ``test``, in that order.
-    """
+    """:func:`fit_baselines` (``options`` are its arguments), each scored on ``test``:
+    ``{name: evaluate_predictions metrics}`` in the order of :func:`fit_baselines`."""
     test_src, test_tgt = test
     _check_split(test_src, test_tgt, "test")
     baselines = fit_baselines(train, val, **options)

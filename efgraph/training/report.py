@@ -29,6 +29,7 @@ import yaml
 
 from efgraph.data._atomic import atomic_write_text
 from efgraph.training.baselines import format_results_table
+from efgraph.training.run_logger import read_metric_rows
 
 # the sections of both reports: (title, metric keys drawn in one panel)
 CURVE_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -107,13 +108,7 @@ def read_run(path: str | Path, *, study: str | None = None, wandb_name: str | No
         raise ValueError(f"{path}: not a run folder (no config.yaml)")
     config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
     results = json.loads((path / "results.json").read_text(encoding="utf-8")) if (path / "results.json").is_file() else None
-    rows = []
-    if (path / "metrics.jsonl").is_file():
-        for line in (path / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass  # a line cut short by a kill
+    rows = read_metric_rows(path / "metrics.jsonl") if (path / "metrics.jsonl").is_file() else []
     figures = {name: path / f"{name}.png" for name in FIGURES if (path / f"{name}.png").is_file()}
     return RunRecord(path, path.name, config, results, rows, figures, study, wandb_name or path.name)
 
@@ -152,10 +147,6 @@ def read_folders(paths: list[str | Path]) -> tuple[list[RunRecord], list[StudyRe
         else:
             raise ValueError(f"{path}: neither a run folder (config.yaml) nor a study folder (study.json)")
     return runs, studies
-
-
-def all_runs(runs: list[RunRecord], studies: list[StudyRecord]) -> list[RunRecord]:
-    return runs + [r for s in studies for r in s.runs]
 
 
 # ---- W&B Report ------------------------------------------------------------------------------

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -57,7 +56,7 @@ from efgraph.training.distributed import DistributedContext, init_distributed, l
 from efgraph.training.channels import channel_metrics, channels_figure
 from efgraph.training.figures import flow_counts_figure, flow_paths_figure, landing_arrays, landing_figure
 from efgraph.training.metrics import answer_accuracy, evaluate_predictions, pair_scores, save_pair_scores
-from efgraph.training.run_logger import RunLogger, resolve_wandb_mode
+from efgraph.training.run_logger import RunLogger, read_metric_rows, resolve_wandb_mode, write_metric_rows
 from efgraph.training.signals import TrainingInterrupted
 from efgraph.training.trainer import EnergyTrainer
 from efgraph.utils.device import get_device
@@ -225,6 +224,21 @@ def baseline_options(config: EnergyConfig, num_train: int, num_parameters: int,
     )
 
 
+def score_baselines(config: EnergyConfig, train: EmbeddingPairs, val: EmbeddingPairs, test: EmbeddingPairs,
+                    num_parameters: int, *, steps: int | None = None, progress: bool = False,
+                    ) -> tuple[list[Any], dict[str, dict[str, float]], dict[str, dict[str, np.ndarray]]]:
+    """Fit the baselines of ``config`` (:func:`baseline_options`) on ``train``, selecting on ``val``,
+    and score them on ``test``: ``(baselines, {name: score_predictions}, {name: pair_scores})``."""
+    baselines = fit_baselines((train.src, train.tgt), (val.src, val.tgt),
+                              **baseline_options(config, len(train), num_parameters, steps=steps), progress=progress)
+    results, per_pair = {}, {}
+    for baseline in baselines:
+        pred = baseline.predict(test.src)
+        results[baseline.name] = score_predictions(config, pred, test.tgt)
+        per_pair[baseline.name] = pair_scores(pred, test.tgt)
+    return baselines, results, per_pair
+
+
 def run_training(
     config: EnergyConfig,
     run_dir: str | Path,
@@ -345,16 +359,9 @@ def _fork_run_folder(plan: ResumePlan, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     if (plan.source_dir / "split.json").exists():
         atomic_write(run_dir / "split.json", lambda tmp: shutil.copyfile(plan.source_dir / "split.json", tmp))
-    rows = []
     source_metrics = plan.source_dir / "metrics.jsonl"
-    if source_metrics.exists():
-        for line in source_metrics.read_text(encoding="utf-8").splitlines():
-            try:
-                if json.loads(line)["step"] <= plan.step:
-                    rows.append(line)
-            except (json.JSONDecodeError, KeyError):
-                pass  # a line cut short by a kill
-    atomic_write_text(run_dir / "metrics.jsonl", "".join(f"{line}\n" for line in rows))
+    write_metric_rows(run_dir / "metrics.jsonl", read_metric_rows(source_metrics, plan.step)
+                      if source_metrics.exists() else [])
     logger.info("fork: %s continues %s from step %d (split, metrics up to that step and the best state copied; "
                 "a new W&B run)", run_dir, plan.checkpoint, plan.step)
 
@@ -451,13 +458,11 @@ def _run(config: EnergyConfig, run_dir: Path, dev: torch.device, ctx: Distribute
             logger.info("baselines: identity, ridge (alpha chosen on validation) and %s with %s parameters "
                         "trained for %d steps", ", ".join(config.learned_baselines) or "no learned one",
                         f"{n_params:,}", total)
-            for baseline in fit_baselines((train.src, train.tgt), (val.src, val.tgt),
-                                          **baseline_options(config, len(train), n_params, steps=total),
-                                          progress=progress):
-                pred = baseline.predict(test.src)
-                results[baseline.name] = score_predictions(config, pred, test.tgt)
-                per_pair[baseline.name] = pair_scores(pred, test.tgt)
-                fitted[baseline.name] = baseline_record(baseline)
+            baselines, baseline_results, baseline_pairs = score_baselines(config, train, val, test, n_params,
+                                                                          steps=total, progress=progress)
+            results.update(baseline_results)
+            per_pair.update(baseline_pairs)
+            fitted = {baseline.name: baseline_record(baseline) for baseline in baselines}
         save_pair_scores(run_dir / "test_pairs.npz", per_pair)
         table = format_results_table(results)
         channels = _figures(trainer, test, config, run_dir, run_logger, result.steps)
@@ -551,11 +556,16 @@ def _load_pairs_ranked(config: EnergyConfig, ctx: DistributedContext, progress: 
     return pairs if pairs is not None else load(False)
 
 
+def config_changes(saved: dict[str, Any], config: EnergyConfig, saved_as: str, now_as: str) -> list[str]:
+    """``"key: <saved_as> <saved value>, <now_as> <value>"`` for every field of ``config`` outside
+    ``RESUME_MUTABLE_KEYS`` (the logging-type fields a continued run may change) that differs."""
+    return [f"{k}: {saved_as} {saved.get(k)!r}, {now_as} {v!r}" for k, v in config.to_dict().items()
+            if k not in RESUME_MUTABLE_KEYS and saved.get(k) != v]
+
+
 def _check_resume_config(saved: dict[str, Any], config: EnergyConfig) -> None:
     """A resumed run must be the same run: only logging-type fields may change."""
-    current = config.to_dict()
-    changed = [f"{k}: run has {saved.get(k)!r}, now {current[k]!r}" for k in current
-               if k not in RESUME_MUTABLE_KEYS and saved.get(k) != current[k]]
+    changed = config_changes(saved, config, "run has", "now")
     if changed:
         raise RunInputError("--resume: the config differs from the run's, so it would not continue the same run "
                          "(resume without --config/--set to use the run's own config): " + "; ".join(changed))
@@ -575,8 +585,7 @@ def _write_report(run_dir: Path, config: EnergyConfig, results: dict[str, dict[s
     payload: dict[str, Any] = {"test": results, "num_parameters": n_params, "train_seconds": train_seconds,
                                "best_step": best_step, "dataset": config.dataset, **extra}
     # atomic: a study takes an existing results.json as a finished run, so it must never be half written
-    atomic_write(run_dir / "results.json",
-                 lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8"))
+    atomic_write_text(run_dir / "results.json", json.dumps(payload, indent=2) + "\n")
     mlp = " (each learned baseline has as many)" if config.learned_baselines and len(results) > 1 else ""
     header = (f"# Test split: model vs baselines\n\ndataset `{config.dataset}`, {n_params:,} model parameters"
               f"{mlp}, {train_seconds:.0f} s of training, best step {best_step}\n\n")

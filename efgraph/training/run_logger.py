@@ -82,6 +82,26 @@ def resolve_wandb_mode(requested: str) -> str:
     return requested
 
 
+def read_metric_rows(path: str | Path, up_to_step: int | None = None) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.jsonl`` (only those at steps <= ``up_to_step`` when given); a line
+    cut short by a kill is skipped."""
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if up_to_step is None or ("step" in row and row["step"] <= up_to_step):
+            rows.append(row)
+    return rows
+
+
+def write_metric_rows(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    """Replace ``path`` with ``rows`` atomically: a kill during the rewrite must not cost the rows
+    kept (a plain ``write_text`` truncates the file first, then writes)."""
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
 class RunLogger:
     """Logs metrics with an explicit, monotonic step to ``metrics.jsonl`` and (optionally) W&B.
 
@@ -138,27 +158,22 @@ class RunLogger:
         path = None if self.run_dir is None else self.run_dir / "metrics.jsonl"
         if path is None or not path.exists():
             return
-        kept = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line)
-            except (json.JSONDecodeError, KeyError):
-                pass  # a line cut short by a kill
-        # atomic: a kill during the rewrite must not cost the rows up to ``step`` (plain write_text
-        # truncates the file first, then writes)
-        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+        write_metric_rows(path, read_metric_rows(path, step))
         self._last_step = step
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        self._append({"step": step, **metrics}, step)
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=step)
+
+    def _append(self, row: dict[str, Any], step: int) -> None:
+        """Append ``row`` to ``metrics.jsonl`` at ``step``, which must not go back past the last one."""
         if step < self._last_step:
             raise ValueError(f"step: must not go backwards ({step} < {self._last_step})")
         self._last_step = step
         if self.run_dir is not None:
             with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
-                fh.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.wandb_run is not None:
-            self.wandb_run.log(metrics, step=step)
+                fh.write(json.dumps(row) + "\n")
 
     def alert(self, title: str, text: str, *, step: int | None = None) -> None:
         """Raise a warning-level alert about the run.
@@ -176,13 +191,7 @@ class RunLogger:
         if not title or len(title) >= 64:
             raise ValueError(f"title: must be 1 to 63 characters (a W&B alert title), got {len(title)}: {title!r}")
         step = self._last_step if step is None else step
-        if step < self._last_step:
-            raise ValueError(f"step: must not go backwards ({step} < {self._last_step})")
-        self._last_step = step
-        if self.run_dir is not None:
-            row = {"step": step, "alert": {"title": title, "text": text, "level": "WARN"}}
-            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(row) + "\n")
+        self._append({"step": step, "alert": {"title": title, "text": text, "level": "WARN"}}, step)
         if self.wandb_run is not None:
             import wandb
 

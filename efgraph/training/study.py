@@ -40,14 +40,13 @@ from typing import Any
 import numpy as np
 import scipy.stats
 
-from efgraph.config import RESUME_MUTABLE_KEYS, EnergyConfig
+from efgraph.config import EnergyConfig
 from efgraph.core.flow_processor import FlowProcessor
 from efgraph.data import EmbeddingPairs, Split
-from efgraph.data._atomic import atomic_write
-from efgraph.training.baselines import fit_baselines
-from efgraph.training.metrics import load_pair_scores, pair_scores, save_pair_scores
-from efgraph.training.run import (TEST_METRICS, WandbRunInfo, baseline_options, load_pairs, make_run_split,
-                                  run_training, score_predictions)
+from efgraph.data._atomic import atomic_write_text
+from efgraph.training.metrics import load_pair_scores, save_pair_scores
+from efgraph.training.run import (TEST_METRICS, WandbRunInfo, config_changes, load_pairs, make_run_split, run_training,
+                                  score_baselines, score_predictions)
 from efgraph.utils.device import apply_num_threads
 
 # Config fields that decide the pairs or the split: shared by every run of a study, so a variant
@@ -607,9 +606,8 @@ def run_study(
                                                      resamples=bootstrap_resamples, seed=bootstrap_seed),
         "elapsed_seconds": time.perf_counter() - start,
     }
-    atomic_write(out / "study.json", lambda tmp: tmp.write_text(json.dumps(study, indent=2) + "\n", encoding="utf-8"))
-    table = format_study_table(study)
-    atomic_write(out / "study.md", lambda tmp: tmp.write_text(table, encoding="utf-8"))
+    atomic_write_text(out / "study.json", json.dumps(study, indent=2) + "\n")
+    atomic_write_text(out / "study.md", format_study_table(study))
     say(f"wrote {out / 'study.md'} and {out / 'study.json'}")
     return study
 
@@ -667,8 +665,7 @@ def _check_or_write_base(path: Path, base: EnergyConfig) -> None:
     """Refuse to continue a study folder that was started with another base config."""
     if path.exists():
         saved = EnergyConfig.from_saved_yaml(path).to_dict()  # maybe an older efgraph's: as that version ran it
-        changed = [f"{k}: study has {saved[k]!r}, now {v!r}" for k, v in base.to_dict().items()
-                   if k not in RESUME_MUTABLE_KEYS and saved[k] != v]
+        changed = config_changes(saved, base, "study has", "now")
         if changed:
             raise ValueError(f"--config/--set: {path.parent} holds a study of another base config ("
                              + "; ".join(changed) + "); use another --output-dir")
@@ -691,8 +688,7 @@ def _check_run_config(run_dir: Path, config: EnergyConfig) -> None:
     if not path.exists():
         return
     saved = EnergyConfig.from_saved_yaml(path).to_dict()  # maybe an older efgraph's: as that version ran it
-    changed = [f"{k}: folder has {saved[k]!r}, study wants {v!r}" for k, v in config.to_dict().items()
-               if k not in RESUME_MUTABLE_KEYS and saved[k] != v]
+    changed = config_changes(saved, config, "folder has", "study wants")
     if changed:
         raise ValueError(f"{run_dir}: holds a run of another config (" + "; ".join(changed)
                          + "); remove the folder or use another --output-dir")
@@ -703,19 +699,13 @@ def _fit_baselines(config: EnergyConfig, train: EmbeddingPairs, val: EmbeddingPa
     """Fit the baselines of one seed and write their validation and test scores to ``folder``."""
     apply_num_threads(config.num_threads)
     folder.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"seed": config.seed, "test": {}, "validation": {}, "num_parameters": {}}
-    per_pair: dict[str, dict[str, np.ndarray]] = {}
-    for baseline in fit_baselines((train.src, train.tgt), (val.src, val.tgt),
-                                  **baseline_options(config, len(train), num_parameters)):
-        pred = baseline.predict(test.src)
-        results["test"][baseline.name] = score_predictions(config, pred, test.tgt)
-        results["validation"][baseline.name] = score_predictions(config, baseline.predict(val.src), val.tgt)
-        results["num_parameters"][baseline.name] = baseline.num_parameters
-        per_pair[baseline.name] = pair_scores(pred, test.tgt)
+    baselines, test_results, per_pair = score_baselines(config, train, val, test, num_parameters)
+    results = {"seed": config.seed, "test": test_results,
+               "validation": {b.name: score_predictions(config, b.predict(val.src), val.tgt) for b in baselines},
+               "num_parameters": {b.name: b.num_parameters for b in baselines}}
     save_pair_scores(folder / "test_pairs.npz", per_pair)
     # written last: its presence marks the seed's baselines as done
-    atomic_write(folder / "results.json",
-                 lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8"))
+    atomic_write_text(folder / "results.json", json.dumps(results, indent=2) + "\n")
 
 
 def _run_record(run_dir: Path, variant: str, seed: int) -> dict[str, Any]:

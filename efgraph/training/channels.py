@@ -26,6 +26,7 @@ from torch import Tensor  # noqa: E402
 
 from efgraph.config import EnergyConfig  # noqa: E402
 from efgraph.core.trace import FlowTrace  # noqa: E402
+from efgraph.training.figures import arrivals_of, save_figure  # noqa: E402
 
 
 def _region(x: Tensor, y: Tensor, config: EnergyConfig, grid: int) -> Tensor:
@@ -36,11 +37,9 @@ def _region(x: Tensor, y: Tensor, config: EnergyConfig, grid: int) -> Tensor:
 
 def arrival_origins(trace: FlowTrace) -> dict[str, Tensor]:
     """Each arrival's batch, input-face origin (x, y), landing (x, y) and energy (CPU tensors)."""
-    if trace.paths is None or trace.parent_of is None:
-        raise ValueError("trace: recorded without paths; set processor.record_paths = True before the forward")
+    arrivals = arrivals_of(trace)
     start = trace.paths[0]  # the injected flows, on the input face
     origin = {int(f): (float(p[0]), float(p[1])) for f, p in zip(start["flow_id"], start["pos"])}
-    arrivals = trace.paths[-1]
     xy = []
     for fid in arrivals["flow_id"].tolist():
         while fid not in origin:  # a child: climb to the injected ancestor
@@ -121,7 +120,4 @@ def channels_figure(trace: FlowTrace, config: EnergyConfig, path: str | Path, gr
     fig.suptitle(f"Channels: both faces cut into {grid}x{grid} regions (row-major from x=0, y=0); every arrival is "
                  "traced back to the input-face cell its lineage started on.\nConcentration 1: each input region sends "
                  "all its energy to one output region; 0: it spreads evenly over the face.", fontsize=9)
-    path = Path(path)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, bbox_inches="tight")

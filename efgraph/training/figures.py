@@ -20,14 +20,28 @@ from efgraph.config import EnergyConfig  # noqa: E402
 from efgraph.core.trace import FlowTrace  # noqa: E402
 
 
+def arrivals_of(trace: FlowTrace) -> dict[str, Tensor]:
+    """The trace's arrivals record (``pos``, ``energy``, ``batch``, ``flow_id``); it needs paths."""
+    if trace.paths is None or trace.parent_of is None:
+        raise ValueError("trace: recorded without paths; set processor.record_paths = True before the forward")
+    return trace.paths[-1]
+
+
+def save_figure(fig: plt.Figure, path: str | Path, **savefig: object) -> Path:
+    """Write ``fig`` to ``path`` (PNG, 110 dpi unless told) and close it."""
+    path = Path(path)
+    fig.savefig(path, **{"dpi": 110, **savefig})
+    plt.close(fig)
+    return path
+
+
 def flow_polylines(trace: FlowTrace, config: EnergyConfig,
                    samples: Sequence[int] | None = None) -> list[tuple[int, int, Tensor]]:
     """Every flow of ``samples`` (all when ``None``) as ``(sample, start_cell, points [n, 3])``:
     its (x, y, z) from the input face (z = 0) to where it ended (the output face or where it died).
     A child's polyline starts with its parent's up to the spawn, and both take the input-face cell
     ``y * W + x`` that their root ancestor started on; z increases strictly along each polyline."""
-    if trace.paths is None or trace.parent_of is None:
-        raise ValueError("trace: recorded without paths; set processor.record_paths = True before the forward")
+    arrivals_of(trace)
     own: dict[int, list[list[float]]] = {}
     sample_of: dict[int, int] = {}
     for record in trace.paths:  # one record per step (flows at its start), then the arrivals
@@ -82,17 +96,12 @@ def flow_paths_figure(traces: Mapping[str, FlowTrace], config: EnergyConfig, pat
     fig.suptitle(f"flow paths of test samples {shown}, input face to where each ended (children draw their parent's "
                  "path before the spawn)", fontsize=10)
     fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, label="start cell (y*W+x)")
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def landing_figure(trace: FlowTrace, config: EnergyConfig, path: str | Path) -> Path:
     """Where flows landed on the output face (2-D histogram) and with what energy (histogram)."""
-    if trace.paths is None:
-        raise ValueError("trace: recorded without paths; set processor.record_paths = True before the forward")
-    arrivals = trace.paths[-1]
+    arrivals = arrivals_of(trace)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     pos = arrivals["pos"]
     image = axes[0].hist2d(pos[:, 0].numpy(), pos[:, 1].numpy(), bins=[config.lattice_width, config.lattice_height],
@@ -107,10 +116,7 @@ def landing_figure(trace: FlowTrace, config: EnergyConfig, path: str | Path) -> 
     axes[1].set_xlabel("energy")
     axes[1].set_ylabel("arrivals")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def flow_counts_figure(trace: FlowTrace, path: str | Path) -> Path:
@@ -148,15 +154,10 @@ def flow_counts_figure(trace: FlowTrace, path: str | Path) -> Path:
         ax.set_title(title)
         ax.set_ylabel(ylabel)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def landing_arrays(trace: FlowTrace) -> dict[str, torch.Tensor]:
     """Landing x, y and energies as 1-D tensors (for W&B histograms)."""
-    if trace.paths is None:
-        raise ValueError("trace: recorded without paths")
-    arrivals = trace.paths[-1]
+    arrivals = arrivals_of(trace)
     return {"landing/x": arrivals["pos"][:, 0], "landing/y": arrivals["pos"][:, 1], "landing/energy": arrivals["energy"]}

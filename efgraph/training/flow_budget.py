@@ -12,17 +12,11 @@ sets where under the cap the budget sits. :attr:`FlowProcessor.active_flow_budge
 spawning never takes a sample past it; the controller writes it before each training forward.
 
 The cap. The trainer first chooses its memory plan (activation checkpointing, micro-batch size;
-:func:`efgraph.utils.memory.estimate_training_memory`). If the config's worst case fits some plan,
-that plan is kept; if not, where ``fixed`` would refuse the run, the plan is the one for the
-largest budget that still fits (:func:`plan_adaptive_budget`), so a run uses what the device has
-instead of failing the memory check. Under that plan the cap is the largest per-sample budget
-``n`` in ``[initial_flows_per_sample, max_active_flows]`` whose worst case
-(:func:`~efgraph.utils.memory.plan_memory` of the config with ``max_active_flows = n``) fits the
-memory limit: a bisection, the estimate being monotone in ``n`` (:func:`budget_cap`). When free
-memory changes, :meth:`AdaptiveFlowBudget.replan` recomputes the cap under the same plan for the
-new limit and lowers the budget at once if it is above it (the trainer does this on every logged
-step, from the device's free memory plus what this process has taken since it planned,
-:func:`memory_for_run`). Without ``memory_check`` there is no plan and the cap is
+:func:`efgraph.utils.memory.estimate_training_memory`): the plan for the config's worst case if
+one fits, else, where ``fixed`` would refuse the run, the plan for the largest budget that fits
+(:func:`plan_adaptive_budget`). Under that plan the cap is the largest budget whose worst case fits
+the memory limit (:func:`budget_cap`), recomputed when free memory changes
+(:meth:`AdaptiveFlowBudget.replan`, on every logged step). Without ``memory_check`` the cap is
 ``max_active_flows``.
 
 The target. After a training forward the controller reads the measured flow-steps per sample
@@ -47,9 +41,10 @@ trained), and the final test uses the best state's budget.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
-from typing import Any
+from collections.abc import Callable
 
 import torch
 
@@ -63,7 +58,7 @@ logger = get_logger(__name__)
 
 # exponent of the multiplicative update: 1 would jump to where the last batch says the target
 # lies (noisy, and overshoots when flow-steps grow faster than the budget), 0.5 closes half the gap
-DEFAULT_GAIN = 0.5
+GAIN = 0.5
 
 
 def at_budget(config: EnergyConfig, flows: int) -> EnergyConfig:
@@ -74,15 +69,10 @@ def at_budget(config: EnergyConfig, flows: int) -> EnergyConfig:
     return dataclasses.replace(config, max_active_flows=flows, flow_budget="fixed", flow_budget_target=0.0)
 
 
-def _largest(lo: int, hi: int, ok: Any) -> int:
+def _largest(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
     """The largest ``n`` in ``[lo, hi]`` with ``ok(n)`` for a predicate that is true up to some
-    point and false after it; ``lo - 1`` when ``ok(lo)`` is false."""
-    if not ok(lo):
-        return lo - 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
-    return lo
+    point and false after it (a bisection); ``lo - 1`` when ``ok(lo)`` is false."""
+    return lo - 1 + bisect.bisect_left(range(lo, hi + 1), True, key=lambda n: not ok(n))
 
 
 def budget_cap(config: EnergyConfig, plan: MemoryEstimate, limit_bytes: int | None = None) -> int:
@@ -168,7 +158,6 @@ class AdaptiveFlowBudget:
         config: the run's config (``flow_budget_target``, the flow budgets, the model's sizes).
         plan: the trainer's memory plan, or ``None`` without ``memory_check`` (cap =
             ``max_active_flows``).
-        gain: exponent of the multiplicative update, in (0, 1].
 
     Use: write :attr:`budget` into ``processor.active_flow_budget`` before a training forward,
     then call :meth:`update` with the forward's flow-steps and rows. :attr:`target` (flow-steps
@@ -176,12 +165,9 @@ class AdaptiveFlowBudget:
     unrounded budget (the state a checkpoint keeps).
     """
 
-    def __init__(self, config: EnergyConfig, plan: MemoryEstimate | None, *, gain: float = DEFAULT_GAIN) -> None:
-        if not 0 < gain <= 1:
-            raise ValueError(f"gain: must be in (0, 1], got {gain}")
+    def __init__(self, config: EnergyConfig, plan: MemoryEstimate | None) -> None:
         self.config = config
         self.plan = plan
-        self.gain = gain
         self.floor = config.initial_flows_per_sample
         self.target = config.flow_budget_target
         self.limit_bytes = plan.limit_bytes if plan is not None else None
@@ -208,7 +194,7 @@ class AdaptiveFlowBudget:
         if self.target <= 0:
             self.value = float(self.cap)
         elif measured > 0:
-            self.value *= (self.target / measured) ** self.gain
+            self.value *= (self.target / measured) ** GAIN
         self.value = min(max(self.value, float(self.floor)), float(self.cap))
         return self.budget
 

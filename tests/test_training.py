@@ -117,8 +117,8 @@ def test_nonfinite_loss_stops_with_the_step_and_saves_the_last_good_state(tmp_pa
     "bad, message",
     [
         (lambda x, y: (x[:, :5], y), "width 5"),
-        (lambda x, y: (x, y[:-1]), "inputs but"),
-        (lambda x, y: (x[:0], y[:0]), "no pairs"),
+        (lambda x, y: (x, y[:-1]), "train targets: has 39 rows but train inputs has 40"),
+        (lambda x, y: (x[:0], y[:0]), "train inputs: is empty"),
         (lambda x, y: (x.clone().fill_(float("nan")), y), "non-finite"),
     ],
 )

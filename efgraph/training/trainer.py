@@ -25,30 +25,19 @@ went bad first, after writing ``checkpoints/last_good.pt`` (the parameters befor
 ``config.skip_nonfinite_steps`` the step's update is dropped instead and counted in
 ``train/skipped_steps``.
 
-Signals: SIGTERM (a scheduler's pre-emption), SIGINT (Ctrl-C) and SIGUSR1 (Slurm's early warning)
-received while :meth:`EnergyTrainer.train` runs stop it after the current optimizer step: ``last.pt``
-is written at that step and :class:`~efgraph.training.signals.TrainingInterrupted` is raised (a
-``SystemExit`` with status 128 + the signal number). With several processes the stop is agreed in
-the step's all-reduce, so every rank stops after the same step. A second Ctrl-C stops at once. The
-handlers exist only during ``train`` (main thread only) and the previous ones are restored.
+Signals (:mod:`efgraph.training.signals`): SIGTERM, SIGINT and SIGUSR1 received while
+:meth:`EnergyTrainer.train` runs stop it after the current optimizer step, with ``last.pt`` written
+at that step; with several processes the stop is agreed in the step's all-reduce, so every rank
+stops after the same step.
 
-Memory plan: with ``memory_check`` the trainer asks :func:`efgraph.utils.memory.check_training_fits`
-for the cheapest plan whose worst case fits the device (whole batch; else activation checkpointing
-per lattice step; else also micro-batches) and follows it: the processor recomputes each step in
-backward when the plan says so, and a batch runs as micro-batches whose losses are weighted by
-their share of the rows, so the accumulated gradient is the whole batch's and the optimizer steps
-once per batch (:attr:`EnergyTrainer.memory_plan`, logged at start). The flow metrics of a step
-add up its micro-batches' traces (:meth:`FlowTrace.merge`); they are summarised (a host copy) only
-on the steps that log them.
+Memory plan: with ``memory_check`` the trainer follows the cheapest plan of
+:func:`efgraph.utils.memory.check_training_fits` whose worst case fits the device (activation
+checkpointing, micro-batches: :meth:`EnergyTrainer.train_step`), logged at start.
 
-Flow budget: ``processor.active_flow_budget`` (the per-sample cap on active flows that spawning
-respects) is set before every training forward and logged as ``flows/budget`` (with
-``flows/flow_steps_per_sample``, what the forward ran). ``flow_budget: fixed``: ``max_active_flows``.
-``flow_budget: adaptive``: an :class:`~efgraph.training.flow_budget.AdaptiveFlowBudget` built after
-the memory plan moves it toward ``flow_budget_target`` after each step, under the plan's cap (also
-logged, ``flows/budget_cap``), which follows the device's free memory on the logged steps. The
-budget is state: checkpoints save it, a resume restores it, the best state keeps its own, and
-evaluation runs under the budget the model trains under.
+Flow budget (:mod:`efgraph.training.flow_budget`): ``processor.active_flow_budget`` is set before
+every training forward and logged as ``flows/budget``: ``max_active_flows``, or with ``flow_budget:
+adaptive`` the controller's budget under the plan's cap (``flows/budget_cap``). Checkpoints save it
+and the best state keeps its own.
 
 Learning diagnostics (``learning_diagnostics``, on by default; :mod:`efgraph.core.diagnostics`):
 on the logged steps only, the forwards record per-step gradient hooks, output shares and landings
@@ -72,7 +61,6 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +74,7 @@ from efgraph.core.diagnostics import PROBE_SIZE, ForwardDiagnostics, StartCellPr
 from efgraph.core.flow_processor import FlowProcessor
 from efgraph.core.trace import FlowTrace
 from efgraph.data._atomic import atomic_write
+from efgraph.data.pairs import check_embedding_pair
 from efgraph.training.checkpoint import check_compatible, load_checkpoint, restore_rng_state, save_checkpoint
 from efgraph.training.distributed import SINGLE_PROCESS, DistributedContext
 from efgraph.training.flow_budget import (AdaptiveFlowBudget, held_memory_bytes, memory_for_run,
@@ -230,19 +219,12 @@ class EnergyTrainer:
 
     # ---- data checks -----------------------------------------------------------------------------
     def _check_pairs(self, src: Tensor, tgt: Tensor, what: str) -> None:
-        cfg = self.config
-        for name, t, width, field_name in [("inputs", src, cfg.input_dim, "input_dim"),
-                                           ("targets", tgt, cfg.output_dim, "output_dim")]:
-            if not isinstance(t, Tensor) or t.dim() != 2:
-                raise ValueError(f"{what} {name}: expected a 2-D tensor [N, {width}]")
+        """``src [N, input_dim]`` and ``tgt [N, output_dim]``: finite pairs of the config's widths."""
+        check_embedding_pair(src, tgt, (f"{what} inputs", f"{what} targets"))
+        for name, t, field_name in [("inputs", src, "input_dim"), ("targets", tgt, "output_dim")]:
+            width = getattr(self.config, field_name)
             if t.size(1) != width:
                 raise ValueError(f"{what} {name}: width {t.size(1)} does not match config.{field_name} {width}")
-            if not torch.isfinite(t).all():
-                raise ValueError(f"{what} {name}: non-finite values")
-        if src.size(0) != tgt.size(0):
-            raise ValueError(f"{what}: {src.size(0)} inputs but {tgt.size(0)} targets")
-        if src.size(0) == 0:
-            raise ValueError(f"{what}: no pairs")
 
     def steps_per_epoch(self, num_pairs: int) -> int:
         return math.ceil(num_pairs / self.config.batch_size)
@@ -521,8 +503,8 @@ class EnergyTrainer:
                             bad = f"loss is {self._loss_value}"
                 if loss is not None and bad is None:
                     loss.backward()
-        flow_steps = sum(trace.active) if trace is not None else 0
-        arrivals: float | None = float(trace.total_arrived) if trace is not None else 0.0
+        # arrivals: None (no evidence for the dead-run alarm) when a forward failed
+        arrivals: float | None
         if self.dist.enabled:
             loss_value, flow_steps, arrivals = self._loss_value, self._global_flow_steps, self._global_arrivals
             if bad is not None:
@@ -531,8 +513,8 @@ class EnergyTrainer:
             loss_value = loss_sum.item() if loss_sum is not None else float("nan")
             if bad is None and not math.isfinite(loss_value):
                 bad = f"loss is {loss_value}"
-        if bad is not None and not self.dist.enabled:
-            arrivals = None if not traces or len(traces) < len(chunks) else arrivals
+            flow_steps = sum(trace.active) if trace is not None else 0
+            arrivals = float(trace.total_arrived) if len(traces) == len(chunks) else None
         self._last_step_arrivals = arrivals
         if self.flow_budget is not None and bad is None:  # flow_steps: the global batch's
             self.flow_budget.update(flow_steps, global_batch)
@@ -638,20 +620,6 @@ class EnergyTrainer:
         raise FloatingPointError(f"step {step}: {what} (first non-finite: {culprit}){where}")
 
     # ---- evaluation ------------------------------------------------------------------------------
-    def _predict_batches(self, inputs: Tensor, batch_size: int | None) -> Iterator[tuple[Tensor, FlowTrace]]:
-        """Eval-mode predictions batch by batch, on the CPU, with each batch's flow trace."""
-        self.processor.eval()
-        bs = batch_size or max(self.config.batch_size, 64)
-        for i in range(0, inputs.size(0), bs):
-            with self._autocast():
-                pred = self.processor(self._to_device(inputs[i : i + bs])).float().cpu()
-            yield pred, self.processor.last_trace
-
-    @torch.no_grad()
-    def predict(self, inputs: Tensor, batch_size: int | None = None) -> Tensor:
-        """``[N, input_dim]`` -> ``[N, output_dim]`` on the CPU, in eval mode, batch by batch."""
-        return torch.cat([pred for pred, _ in self._predict_batches(inputs, batch_size)])
-
     @torch.no_grad()
     def evaluate(self, inputs: Tensor, targets: Tensor, batch_size: int | None = None) -> dict[str, float]:
         """Loss, cosine, MSE, R@1 and the flow dynamics on held-out pairs (see :meth:`evaluate_with_predictions`)."""
@@ -676,11 +644,14 @@ class EnergyTrainer:
             ``neighbourhood_flows`` and ``energy_created_fraction`` when the engine's trace
             reports them.
         """
+        self.processor.eval()
+        bs = batch_size or max(self.config.batch_size, 64)
         preds: list[Tensor] = []
         summaries: list[dict[str, float]] = []
-        for pred, trace in self._predict_batches(inputs, batch_size):
-            preds.append(pred)
-            summaries.append(trace.summary())
+        for i in range(0, inputs.size(0), bs):
+            with self._autocast():
+                preds.append(self.processor(self._to_device(inputs[i : i + bs])).float().cpu())
+            summaries.append(self.processor.last_trace.summary())
         pred = torch.cat(preds)
         metrics = evaluate_predictions(pred, targets)
         metrics["loss"] = float(embedding_loss(pred, targets, self.config.mse_weight, self.config.cosine_weight))
@@ -768,15 +739,11 @@ class EnergyTrainer:
         return ckpt
 
     def _restore_best_of(self, path: Path) -> None:
-        """Load the best state that the checkpoint at ``path`` refers to (its ``best_step``).
-
-        ``best.pt`` beside it may be newer (an improvement written after this checkpoint, before a
-        crash): then the state is in ``best_prev.pt`` (see the module docstring). The file found is
-        put back as this run's ``best.pt`` (also when ``path`` is another run's checkpoint, i.e.
-        a fork), so that ``best.pt`` always holds the state that :meth:`restore_best` restores.
-        Without any file holding ``best_step`` (checkpoints older than ``best_prev.pt``) the best
-        state is lost: model selection starts again from the evaluations after this checkpoint,
-        with a warning, rather than testing the last state under the old best step's name.
+        """Load the best state that the checkpoint at ``path`` refers to (its ``best_step``), from
+        ``best.pt`` or ``best_prev.pt`` beside it (see the module docstring), and put it back as
+        this run's ``best.pt`` (also for a fork). Without either (checkpoints older than
+        ``best_prev.pt``) model selection starts again, with a warning, rather than testing the
+        last state under the old best step's name.
         """
         self._best_state = self._best_flow_budget = None
         self._best_file_step = self._last_ckpt_best_step = None

@@ -189,12 +189,12 @@ def make_run_split(config: EnergyConfig, pairs: EmbeddingPairs) -> Split:
 def describe_split(config: EnergyConfig, pairs: EmbeddingPairs, split: Split) -> dict[str, Any]:
     """How the split was made, for the log, ``results.json`` and W&B: by group or by pair, the
     grouping, the group count and the data seed."""
-    grouping = {"synthetic": None, "routing": None, "bible": "book", "pairs": "group (from the pair file)",
-                "text": None,
-                "composition": f"held-out {config.composition_hold_out}"}[config.dataset]
     if config.dataset == "text":
         grouping = ("the file's group column" if text_file_has_field(config.data_path, TEXT_GROUP_FIELD)
                     else "source text")
+    else:
+        grouping = {"bible": "book", "pairs": "group (from the pair file)",
+                    "composition": f"held-out {config.composition_hold_out}"}.get(config.dataset)
     info: dict[str, Any] = {"data_seed": config.data_seed, "train": len(split.train),
                             "validation": len(split.validation), "test": len(split.test)}
     if pairs.groups is None:

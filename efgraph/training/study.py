@@ -176,7 +176,9 @@ class BootstrapCI:
     high: float
 
 
-def _check_level(resamples: int, level: float) -> None:
+def _check_scores(a: np.ndarray, b: np.ndarray, resamples: int, level: float) -> None:
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("a, b: contain NaN or infinite values")
     if resamples < 1:
         raise ValueError(f"resamples: must be >= 1, got {resamples}")
     if not 0.0 < level < 1.0:
@@ -208,9 +210,7 @@ def paired_bootstrap_ci(
     b = np.asarray(b, dtype=np.float64)
     if a.ndim != 1 or a.shape != b.shape or a.size == 0:
         raise ValueError(f"a, b: expected two non-empty 1-D arrays of one length, got shapes {a.shape} and {b.shape}")
-    if not (np.isfinite(a).all() and np.isfinite(b).all()):
-        raise ValueError("a, b: contain NaN or infinite values")
-    _check_level(resamples, level)
+    _check_scores(a, b, resamples, level)
     diff = float((a - b).mean())
     if a.size == 1:  # every resample is the one item (scipy refuses a sample of one)
         return BootstrapCI(diff, diff, diff)
@@ -253,9 +253,7 @@ def two_level_bootstrap_ci(
     b = np.atleast_2d(np.asarray(b, dtype=np.float64))
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or a.size == 0 or b.size == 0:
         raise ValueError(f"a, b: expected [seeds, items] arrays with the same items, got shapes {a.shape} and {b.shape}")
-    if not (np.isfinite(a).all() and np.isfinite(b).all()):
-        raise ValueError("a, b: contain NaN or infinite values")
-    _check_level(resamples, level)
+    _check_scores(a, b, resamples, level)
     (sa, n), sb = a.shape, b.shape[0]
     rng = np.random.default_rng(seed)
     stats = np.empty(resamples)

@@ -45,8 +45,6 @@ FORMAT = "efgraph-checkpoint"
 FORMAT_VERSION = 1
 _REQUIRED_KEYS = ("format", "format_version", "model", "optimizer", "scheduler", "step", "epoch",
                   "config", "extra", "rng", "checksum")
-
-# Which config fields must agree for a checkpoint to load: see efgraph.config.ARCHITECTURE_KEYS.
 _SCALARS = (type(None), bool, int, float, complex, str, bytes)
 
 

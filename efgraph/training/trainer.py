@@ -168,7 +168,6 @@ class EnergyTrainer:
             # given (checkpoints keep the settings asked for, so a resume plans again for its device)
             processor.reconfigure(activation_checkpointing=checkpointing)
         self.processor = processor.to(self.device)
-        # the per-sample flow budget (see the module docstring): fixed, or moved by the controller
         self.flow_budget: AdaptiveFlowBudget | None = None
         if adaptive:
             self.flow_budget = AdaptiveFlowBudget(config, self.memory_plan)
@@ -191,7 +190,6 @@ class EnergyTrainer:
                 self.processor, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=True,
             )
-        # weight decay on the weight matrices only, not on gates, biases, scalars (efgraph.training.optim)
         self.optimizer = adamw(self.processor, config.learning_rate, config.weight_decay, config.weight_decay_on)
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.run_dir = Path(run_dir) if run_dir is not None and distributed.is_main else None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import gc
 import weakref
 
@@ -157,7 +156,19 @@ def test_the_checkpointed_backward_differentiates_the_flows_the_forward_kept(mon
         y.pow(2).sum().backward()
         return [p.grad.clone() for p in proc.parameters() if p.grad is not None]
 
-    monkeypatch.setattr(fp, "StepDecisions", functools.partial(fp.StepDecisions, replay_fates=replay_fates))
+    if not replay_fates:  # what the engine did before it saved fates: the rerun's own, only the counts reused
+        decide, decided = fp.FlowProcessor.decide, []
+
+        def deciding(*args, **kwargs):
+            decided.append(decide(*args, **kwargs))
+            return decided[-1]
+
+        class CountsOnly(fp.StepDecisions):
+            def masks(self):
+                return decided[-1].died, decided[-1].arrived, decided[-1].spawns
+
+        monkeypatch.setattr(fp.FlowProcessor, "decide", deciding)
+        monkeypatch.setattr(fp, "StepDecisions", CountsOnly)
     reference = gradients(False, forward_threshold)
     assert all(torch.equal(a, b) for a, b in zip(reference, gradients(True, forward_threshold)))
     perturbed = gradients(True, rerun_threshold)

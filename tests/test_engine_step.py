@@ -41,9 +41,9 @@ def _assert_step_equal(proc, state, batch_size, next_id):
         assert tuple(arr.xy[i].tolist()) == pytest.approx(r["xy"], abs=1e-5)
         assert float(arr.energy[i]) == pytest.approx(r["energy"], abs=1e-6)
         torch.testing.assert_close(arr.value[i], r["value"], atol=1e-5, rtol=1e-4)
-    assert float(fast.energy_dissipated) == pytest.approx(slow["energy_dissipated"], abs=1e-5)
-    assert float(fast.energy_died) == pytest.approx(slow["energy_died"], abs=1e-5)
-    assert float(fast.energy_created) == pytest.approx(slow["energy_created"], abs=1e-5)
+    assert float(fast.books.dissipated) == pytest.approx(slow["energy_dissipated"], abs=1e-5)
+    assert float(fast.books.died) == pytest.approx(slow["energy_died"], abs=1e-5)
+    assert float(fast.books.created) == pytest.approx(slow["energy_created"], abs=1e-5)
     assert float(fast.neighbourhood_flows) == slow["neighbourhood_flows"]
     return fast
 

@@ -120,9 +120,10 @@ class EnergyLattice(nn.Module):
     only. With ``injection: broadcast`` (the earlier formulation) every flow starts from the whole
     ``x``, ``tanh(W_x x + W_p pe(p))``, so flows differ only by a position code.
 
-    **Output face** (:meth:`collect_output_energy`, :meth:`read_out`). An arriving flow deposits
-    ``f = energy * value`` with bilinear weights on the four face cells nearest its landing
-    point. With ``readout: face`` each face cell ``q`` owns its readout ``R_q = \sum_k L_{qk} B_k``
+    **Output face** (:meth:`collect_output_energy`, :meth:`read_out`: the arithmetic of one set of
+    deposits; which deposits a forward collects when is :class:`~efgraph.core.readout.OutputFace`'s).
+    An arriving flow deposits ``f = energy * value`` with bilinear weights on the four face cells
+    nearest its landing point. With ``readout: face`` each face cell ``q`` owns its readout ``R_q = \sum_k L_{qk} B_k``
     (rank ``readout_rank``; ``L``: a learned key per cell, ``B_k``: ``[output_dim, c]``)::
 
         y = g * sum_q R_q f_q + b = g * B vec(sum_q L_q f_q^T) + b

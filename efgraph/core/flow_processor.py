@@ -1,4 +1,4 @@
-"""`FlowProcessor`: one forward of the energy-flow model, inject -> step until empty -> collect.
+"""`FlowProcessor`: one forward of the energy-flow model, inject -> step until empty -> read out.
 
 A step, for all F active flows of the batch at once (no Python loop over flows):
 
@@ -23,21 +23,26 @@ Energy books, at every step: ``injected + created = in flight + arrived + lost``
 Because every continuing flow advances at least one cell in z, a forward ends within D-1 steps.
 
 The step is three functions around its one host sync: :meth:`FlowProcessor.decide` (1-5 up to
-every flow's fate as masks), the sync that reads how many flows each fate holds, then
-:meth:`FlowProcessor.compact` (the next state: continuing flows, then the children, by one stable
-sort on fate) and :meth:`FlowProcessor.deposit` (arrivals and phantoms on the output face). Every
+every flow's fate as masks, the :class:`StepCounts` and the :class:`~efgraph.core.trace.EnergyBooks`),
+the sync that reads the counts (:meth:`StepCounts.read`), then :meth:`FlowProcessor.compact` (the
+next state: continuing flows, then the children, by one stable sort on fate; skipped when every
+flow continues) and :meth:`FlowProcessor.deposit` (arrivals and phantoms on the output face). Every
 shape inside them is the number of rows, so with ``compile: true`` each is one compiled graph:
 the rows are padded to bucket sizes (:func:`~efgraph.core.compaction.bucket_rows`; padding rows
-belong to sample B, one past the batch, and no decision, budget, book or deposit counts them), so
-a training run compiles a bounded number of graphs with static shapes (what CUDA graphs need).
-Eagerly, the rows are the flows themselves. With ``activation_checkpointing`` the recompute in
-backward replays the forward's fates (:class:`StepDecisions`).
+belong to sample B, one past the batch, and no
+decision, budget, book or deposit counts them), so a training run compiles a bounded number of
+graphs with static shapes (what CUDA graphs need). Eagerly, the rows are the flows themselves.
+With ``activation_checkpointing`` the recompute in backward replays the forward's fates
+(:class:`StepDecisions`).
+
+The forward records each step in its :class:`~efgraph.core.trace.FlowTrace` and adds its deposits
+to an :class:`~efgraph.core.readout.OutputFace`, which reads y out at the end (both readouts).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -53,9 +58,10 @@ from efgraph.core.energy_carrier import CarrierHeads, EnergyCarrier
 from efgraph.core.energy_lattice import EnergyLattice
 from efgraph.core.flow_state import FlowState
 from efgraph.core.message_passing import FlowToCellConv, neighbourhood_edges, neighbourhood_offsets
+from efgraph.core.readout import Arrivals, OutputFace, collect
 from efgraph.core.simple_neuron import SimpleNeuron
 from efgraph.core.survival import survival_phantom_energy
-from efgraph.core.trace import FlowTrace
+from efgraph.core.trace import EnergyBooks, FlowTrace
 from efgraph.utils.logging import DEBUG_ENERGY, DEBUG_SPAWN, get_logger
 
 logger = get_logger(__name__)
@@ -73,22 +79,21 @@ PADDING_CELL_ID = torch.iinfo(torch.long).max
 
 
 @dataclass
-class Arrivals:
-    """Deposits on the output face: one row per flow of a step, of which only the flows that end
-    there (arrive; or die, for the phantoms) deposit. The other rows have ``batch == B`` (one past
-    the batch: the readout drops that row) and zero energy, so every tensor keeps the step's
-    static size (no data-dependent shape, no host sync)."""
+class StepCounts:
+    """How many flows each fate of a step holds: 0-d int64 tensors as :meth:`FlowProcessor.decide`
+    returns them, host ints once :meth:`read` (the step's one host sync) has read them."""
 
-    batch: Tensor  # [N]
-    xy: Tensor  # [N, 2]
-    energy: Tensor  # [N]
-    value: Tensor  # [N, face_channels]
-    flow_id: Tensor  # [N]
+    alive: Any  # continuing flows
+    arrived: Any
+    spawns: Any  # children to make
+    occupied: Any  # occupied cells
+    also_read: Any = None  # a caller's own scalar, read in the same copy (FlowProcessor.step)
 
-    def deposited(self, batch_size: int) -> "Arrivals":
-        """Only the rows that deposit (a boolean mask: a host sync; for traces and tests)."""
-        keep = self.batch < batch_size
-        return Arrivals(self.batch[keep], self.xy[keep], self.energy[keep], self.value[keep], self.flow_id[keep])
+    def read(self, also_read: Tensor | None = None) -> "StepCounts":
+        """The host values, in one device -> host copy (:func:`read_counts`): the one place the
+        counts are stacked."""
+        named = [self.alive, self.arrived, self.spawns, self.occupied]
+        return StepCounts(*read_counts(named if also_read is None else [*named, also_read]))
 
 
 @dataclass
@@ -108,8 +113,8 @@ class Decision:
     died: Tensor  # [F] bool
     arrived: Tensor  # [F] bool
     spawns: Tensor  # [F] bool
-    counts: Tensor  # [4] int64: alive, arrived, spawns, occupied cells
-    books: Tensor  # [5] detached: dissipated, created, died, arrived, in flight after the step
+    counts: StepCounts  # of 0-d int64 tensors
+    books: EnergyBooks  # detached
     occupied_cell_id: Tensor  # [F] sorted ids, the occupied cells first
     neighbourhood_flows: Tensor  # scalar
 
@@ -125,7 +130,7 @@ class StepResult:
     num_spawned: int
     num_died: int
     num_arrived: int
-    books: Tensor  # [5] detached scalars, see Decision.books
+    books: EnergyBooks  # detached
     neighbourhood_flows: Tensor  # scalar: sum over flows of the flows in their interaction neighbourhood
     spawns: Tensor  # [F] bool: the rows that spawned a child
     flow_id: Tensor  # [F] ids of the step's rows
@@ -133,36 +138,21 @@ class StepResult:
     # dying flows as zero-energy deposits that carry the survival gradient (None without it)
     phantoms: Arrivals | None = None
     phantom_collected: Tensor | None = None
-    also_read: int | None = None  # host value of step(also_read=...)
+    counts: StepCounts | None = None  # the host counts the step read (with step(also_read=...)'s value)
 
     @property
     def arrivals(self) -> Arrivals:
         """The flows that arrived, in row order (boolean indexing: a host sync; for tests, traces)."""
         if self.deposits is None:
             empty = self.flow_id.new_zeros(0)
-            return Arrivals(empty, self.books.new_zeros(0, 2), self.books.new_zeros(0), self.books.new_zeros(0, 0), empty)
+            energy = self.books.in_flight
+            return Arrivals(empty, energy.new_zeros(0, 2), energy.new_zeros(0), energy.new_zeros(0, 0), empty)
         return self.deposits.deposited(self.batch_size)
 
     @property
     def spawner_flow_id(self) -> Tensor:
         """``[S]`` ids of the flows that spawned, in row order (a host sync)."""
         return self.flow_id[self.spawns]
-
-    @property
-    def energy_dissipated(self) -> Tensor:
-        return self.books[0]
-
-    @property
-    def energy_created(self) -> Tensor:
-        return self.books[1]
-
-    @property
-    def energy_died(self) -> Tensor:
-        return self.books[2]
-
-    @property
-    def energy_arrived(self) -> Tensor:
-        return self.books[3]
 
 
 @dataclass
@@ -172,19 +162,17 @@ class StepDecisions:
     ``fate`` is one byte per input flow (bit 0 died, bit 1 arrived, bit 2 spawned), ``counts`` the
     host integers the step read. Replaying them makes the recompute pick the same flows as the
     forward whatever its arithmetic gives near a threshold; ``torch.utils.checkpoint`` checks
-    only the shapes of what it recomputes, so a flipped flow would otherwise pass silently."""
+    only the shapes of what it recomputes, so a flipped flow would otherwise pass silently.
+    ``eager``: the forward ran the step's parts eagerly (a diagnostics forward under
+    ``compile: true``, whose hooks need eager tensors), so the recompute does too: its saved
+    activations must be the forward's."""
 
-    counts: list[int] = field(default_factory=list)
+    counts: StepCounts | None = None  # host ints; None until the forward's step has read them
     fate: Tensor | None = None  # [F] uint8
-    # False: the recompute decides again and reuses only the counts (what the engine did before
-    # it saved fates); kept so a test can show what replaying the fates protects against
-    replay_fates: bool = True
-    # the forward ran the step's parts eagerly (a diagnostics forward under compile: true): so does
-    # the recompute, whose saved activations must be the forward's
     eager: bool = False
 
-    def record(self, counts: list[int], died: Tensor, arrived: Tensor, spawns: Tensor) -> None:
-        self.counts = list(counts)
+    def record(self, counts: StepCounts, died: Tensor, arrived: Tensor, spawns: Tensor) -> None:
+        self.counts = counts
         self.fate = died.to(torch.uint8) | (arrived.to(torch.uint8) << 1) | (spawns.to(torch.uint8) << 2)
 
     def masks(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -313,121 +301,59 @@ class FlowProcessor(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        """``x [B, input_dim]`` -> ``y [B, output_dim]``; the forward's trace goes to :attr:`last_trace`
-        (and with :attr:`record_diagnostics` its diagnostics to :attr:`last_diagnostics`)."""
+        """``x [B, input_dim]`` -> ``y [B, output_dim]``: inject the flows at the input face, step
+        until no flow is active (at most D-1 steps), read y off the output face. The forward's
+        trace goes to :attr:`last_trace` (and with :attr:`record_diagnostics` its diagnostics to
+        :attr:`last_diagnostics`)."""
         self.last_diagnostics = None  # the last forward's record: none unless it recorded one
-        if not self.record_diagnostics:
-            return self._forward(x)
         self._check_input(x)
+        batch_size = x.size(0)
         # active for this forward only: a checkpointed step recomputed in backward records nothing
-        self._recording = ForwardDiagnostics(batch_size=x.size(0))
+        self._recording = ForwardDiagnostics(batch_size=batch_size) if self.record_diagnostics else None
         try:
-            y = self._forward(x)
+            state = self.inject(x)
+            trace = FlowTrace.start(state, batch_size, record_paths=self.record_paths)
+            if self._static_shapes:  # compile: the flows padded to a bucket size
+                state = state.padded(bucket_rows(state.num_flows), batch_size)
+            face = OutputFace(self.lattice, batch_size, x)
+            # x's finiteness is read in the first step's sync instead of a sync of its own
+            nonfinite: Tensor | None = (~torch.isfinite(x)).any().long()
+            for step_index in range(self.config.lattice_depth - 1):
+                if state.num_active == 0:
+                    break
+                result = self._run_step(state, batch_size, trace.next_flow_id, nonfinite, step_index)
+                if nonfinite is not None and result.counts.also_read:
+                    self._raise_nonfinite_rows(x)
+                nonfinite = None
+                trace.record_step(state, result)
+                face.add(result)
+                if self._recording is not None:  # the face this step's arrivals collected
+                    self._recording.step_output(face.step_face(result))
+                state = result.next_state
+            self._check_finished(state)
+            trace.finish(face.arrivals, self.config.lattice_depth)
+            self.last_trace = trace
+            if self._recording is not None:
+                landed = face.landed()
+                self._recording.finish(self.lattice, landed.batch, landed.xy, landed.energy)
+            y = face.read()
             self.last_diagnostics = self._recording
         finally:
             self._recording = None
-        return y
-
-    def _forward(self, x: Tensor) -> Tensor:
-        self._check_input(x)
-        batch_size = x.size(0)
-        state = self.inject(x)
-        trace = FlowTrace(
-            batch_size=batch_size,
-            initial_flows=state.num_flows,
-            energy_injected=state.energy.detach().sum(),
-            paths=[] if self.record_paths else None,
-            parent_of={} if self.record_paths else None,
-        )
-        next_id = state.num_flows
-        if self._static_shapes:  # compile: the flows padded to a bucket size
-            state = state.padded(bucket_rows(state.num_flows), batch_size)
-        # x's finiteness is read in the first step's sync instead of a sync of its own
-        nonfinite = (~torch.isfinite(x)).any().long()
-        landed: list[Arrivals] = []
-        phantoms: list[Arrivals] = []
-        collected: Tensor | None = None
-        phantom: Tensor | None = None
-        books: list[Tensor] = []  # each step's [5] books, made cumulative once at the end
-        for step_index in range(self.config.lattice_depth - 1):
-            if state.num_active == 0:
-                break
-            if trace.paths is not None:
-                trace.paths.append(_path_record(state))
-            result = self._run_step(state, batch_size, next_id, nonfinite, step_index)
-            if nonfinite is not None:
-                if result.also_read:
-                    self._raise_nonfinite_rows(x)
-                nonfinite = None
-            if trace.parent_of is not None:  # children get ids next_id, next_id + 1, ... in spawner order
-                trace.parent_of.update(zip(range(next_id, next_id + result.num_spawned),
-                                           result.spawner_flow_id.tolist()))
-            next_id += result.num_spawned
-            if result.deposits is not None:
-                landed.append(result.deposits)
-            if result.phantoms is not None:
-                phantoms.append(result.phantoms)
-            collected = _add(collected, result.collected)
-            phantom = _add(phantom, result.phantom_collected)
-            if self._recording is not None:  # the face this step's arrivals collected
-                self._recording.step_output(self._step_output(result, batch_size))
-            books.append(result.books)
-            trace.active.append(state.num_active)
-            trace.occupied.append(result.occupied_cell_id.numel())
-            trace.spawned.append(result.num_spawned)
-            trace.died.append(result.num_died)
-            trace.arrived.append(result.num_arrived)
-            trace.neighbourhood_rows.append(result.neighbourhood_flows.detach())
-            state = result.next_state
-        if books:  # cumulative in flight, arrived, lost, created after each step (ENERGY_COLUMNS)
-            per_step = torch.stack(books)
-            total = per_step.cumsum(0)
-            rows = torch.stack([per_step[:, 4], total[:, 3], total[:, 0] + total[:, 2], total[:, 1]], dim=1)
-            trace.energy_rows = list(rows.unbind())
-        if state.num_active:
-            # dz >= 1 per step ends every finite flow by now; NaN positions never arrive or die.
-            real = state.valid if state.valid is not None else slice(None)
-            if not (torch.isfinite(state.pos[real]).all() and torch.isfinite(state.energy[real]).all()):
-                raise FloatingPointError(
-                    f"forward: {state.num_active} flows have a non-finite position or energy after "
-                    f"{self.config.lattice_depth - 1} steps (NaN/inf in the parameters or activations)"
-                )
-            raise AssertionError(f"{state.num_active} finite flows still active after D-1 steps: an engine bug")
-
-        if trace.paths is not None:
-            ends = [a.deposited(batch_size) for a in landed]
-            trace.paths.append(_landed_record(ends, self.config))
-        self.last_trace = trace
-        if self._recording is not None:
-            every = _cat_arrivals(landed) if landed else self._no_deposits(x)
-            self._recording.finish(self.lattice, every.batch, every.xy, every.energy)
-        if self.config.readout == "shared":  # not linear in the deposits: collected once, over all of them
-            collected = self.collect(_cat_arrivals(landed), batch_size) if landed else None
-            phantom = self.collect(_cat_arrivals(phantoms), batch_size) if phantoms else None
-        if collected is None:  # nothing arrived: the face is empty
-            collected = self.collect(self._no_deposits(x), batch_size)
-        y = self.lattice.read_out(collected, phantom)
         return x + y if self.config.residual else y
 
-    def collect(self, deposits: Arrivals, batch_size: int) -> Tensor:
-        """The output face: deposits (rows of sample ``B`` deposit nothing) -> ``[B, K]``, what
-        :meth:`EnergyLattice.read_out` turns into y. Phantoms (the dying flows' zero deposits,
-        which carry the survival gradient) are collected apart so the readout can pass that
-        gradient past a closed gate."""
-        return self.lattice.collect_output_energy(deposits.batch, deposits.xy, deposits.energy, deposits.value,
-                                                  batch_size)
-
-    @torch.no_grad()
-    def _step_output(self, result: StepResult, batch_size: int) -> Tensor | None:
-        """``[B, K]`` the face one step's arrivals collected (diagnostics only): the step's own
-        collected face for the linear readout; for ``readout: shared`` its deposits collected alone."""
-        if self.config.readout == "face" or result.deposits is None:
-            return result.collected
-        return self.collect(result.deposits, batch_size)
-
-    def _no_deposits(self, x: Tensor) -> Arrivals:
-        empty = torch.zeros(0, dtype=torch.long, device=x.device)
-        return Arrivals(empty, x.new_zeros(0, 2), x.new_zeros(0), x.new_zeros(0, self.config.face_channels), empty)
+    def _check_finished(self, state: FlowState) -> None:
+        """Raise if flows are still active after the D-1 steps: ``dz >= 1`` per step ends every
+        finite flow by then, and a NaN position never arrives or dies."""
+        if not state.num_active:
+            return
+        real = state.valid if state.valid is not None else slice(None)
+        if not (torch.isfinite(state.pos[real]).all() and torch.isfinite(state.energy[real]).all()):
+            raise FloatingPointError(
+                f"forward: {state.num_active} flows have a non-finite position or energy after "
+                f"{self.config.lattice_depth - 1} steps (NaN/inf in the parameters or activations)"
+            )
+        raise AssertionError(f"{state.num_active} finite flows still active after D-1 steps: an engine bug")
 
     def _run_step(self, state: FlowState, batch_size: int, next_id: int, also_read: Tensor | None,
                   step_index: int = 0) -> StepResult:
@@ -478,7 +404,7 @@ class FlowProcessor(nn.Module):
             state: the F active flows (padded to a bucket size when compiled).
             batch_size: B (for per-sample budgets and id spaces).
             next_id: first flow id to give a child.
-            also_read: a scalar int tensor to read in the same sync (returned as ``also_read``),
+            also_read: a 0-d int tensor to read in the same sync (returned as ``counts.also_read``),
                 so a caller's own check costs no sync of its own.
             decisions: a record the step fills with what it decided (counts and fates); when it
                 is already filled (a recompute of the same step), the step replays it: nothing is
@@ -487,7 +413,8 @@ class FlowProcessor(nn.Module):
                 of ``residual_steps`` (:meth:`step_gate`).
         """
         cfg = self.config
-        if decisions is not None and not decisions.counts:  # the forward (not a recompute)
+        replay = decisions is not None and decisions.counts is not None  # a recompute (checkpointing)
+        if decisions is not None and not replay:
             decisions.eager = self._recording is not None
         # a diagnostics forward hooks tensors inside the step's parts: eager, as is its recompute
         eager = self._recording is not None or (decisions is not None and decisions.eager)
@@ -496,61 +423,53 @@ class FlowProcessor(nn.Module):
         gate, spawn_allowed = self.step_gate(step_index)
         d = self._graph("decide", eager)(self, state, batch_size, self._budget_tensor(state.energy.device), gate,
                                          spawn_allowed)
-        died, arrived, spawns = d.died, d.arrived, d.spawns
-        # ... the step's one host sync reads how many flows each fate holds (it fixes the next
-        # step's shapes); the flows are then picked by sorting on their fate, no further sync
-        if decisions is not None and decisions.counts:  # a recompute (activation checkpointing)
-            read = decisions.counts
-            if decisions.replay_fates:
-                died, arrived, spawns = decisions.masks()
+        # the step's one host sync reads how many flows each fate holds (it fixes the next step's
+        # shapes); the flows are then picked by sorting on their fate, no further sync
+        if replay:
+            n, (died, arrived, spawns) = decisions.counts, decisions.masks()
         else:
-            read = read_counts(d.counts if also_read is None else torch.cat([d.counts, also_read.view(1)]))
+            n, died, arrived, spawns = d.counts.read(also_read), d.died, d.arrived, d.spawns
             if decisions is not None:
-                decisions.record(read, died, arrived, spawns)
-        n_alive, n_arrived, n_spawned, n_occupied, *extra = read
-        n_died = state.num_active - n_alive - n_arrived
-        n_next = n_alive + n_spawned
+                decisions.record(n, died, arrived, spawns)
+        n_died = state.num_active - n.alive - n.arrived
         moved = FlowState(h=d.h, c=d.c, pos=d.pos, energy=d.energy, batch=state.batch, flow_id=state.flow_id,
                           valid=state.valid, num_valid=state.num_valid)
-        if n_alive == state.num_active and not n_spawned:  # fast path: every flow continues as it is
+        if n.alive == state.num_active and not n.spawns:  # fast path: every flow continues as it is
             next_state = moved
         else:
-            rows = bucket_rows(n_next) if self._static_shapes else n_next
+            n_next = n.alive + n.spawns
             next_id_t = torch.full((), next_id, dtype=torch.long, device=d.energy.device)
-            next_state = self._graph("compact", eager)(self, moved, d.spawn_score, d.child_dxy, died, arrived,
-                                                       spawns, next_id_t, rows, batch_size, gate)
+            next_state = self._graph("compact", eager)(self, moved, d.spawn_score, d.child_dxy, died, arrived, spawns,
+                                                       next_id_t, bucket_rows(n_next) if self._static_shapes
+                                                       else n_next, batch_size, gate)
             next_state.num_valid = n_next if next_state.valid is not None else None
+        deposit = self._graph("deposit", eager)
         deposits = collected = phantoms = phantom_collected = None
-        if n_arrived:
-            deposits, collected = self._graph("deposit", eager)(self, moved, d.top, d.energy, arrived, batch_size)
+        if n.arrived:
+            deposits, collected = deposit(self, moved, d.top, d.energy, arrived, batch_size)
         if cfg.survival_gradient and n_died and torch.is_grad_enabled():
-            phantom_energy = survival_phantom_energy(d.energy_logit, cfg.energy_threshold)
-            phantoms, phantom_collected = self._graph("deposit", eager)(self, moved, d.top, phantom_energy, died,
-                                                                         batch_size)
+            phantoms, phantom_collected = deposit(self, moved, d.top, survival_phantom_energy(
+                d.energy_logit, cfg.energy_threshold), died, batch_size)
+        self._log_step(state, d.energy, n, n_died)
+        return StepResult(
+            next_state=next_state, deposits=deposits, collected=collected,
+            occupied_cell_id=d.occupied_cell_id[:n.occupied], num_spawned=n.spawns, num_died=n_died,
+            num_arrived=n.arrived, books=d.books, neighbourhood_flows=d.neighbourhood_flows, spawns=spawns,
+            flow_id=state.flow_id, batch_size=batch_size, phantoms=phantoms, phantom_collected=phantom_collected,
+            counts=n,
+        )
+
+    @staticmethod
+    def _log_step(state: FlowState, energy: Tensor, n: StepCounts, n_died: int) -> None:
+        """The step's counts and energies at the DEBUG_SPAWN and DEBUG_ENERGY levels (the energies
+        cost a host read, only when that level is on)."""
         if logger.isEnabledFor(DEBUG_SPAWN):
             logger.log(DEBUG_SPAWN, "step: %d flows, %d spawned, %d died, %d arrived",
-                       state.num_active, n_spawned, n_died, n_arrived)
+                       state.num_active, n.spawns, n_died, n.arrived)
         if logger.isEnabledFor(DEBUG_ENERGY):
             real = state.valid if state.valid is not None else slice(None)
             logger.log(DEBUG_ENERGY, "step: mean energy %.4f, min %.4f",
-                       float(d.energy.detach()[real].mean()), float(d.energy.detach()[real].min()))
-        return StepResult(
-            next_state=next_state,
-            deposits=deposits,
-            collected=collected,
-            occupied_cell_id=d.occupied_cell_id[:n_occupied],
-            num_spawned=n_spawned,
-            num_died=n_died,
-            num_arrived=n_arrived,
-            books=d.books,
-            neighbourhood_flows=d.neighbourhood_flows,
-            spawns=spawns,
-            flow_id=state.flow_id,
-            batch_size=batch_size,
-            phantoms=phantoms,
-            phantom_collected=phantom_collected,
-            also_read=extra[0] if extra else None,
-        )
+                       float(energy.detach()[real].mean()), float(energy.detach()[real].min()))
 
     def decide(self, state: FlowState, batch_size: int, budget: Tensor, gate: Tensor | None = None,
                spawn_allowed: bool = True) -> Decision:
@@ -573,14 +492,14 @@ class FlowProcessor(nn.Module):
             spawns = torch.zeros_like(spawns)
         elif gate is not None:  # a closed step spawns nothing
             spawns = spawns & (gate > 0)
-        counts = torch.stack([alive.sum(), arrived.sum(), spawns.sum(), cells.num_occupied])
+        counts = StepCounts(alive.sum(), arrived.sum(), spawns.sum(), cells.num_occupied)
         # bookkeeping only: detached, so it adds nothing to the autograd graph
         e = energy.detach()
         change = e - state.energy.detach()
-        if state.valid is not None:
+        if state.valid is not None:  # the carrier's update writes the padding rows too
             change = change * state.valid
-        books = torch.stack([(-change).clamp(min=0).sum(), change.clamp(min=0).sum(), (e * died).sum(),
-                             (e * arrived).sum(), (e * alive).sum()])
+        books = EnergyBooks(dissipated=(-change).clamp(min=0).sum(), created=change.clamp(min=0).sum(),
+                            died=(e * died).sum(), arrived=(e * arrived).sum(), in_flight=(e * alive).sum())
         return Decision(top, h, c, energy_logit, heads.spawn_score, heads.child_dxy, pos, energy,
                         died, arrived, spawns, counts, books,
                         cells.occupied_cell_id, cells.neighbourhood_flows)
@@ -616,8 +535,9 @@ class FlowProcessor(nn.Module):
     def deposit(self, moved: FlowState, top: Tensor, energy: Tensor, ends: Tensor,
                 batch_size: int) -> tuple[Arrivals, Tensor | None]:
         """The rows where ``ends`` as deposits of ``energy`` on the output face at their new
-        (x, y), and, for the linear face readout, their collected face ``[B, K]`` (the forward
-        sums it over steps; the shared readout collects all deposits once at the end)."""
+        (x, y), and, for ``readout: face``, their collected face ``[B, K]`` (here, inside the
+        step's graph; the forward's :class:`~efgraph.core.readout.OutputFace` sums it over the
+        steps and collects the shared readout's deposits once at the end)."""
         deposits = Arrivals(
             batch=torch.where(ends, moved.batch, batch_size),
             # the other rows land at (0, 0): a flow whose position went non-finite never ends,
@@ -627,7 +547,7 @@ class FlowProcessor(nn.Module):
             value=self.carrier.value(top),
             flow_id=moved.flow_id,
         )
-        return deposits, (self.collect(deposits, batch_size) if self.config.readout == "face" else None)
+        return deposits, (collect(self.lattice, deposits, batch_size) if self.config.readout == "face" else None)
 
     def _graph(self, name: str, eager: bool = False) -> Callable[..., Any]:
         """``decide``, ``compact`` or ``deposit`` as an unbound function: eager (no ``compile``, or
@@ -751,35 +671,3 @@ def _continuing(valid: Tensor | None, died: Tensor, arrived: Tensor) -> Tensor:
 def _where(active: bool, keep: Tensor, value: Tensor, fill: float | int) -> Tensor:
     """``value`` where ``keep``, else ``fill``; just ``value`` when there is no padding."""
     return torch.where(keep, value, fill) if active else value
-
-
-def _add(total: Tensor | None, part: Tensor | None) -> Tensor | None:
-    return part if total is None else total if part is None else total + part
-
-
-def _path_record(state: FlowState) -> dict[str, Tensor]:
-    """The flows of ``state`` (padding dropped) as CPU tensors, for figures."""
-    real = state.valid if state.valid is not None else slice(None)
-    return {name: getattr(state, name)[real].detach().cpu() for name in ("flow_id", "batch", "pos", "energy")}
-
-
-def _landed_record(ends: list[Arrivals], config: EnergyConfig) -> dict[str, Tensor]:
-    """Where the arrivals landed (their (x, y) on the output face), for figures."""
-    if not ends:
-        empty = torch.zeros(0, dtype=torch.long)
-        return {"flow_id": empty, "batch": empty, "pos": torch.zeros(0, 3), "energy": torch.zeros(0)}
-    landed = _cat_arrivals(ends)
-    pos = torch.cat([landed.xy, torch.full_like(landed.xy[:, :1], config.lattice_depth - 1)], dim=1)
-    return {name: t.detach().cpu() for name, t in
-            [("flow_id", landed.flow_id), ("batch", landed.batch), ("pos", pos), ("energy", landed.energy)]}
-
-
-def _cat_arrivals(arrivals: list[Arrivals]) -> Arrivals:
-    """The deposits of several steps as one set of rows (``arrivals`` must not be empty)."""
-    return Arrivals(
-        batch=torch.cat([a.batch for a in arrivals]),
-        xy=torch.cat([a.xy for a in arrivals]),
-        energy=torch.cat([a.energy for a in arrivals]),
-        value=torch.cat([a.value for a in arrivals]),
-        flow_id=torch.cat([a.flow_id for a in arrivals]),
-    )

@@ -5,17 +5,39 @@ Counts are host integers the engine has read anyway: each step's one host sync
 how many cells are occupied, which fixes the next step's shapes; the dead are the rest, and the
 active flows are the state's own count. Energies stay on the device as one stacked tensor and are
 copied to the host only when a caller asks, so keeping the trace on costs no extra
-synchronisation in the step loop.
+synchronisation in the step loop. The forward records each step in one call
+(:meth:`FlowTrace.record_step`) and makes the energy rows cumulative once, at its end
+(:meth:`FlowTrace.finish`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from efgraph.core.readout import Arrivals
+
+if TYPE_CHECKING:
+    from efgraph.core.flow_processor import StepResult
+    from efgraph.core.flow_state import FlowState
+
 ENERGY_COLUMNS = ("energy_in_flight", "energy_arrived", "energy_lost", "energy_created")
+
+
+@dataclass
+class EnergyBooks:
+    """One step's energy books, each a detached 0-d tensor summed over the step's flows (padding
+    rows excluded): falls and rises of the energy the carrier set, the energy of the flows that
+    died and of those that arrived, and the energy still in flight after the step."""
+
+    dissipated: Tensor
+    created: Tensor
+    died: Tensor
+    arrived: Tensor
+    in_flight: Tensor
 
 
 @dataclass
@@ -45,6 +67,47 @@ class FlowTrace:
     # recorded with the paths: flow id of each child's parent, so every arrival can be traced back
     # to the input-face cell its lineage started from (channel figures)
     parent_of: dict[int, int] | None = None
+    step_books: list[EnergyBooks] = field(default_factory=list, repr=False)  # per step, until finish()
+
+    @classmethod
+    def start(cls, state: "FlowState", batch_size: int, record_paths: bool = False) -> "FlowTrace":
+        """The trace of a forward whose injected flows are ``state`` (unpadded)."""
+        return cls(batch_size=batch_size, initial_flows=state.num_flows, energy_injected=state.energy.detach().sum(),
+                   paths=[] if record_paths else None, parent_of={} if record_paths else None)
+
+    @property
+    def next_flow_id(self) -> int:
+        """The id the next child gets: flows are numbered in the order they start."""
+        return self.initial_flows + self.total_spawned
+
+    def record_step(self, state: "FlowState", result: "StepResult") -> None:
+        """One step: ``state`` its flows at the start, ``result`` what the step made of them."""
+        if self.paths is not None:
+            self.paths.append(_path_record(state))
+            # the children got ids next_flow_id, next_flow_id + 1, ... in spawner order
+            first = self.next_flow_id
+            self.parent_of.update(zip(range(first, first + result.num_spawned), result.spawner_flow_id.tolist()))
+        self.active.append(state.num_active)
+        self.occupied.append(result.occupied_cell_id.numel())
+        self.spawned.append(result.num_spawned)
+        self.died.append(result.num_died)
+        self.arrived.append(result.num_arrived)
+        self.neighbourhood_rows.append(result.neighbourhood_flows.detach())
+        self.step_books.append(result.books)
+
+    def finish(self, landed: list[Arrivals], depth: int) -> None:
+        """At the end of the forward: the cumulative energy rows from the steps' books, and with
+        paths the arrivals' record (``landed``: every step's deposits, ``depth``: D)."""
+        if self.step_books:  # cumulative in flight, arrived, lost, created after each step (ENERGY_COLUMNS)
+            def total(name: str) -> Tensor:
+                return torch.stack([getattr(b, name) for b in self.step_books]).cumsum(0)
+
+            in_flight = torch.stack([b.in_flight for b in self.step_books])
+            rows = torch.stack([in_flight, total("arrived"), total("dissipated") + total("died"), total("created")],
+                               dim=1)
+            self.energy_rows = list(rows.unbind())
+        if self.paths is not None:
+            self.paths.append(_landed_record([a.deposited(self.batch_size) for a in landed], depth))
 
     @classmethod
     def merge(cls, traces: list["FlowTrace"]) -> "FlowTrace":
@@ -166,3 +229,20 @@ class FlowTrace:
         for i, name in enumerate(ENERGY_COLUMNS):
             out[name] = [row[i] for row in energy]
         return out
+
+
+def _path_record(state: "FlowState") -> dict[str, Tensor]:
+    """The flows of ``state`` (padding dropped) as CPU tensors, for figures."""
+    real = state.valid if state.valid is not None else slice(None)
+    return {name: getattr(state, name)[real].detach().cpu() for name in ("flow_id", "batch", "pos", "energy")}
+
+
+def _landed_record(ends: list[Arrivals], depth: int) -> dict[str, Tensor]:
+    """Where the arrivals landed (their (x, y) on the output face, z = D-1), for figures."""
+    if not ends:
+        empty = torch.zeros(0, dtype=torch.long)
+        return {"flow_id": empty, "batch": empty, "pos": torch.zeros(0, 3), "energy": torch.zeros(0)}
+    landed = Arrivals.cat(ends)
+    pos = torch.cat([landed.xy, torch.full_like(landed.xy[:, :1], depth - 1)], dim=1)
+    return {name: t.detach().cpu() for name, t in
+            [("flow_id", landed.flow_id), ("batch", landed.batch), ("pos", pos), ("energy", landed.energy)]}

@@ -103,6 +103,35 @@ def test_compiled_residual_steps_equal_eager_under_checkpointing(aot_eager):
     assert ran > 2 and eager.step_gates.grad[: ran - 1].abs().min() > 0
 
 
+@pytest.mark.parametrize("carrier_type", ["gru", "lstm"])
+def test_padding_rows_are_canonical_after_a_compiled_step_that_compacts(aot_eager, carrier_type):
+    """A compiled step in which flows die and spawn (the compaction runs): every padding row of the
+    next state is canonical (see FlowState): sample B, zero energy, zero h and c, pos (0, 0, 0),
+    flow id -1, and ``valid`` marks exactly the flows the step's counts say."""
+    config = tiny_config(carrier_type=carrier_type, energy_threshold=0.5, max_active_flows=9, compile=True)
+    proc = build_processor(config)
+    x = torch.randn(3, config.input_dim, generator=torch.Generator().manual_seed(0))
+    spread_next_energies(proc, x)
+    with torch.no_grad():
+        proc.carrier.spawn_head.bias[0] = 10.0
+    injected = proc.inject(x)
+    state = injected.padded(bucket_rows(injected.num_flows) + 8, 3)  # padding rows from the start too
+    result = proc.step(state, 3, injected.num_flows)
+    nxt = result.next_state
+    assert result.num_died > 0 and result.num_spawned > 0
+    pad = ~nxt.valid
+    assert int(pad.sum()) == nxt.num_flows - nxt.num_active > 0
+    assert nxt.num_active == state.num_active - result.num_died - result.num_arrived + result.num_spawned
+    assert bool((nxt.batch[pad] == 3).all()) and bool((nxt.flow_id[pad] == -1).all())
+    assert bool((nxt.energy[pad] == 0).all()) and bool((nxt.pos[pad] == 0).all())
+    assert bool((nxt.h[:, pad] == 0).all()) and (nxt.c is None) == (carrier_type == "gru")
+    if nxt.c is not None:
+        assert bool((nxt.c[:, pad] == 0).all())
+    # and the real rows are flows: of the batch, with their ids, energies and positions
+    assert bool((nxt.batch[~pad] < 3).all()) and bool((nxt.flow_id[~pad] >= 0).all())
+    assert bool((nxt.energy[~pad] > 0).all()) and bool((nxt.pos[~pad, 2] > 0).all())
+
+
 def test_recompiles_over_a_training_run_are_bounded_by_the_buckets(aot_eager):
     """Twenty training steps whose flow counts wander (spawning, budgets, deaths): the graphs
     compiled are at most 3 parts (decide, compact, deposit x2 kinds) per bucket seen, none is

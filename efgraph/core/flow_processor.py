@@ -29,7 +29,7 @@ next state: continuing flows, then the children, by one stable sort on fate; ski
 flow continues) and :meth:`FlowProcessor.deposit` (arrivals and phantoms on the output face). Every
 shape inside them is the number of rows, so with ``compile: true`` each is one compiled graph:
 the rows are padded to bucket sizes (:func:`~efgraph.core.compaction.bucket_rows`; padding rows
-belong to sample B, one past the batch, and no
+belong to sample B, one past the batch, see :class:`~efgraph.core.flow_state.FlowState`, and no
 decision, budget, book or deposit counts them), so a training run compiles a bounded number of
 graphs with static shapes (what CUDA graphs need). Eagerly, the rows are the flows themselves.
 With ``activation_checkpointing`` the recompute in backward replays the forward's fates
@@ -508,8 +508,9 @@ class FlowProcessor(nn.Module):
                 spawns: Tensor, next_id: Tensor, rows: int, batch_size: int, gate: Tensor | None = None) -> FlowState:
         """The next state, ``rows`` rows: the continuing flows, then the spawners' children (each
         with its own hidden state and lateral offset and ``sigmoid(score) / 2`` of its parent's
-        energy, so the sum is conserved), both in row order, then padding (only when compiled).
-        A gated step (``residual_steps``) scales the children's state perturbation and offset by its gate.
+        energy, so the sum is conserved), both in row order, then padding (only when compiled;
+        canonical, see :class:`FlowState`). A gated step (``residual_steps``) scales the children's
+        state perturbation and offset by its gate.
 
         Children are made for every row and the rows kept are picked by one stable sort on their
         fate (continues 0, child 1, gone 2): static shapes, the same order as ``nonzero``."""
@@ -521,15 +522,22 @@ class FlowProcessor(nn.Module):
         fate = torch.cat([torch.where(alive, 0, gone), torch.where(spawns, 1, gone)])
         order = torch.sort(fate, stable=True).indices[:rows]
         keep = fate.index_select(0, order) < 2
-        padded = self._static_shapes
+
+        def rows_kept(parents: Tensor, children: Tensor, fill: float | int, dim: int = 0) -> Tensor:
+            """The kept rows of ``[parents; children]`` (along ``dim``), the padding rows ``fill``."""
+            kept = torch.cat([parents, children], dim=dim).index_select(dim, order)
+            if not self._static_shapes:  # no padding rows
+                return kept
+            return torch.where(keep.view([-1 if d == dim else 1 for d in range(kept.dim())]), kept, fill)
+
         return FlowState(
-            h=torch.cat([moved.h, child_h], dim=1).index_select(1, order),
-            c=None if moved.c is None else torch.cat([moved.c, child_c], dim=1).index_select(1, order),
-            pos=torch.cat([moved.pos, torch.cat([child_xy, moved.pos[:, 2:]], dim=1)]).index_select(0, order),
-            energy=_where(padded, keep, torch.cat([moved.energy - child_energy, child_energy]).index_select(0, order), 0.0),
-            batch=_where(padded, keep, torch.cat([moved.batch, moved.batch]).index_select(0, order), batch_size),
-            flow_id=torch.cat([moved.flow_id, next_id + torch.cumsum(spawns, 0) - 1]).index_select(0, order),
-            valid=keep if padded else None,
+            h=rows_kept(moved.h, child_h, 0.0, dim=1),
+            c=None if moved.c is None else rows_kept(moved.c, child_c, 0.0, dim=1),
+            pos=rows_kept(moved.pos, torch.cat([child_xy, moved.pos[:, 2:]], dim=1), 0.0),
+            energy=rows_kept(moved.energy - child_energy, child_energy, 0.0),
+            batch=rows_kept(moved.batch, moved.batch, batch_size),
+            flow_id=rows_kept(moved.flow_id, next_id + torch.cumsum(spawns, 0) - 1, -1),
+            valid=keep if self._static_shapes else None,
         )
 
     def deposit(self, moved: FlowState, top: Tensor, energy: Tensor, ends: Tensor,
@@ -666,8 +674,3 @@ def _continuing(valid: Tensor | None, died: Tensor, arrived: Tensor) -> Tensor:
     """``[F]`` bool: the flows that go on to the next step (padding rows never do)."""
     alive = ~died & ~arrived
     return alive if valid is None else valid & alive
-
-
-def _where(active: bool, keep: Tensor, value: Tensor, fill: float | int) -> Tensor:
-    """``value`` where ``keep``, else ``fill``; just ``value`` when there is no padding."""
-    return torch.where(keep, value, fill) if active else value

@@ -26,9 +26,15 @@ class FlowState:
         flow_id: ``[F]`` int64 id, unique within the forward (for tracing paths).
         valid: ``[F]`` bool, ``None`` when every row is a flow. A compiled step pads the flows to
             a bucket size (:func:`~efgraph.core.compaction.bucket_rows`) so that its graphs see
-            static shapes; padding rows belong to sample ``B`` (one past the batch), carry zero
-            energy, and no decision, budget, book or deposit counts them.
+            static shapes, and no decision, budget, book or deposit counts the padding rows.
         num_valid: how many rows are flows (a host int; the rows ``valid`` marks).
+
+    Padding rows are canonical where they are made (:meth:`padded`, and the compaction of a
+    step, :meth:`~efgraph.core.flow_processor.FlowProcessor.compact`): ``batch == B`` (a sample
+    of their own, one past the batch), zero ``energy``, zero ``h`` and ``c``, ``pos`` (0, 0, 0)
+    and ``flow_id`` -1. A step in which every flow continues compacts nothing and hands on its
+    dense update as it is: its padding rows then hold the carrier's update of such a row (finite,
+    still of sample ``B`` and id -1), which is why the step's consumers still mask by ``valid``.
     """
 
     h: Tensor
@@ -51,7 +57,7 @@ class FlowState:
         return self.num_flows if self.valid is None else self.num_valid
 
     def padded(self, rows: int, batch_size: int) -> "FlowState":
-        """These flows followed by padding rows up to ``rows`` (see ``valid``)."""
+        """These flows followed by canonical padding rows up to ``rows`` (see the class docstring)."""
         assert self.valid is None and rows >= self.num_flows
         n, extra = self.num_flows, rows - self.num_flows
         h_pad = self.h.new_zeros(self.h.size(0), extra, self.h.size(2))

@@ -23,8 +23,8 @@ Energy books, at every step: ``injected + created = in flight + arrived + lost``
 Because every continuing flow advances at least one cell in z, a forward ends within D-1 steps.
 
 The step is three functions around its one host sync: :meth:`FlowProcessor.decide` (1-5 up to
-every flow's fate as masks, the :class:`StepCounts` and the :class:`~efgraph.core.trace.EnergyBooks`),
-the sync that reads the counts (:meth:`StepCounts.read`), then :meth:`FlowProcessor.compact` (the
+every flow's fate as masks, their counts and the :class:`~efgraph.core.trace.EnergyBooks`), the
+sync that reads the counts (:meth:`StepCounts.read`), then :meth:`FlowProcessor.compact` (the
 next state: continuing flows, then the children, by one stable sort on fate; skipped when every
 flow continues) and :meth:`FlowProcessor.deposit` (arrivals and phantoms on the output face). Every
 shape inside them is the number of rows, so with ``compile: true`` each is one compiled graph:
@@ -80,20 +80,30 @@ PADDING_CELL_ID = torch.iinfo(torch.long).max
 
 @dataclass
 class StepCounts:
-    """How many flows each fate of a step holds: 0-d int64 tensors as :meth:`FlowProcessor.decide`
-    returns them, host ints once :meth:`read` (the step's one host sync) has read them."""
+    """How many flows each fate of a step holds, as host ints: ``alive`` (the flows that continue),
+    ``arrived``, ``spawns`` (the children to make), ``occupied`` cells, and a caller's ``also_read``
+    (:meth:`FlowProcessor.step`).
 
-    alive: Any  # continuing flows
-    arrived: Any
-    spawns: Any  # children to make
-    occupied: Any  # occupied cells
-    also_read: Any = None  # a caller's own scalar, read in the same copy (FlowProcessor.step)
+    On the device they travel as one int64 vector, stacked inside the compiled ``decide`` graph
+    (:meth:`stack`: no kernel of its own) and copied to the host by :meth:`read` in the step's one
+    sync; these two methods are the only code that knows its layout."""
 
-    def read(self, also_read: Tensor | None = None) -> "StepCounts":
-        """The host values, in one device -> host copy (:func:`read_counts`): the one place the
-        counts are stacked."""
-        named = [self.alive, self.arrived, self.spawns, self.occupied]
-        return StepCounts(*read_counts(named if also_read is None else [*named, also_read]))
+    alive: int
+    arrived: int
+    spawns: int
+    occupied: int
+    also_read: int | None = None
+
+    @staticmethod
+    def stack(alive: Tensor, arrived: Tensor, spawns: Tensor, occupied: Tensor) -> Tensor:
+        """``[4]`` int64: the 0-d counts, laid out for :meth:`read`."""
+        return torch.stack([alive, arrived, spawns, occupied])
+
+    @classmethod
+    def read(cls, stacked: Tensor, also_read: Tensor | None = None) -> "StepCounts":
+        """The host values of :meth:`stack`'s vector (and of a 0-d ``also_read``) in one device ->
+        host copy (:func:`read_counts`)."""
+        return cls(*read_counts(stacked if also_read is None else torch.cat([stacked, also_read.view(1)])))
 
 
 @dataclass
@@ -113,7 +123,7 @@ class Decision:
     died: Tensor  # [F] bool
     arrived: Tensor  # [F] bool
     spawns: Tensor  # [F] bool
-    counts: StepCounts  # of 0-d int64 tensors
+    counts: Tensor  # [4] int64: StepCounts.stack of the counts, for StepCounts.read
     books: EnergyBooks  # detached
     occupied_cell_id: Tensor  # [F] sorted ids, the occupied cells first
     neighbourhood_flows: Tensor  # scalar
@@ -428,7 +438,7 @@ class FlowProcessor(nn.Module):
         if replay:
             n, (died, arrived, spawns) = decisions.counts, decisions.masks()
         else:
-            n, died, arrived, spawns = d.counts.read(also_read), d.died, d.arrived, d.spawns
+            n, died, arrived, spawns = StepCounts.read(d.counts, also_read), d.died, d.arrived, d.spawns
             if decisions is not None:
                 decisions.record(n, died, arrived, spawns)
         n_died = state.num_active - n.alive - n.arrived
@@ -492,7 +502,7 @@ class FlowProcessor(nn.Module):
             spawns = torch.zeros_like(spawns)
         elif gate is not None:  # a closed step spawns nothing
             spawns = spawns & (gate > 0)
-        counts = StepCounts(alive.sum(), arrived.sum(), spawns.sum(), cells.num_occupied)
+        counts = StepCounts.stack(alive.sum(), arrived.sum(), spawns.sum(), cells.num_occupied)
         # bookkeeping only: detached, so it adds nothing to the autograd graph
         e = energy.detach()
         change = e - state.energy.detach()

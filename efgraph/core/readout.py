@@ -79,9 +79,14 @@ class OutputFace:
         self.phantoms: list[Arrivals] = []
         self.collected: Tensor | None = None  # [B, K] readout: face, the sum of the steps' faces
         self.phantom: Tensor | None = None  # [B, K] the same for the phantoms
-        empty_rows = torch.zeros(0, dtype=torch.long, device=like.device)
-        self.empty = Arrivals(empty_rows, like.new_zeros(0, 2), like.new_zeros(0),
-                              like.new_zeros(0, lattice.config.face_channels), empty_rows)
+        self._like = like
+
+    @property
+    def empty(self) -> Arrivals:
+        """No deposits (made only when needed: a forward without arrivals)."""
+        like, width = self._like, self.lattice.config.face_channels
+        rows = torch.zeros(0, dtype=torch.long, device=like.device)
+        return Arrivals(rows, like.new_zeros(0, 2), like.new_zeros(0), like.new_zeros(0, width), rows)
 
     def add(self, result: "StepResult") -> None:
         """One step's deposits and phantoms (and, for ``readout: face``, their collected faces)."""

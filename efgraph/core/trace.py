@@ -12,7 +12,7 @@ synchronisation in the step loop. The forward records each step in one call
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 import torch
@@ -99,12 +99,12 @@ class FlowTrace:
         """At the end of the forward: the cumulative energy rows from the steps' books, and with
         paths the arrivals' record (``landed``: every step's deposits, ``depth``: D)."""
         if self.step_books:  # cumulative in flight, arrived, lost, created after each step (ENERGY_COLUMNS)
-            def total(name: str) -> Tensor:
-                return torch.stack([getattr(b, name) for b in self.step_books]).cumsum(0)
-
-            in_flight = torch.stack([b.in_flight for b in self.step_books])
-            rows = torch.stack([in_flight, total("arrived"), total("dissipated") + total("died"), total("created")],
-                               dim=1)
+            names = [f.name for f in fields(EnergyBooks)]
+            # one stack and one cumsum for every book and step: [books, S]
+            per_step = torch.stack([getattr(b, name) for name in names for b in self.step_books]).view(len(names), -1)
+            step, total = dict(zip(names, per_step)), dict(zip(names, per_step.cumsum(1)))
+            rows = torch.stack([step["in_flight"], total["arrived"], total["dissipated"] + total["died"],
+                                total["created"]], dim=1)
             self.energy_rows = list(rows.unbind())
         if self.paths is not None:
             self.paths.append(_landed_record([a.deposited(self.batch_size) for a in landed], depth))

@@ -95,6 +95,7 @@ FIELD_DEFAULTS_BEFORE: dict[str, Any] = {
     "learning_diagnostics": False,  # e0d5a3a: none were logged
     "residual_steps": False,  # 2a537ae: every step a full update
     "readout_key_blur": 0.0, "readout_key_blur_fraction": 0.5,  # 19f67a5: the keys themselves
+    "start_cell_noise": 0.0, "start_cell_noise_fraction": 0.5,  # added after 20bc655: the plain top K
     "weight_decay_on": "all",  # before 4be4558 AdamW decayed every parameter, in one group
 }
 
@@ -187,6 +188,14 @@ class EnergyConfig:
     # themselves. The blur is one pass over the W x H key table per forward, never per flow. 0 = off
     readout_key_blur: float = 0.0
     readout_key_blur_fraction: float = 0.5
+    # training forwards only: the start cells are the top initial_flows_per_sample of the
+    # amplitudes plus Gumbel noise of scale start_cell_noise (amplitude units; a Gumbel top-k,
+    # i.e. sampling the cells without replacement in proportion to exp(a_p / noise)), annealed
+    # linearly to 0 over the first start_cell_noise_fraction of training, so a cell just outside
+    # the top K sometimes starts a flow and its amplitude learns whether it should. Each flow's
+    # energy is its cell's own sigmoid(a_p + b), noise-free. Evaluation takes the plain top K. 0 = off
+    start_cell_noise: float = 0.0
+    start_cell_noise_fraction: float = 0.5
     residual: bool = False  # y = x + f(x); needs input_dim == output_dim
     # initial value of the learned scalar gate on the flows' contribution to the output
     # (y = [x +] gate * lattice(x) + bias). With residual: true, 0 scales the lattice in from zero,
@@ -389,6 +398,11 @@ class EnergyConfig:
                              f"{self.readout!r}; set readout_key_blur: 0")
         if not 0.0 < self.readout_key_blur_fraction <= 1.0:
             raise ValueError(f"readout_key_blur_fraction: must be in (0, 1], got {self.readout_key_blur_fraction}")
+        if not (self.start_cell_noise >= 0 and math.isfinite(self.start_cell_noise)):
+            raise ValueError(f"start_cell_noise: must be a finite number >= 0 (amplitude units; 0 = off), "
+                             f"got {self.start_cell_noise}")
+        if not 0.0 < self.start_cell_noise_fraction <= 1.0:
+            raise ValueError(f"start_cell_noise_fraction: must be in (0, 1], got {self.start_cell_noise_fraction}")
         if self.routing_noise < 0:
             raise ValueError(f"routing_noise: must be >= 0, got {self.routing_noise}")
         for name, low in (("composition_values", 2), ("composition_tables", 1), ("composition_chain", 1)):

@@ -7,7 +7,7 @@ import torch
 
 from conftest import build_processor, tiny_config
 from efgraph.core.energy_lattice import blur_face_field
-from efgraph.training.schedule import readout_key_blur_at
+from efgraph.training.schedule import annealed_to_zero
 
 def _landing_gradient(proc, xy):
     """d(sum of y) / d(landing point) of one flow landing at ``xy``."""
@@ -33,9 +33,9 @@ def test_a_blurred_readout_reaches_a_landing_far_from_the_only_informative_cells
     proc.eval()
     assert torch.equal(_landing_gradient(proc, [2.3, 4.0]), torch.zeros(2))
     # the schedule: full blur at the start, 0 from fraction * total on
-    assert readout_key_blur_at(0, 1000, 2.0, 0.5) == 2.0
-    assert readout_key_blur_at(250, 1000, 2.0, 0.5) == 1.0
-    assert readout_key_blur_at(500, 1000, 2.0, 0.5) == 0.0 == readout_key_blur_at(900, 1000, 2.0, 0.5)
+    assert annealed_to_zero(0, 1000, 2.0, 0.5) == 2.0
+    assert annealed_to_zero(250, 1000, 2.0, 0.5) == 1.0
+    assert annealed_to_zero(500, 1000, 2.0, 0.5) == 0.0 == annealed_to_zero(900, 1000, 2.0, 0.5)
 
 
 def test_blur_of_zero_width_is_the_field_and_a_wide_blur_keeps_its_mean():

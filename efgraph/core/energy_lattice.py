@@ -171,6 +171,8 @@ class EnergyLattice(nn.Module):
         # the std (cells) of the readout-key blur of training forwards (readout_key_blur): a
         # tensor the trainer sets between steps, so a compiled graph reads it as data
         self.register_buffer("key_blur", torch.zeros(()), persistent=False)
+        # the Gumbel scale of the start cells of training forwards (start_cell_noise), set likewise
+        self.register_buffer("start_noise", torch.zeros(()), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -250,10 +252,19 @@ class EnergyLattice(nn.Module):
 
     def place_initial_energy(self, x: Tensor) -> InjectedFlows:
         """Start ``K = initial_flows_per_sample`` flows per sample on its top-K amplitude cells,
-        each carrying its cell's part of ``x`` (``injection: face``)."""
+        each carrying its cell's part of ``x`` (``injection: face``). Training forwards with
+        ``start_cell_noise`` rank the cells by amplitude plus Gumbel noise of scale
+        :attr:`start_noise` (a sample of K cells without replacement, ``p ~ exp(a_p / noise)``),
+        so cells outside the top K get a gradient when they are drawn; the cost is one
+        ``[B, W*H]`` draw per forward, the size of the amplitudes already computed."""
         k = self.config.initial_flows_per_sample
         amp = self.amplitudes(x)
-        top_amp, top_cell = amp.topk(k, dim=1)  # [B, K]
+        if self.training and self.config.start_cell_noise > 0:  # Gumbel top-k: explore the start cells
+            gumbel = -torch.empty_like(amp).exponential_().log()
+            top_cell = (amp.detach() + self.start_noise * gumbel).topk(k, dim=1).indices  # [B, K]
+            top_amp = amp.gather(1, top_cell)  # each flow's energy is its own cell's, noise-free
+        else:
+            top_amp, top_cell = amp.topk(k, dim=1)  # [B, K]
         batch = torch.arange(x.size(0), device=x.device).repeat_interleave(k)
         cell = top_cell.reshape(-1)
         pos = torch.stack(

@@ -51,8 +51,8 @@ def warmup_cosine_scheduler(
     return LambdaLR(optimizer, factor, last_epoch=current_step - 1)
 
 
-def readout_key_blur_at(step: int, total_steps: int, blur: float, fraction: float) -> float:
-    """The readout-key blur (std in cells) of training step ``step``: ``blur`` at step 0, falling
-    linearly to 0 at ``fraction * total_steps`` and 0 after (``readout_key_blur``)."""
+def annealed_to_zero(step: int, total_steps: int, start: float, fraction: float) -> float:
+    """A training-only knob at training step ``step`` (``readout_key_blur``, ``start_cell_noise``):
+    ``start`` at step 0, falling linearly to 0 at ``fraction * total_steps`` and 0 after."""
     span = max(fraction * total_steps, 1.0)
-    return blur * max(0.0, 1.0 - step / span)
+    return start * max(0.0, 1.0 - step / span)

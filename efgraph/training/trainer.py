@@ -82,7 +82,7 @@ from efgraph.training.flow_budget import (AdaptiveFlowBudget, held_memory_bytes,
 from efgraph.training.metrics import embedding_loss, evaluate_predictions
 from efgraph.training.optim import adamw
 from efgraph.training.run_logger import RunLogger
-from efgraph.training.schedule import readout_key_blur_at, warmup_cosine_scheduler
+from efgraph.training.schedule import annealed_to_zero, warmup_cosine_scheduler
 from efgraph.training.signals import STOP_SIGNALS, StopRequest, TrainingInterrupted, signal_name
 from efgraph.utils import memory
 from efgraph.utils.device import apply_num_threads, get_device, memory_report
@@ -462,9 +462,12 @@ class EnergyTrainer:
         grad_norm = float("nan")
         self.optimizer.zero_grad(set_to_none=True)
         budget = self.processor.active_flow_budget = self._current_budget()
-        if self.config.readout_key_blur > 0:  # annealed over the run (efgraph.training.schedule)
-            self.processor.lattice.key_blur.fill_(readout_key_blur_at(
-                self.step, self.total_steps or 1, self.config.readout_key_blur, self.config.readout_key_blur_fraction))
+        lattice, cfg = self.processor.lattice, self.config
+        # training-only knobs annealed over the run; a buffer each, so a compiled graph reads data
+        for knob, buffer, fraction in ((cfg.readout_key_blur, lattice.key_blur, cfg.readout_key_blur_fraction),
+                                       (cfg.start_cell_noise, lattice.start_noise, cfg.start_cell_noise_fraction)):
+            if knob > 0:
+                buffer.fill_(annealed_to_zero(self.step, self.total_steps or 1, knob, fraction))
         # learning diagnostics: recorded by the forwards of a logged step only, one record per micro-batch
         diagnose = log and self.diagnostics
         records: list[ForwardDiagnostics] = []

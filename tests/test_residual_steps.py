@@ -86,3 +86,19 @@ def test_residual_steps_change_nothing_in_a_one_step_lattice():
     assert gated.step_gates is None
     x = torch.randn(4, config.input_dim)
     torch.testing.assert_close(plain(x), gated(x), rtol=0, atol=0)
+
+
+def test_the_trainer_logs_each_later_steps_gate():
+    from efgraph import EnergyTrainer, FlowProcessor
+    from efgraph.data import make_teacher_pairs
+
+    config = tiny_config(input_dim=12, output_dim=12, lattice_depth=5, residual_steps=True, batch_size=20,
+                         warmup_steps=1, eval_every=100, log_every=1, checkpoint_every=100)
+    trainer = EnergyTrainer(FlowProcessor.from_config(config), config, progress=False)
+    pairs = make_teacher_pairs(20, 12, 12, seed=0)
+    trainer.train(pairs.src, pairs.tgt, epochs=1)
+    metrics = trainer.train_step(pairs.src, pairs.tgt, log=True)
+    # depth 5: lattice steps 1-4, of which 2-4 are gated, each logged at its learned value
+    assert [k for k in metrics if k.startswith("model/step_gate_")] == [f"model/step_gate_{t}" for t in (2, 3, 4)]
+    assert [metrics[f"model/step_gate_{t}"] for t in (2, 3, 4)] == trainer.processor.step_gates.tolist()
+    assert trainer.processor.step_gates.abs().sum() > 0  # the steps trained moved them off 0

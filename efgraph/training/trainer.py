@@ -560,6 +560,9 @@ class EnergyTrainer:
                 metrics.update({f"flows/{k}": v for k, v in trace.per_step_metrics().items()})
             if diagnose:
                 metrics.update(self._diagnostics_metrics(records if bad is None else [], global_batch))
+            if self.processor.step_gates is not None:  # residual_steps: how far each later step opened
+                metrics.update({f"model/step_gate_{t + 2}": g  # lattice steps count from 1; <= 0 is closed
+                                for t, g in enumerate(self.processor.step_gates.detach().tolist())})
         if self.flow_budget is not None:  # the cap the next forward's budget is under
             metrics["flows/budget_cap"] = float(self.flow_budget.cap)
         if trace is not None and logger.isEnabledFor(DEBUG_CONVERGENCE):

@@ -7,6 +7,7 @@ What dynamo captures (graphs, static shapes, recompiles, the padding) is checked
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -130,6 +131,40 @@ def test_padding_rows_are_canonical_after_a_compiled_step_that_compacts(aot_eage
     # and the real rows are flows: of the batch, with their ids, energies and positions
     assert bool((nxt.batch[~pad] < 3).all()) and bool((nxt.flow_id[~pad] >= 0).all())
     assert bool((nxt.energy[~pad] > 0).all()) and bool((nxt.pos[~pad, 2] > 0).all())
+
+
+@pytest.mark.parametrize("carrier_type", ["gru", "lstm"])
+def test_padding_rows_stay_canonical_after_a_compiled_step_in_which_every_flow_continues(aot_eager,
+                                                                                        carrier_type):
+    """A compiled step in which no flow dies, arrives or spawns hands on its dense update without
+    compacting (the fast path): its padding rows are canonical all the same (the carrier's update
+    of a zero row is not), and the real rows are the eager step's."""
+    config = tiny_config(carrier_type=carrier_type, energy_threshold=0.01, max_spawn_per_step=0, lattice_depth=20,
+                         compile=True)
+    proc = build_processor(config)
+    eager = build_processor(replace(config, compile=False))
+    eager.load_state_dict(proc.state_dict())
+    x = torch.randn(3, config.input_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        proc.carrier.energy_head.bias.fill_(8.0)  # every next energy near 1: no flow dies
+        proc.carrier.displacement_head.bias[2] = -8.0  # the smallest move ahead: no flow arrives
+        eager.load_state_dict(proc.state_dict())
+    injected = proc.inject(x)
+    state = injected.padded(bucket_rows(injected.num_flows) + 8, 3)
+    result = proc.step(state, 3, injected.num_flows)
+    nxt = result.next_state
+    assert result.num_died == result.num_arrived == result.num_spawned == 0
+    assert nxt.num_flows == state.num_flows and nxt.num_active == injected.num_flows  # not compacted
+    pad = ~nxt.valid
+    assert bool((nxt.batch[pad] == 3).all()) and bool((nxt.flow_id[pad] == -1).all())
+    assert bool((nxt.energy[pad] == 0).all()) and bool((nxt.pos[pad] == 0).all())
+    assert bool((nxt.h[:, pad] == 0).all())
+    if nxt.c is not None:
+        assert bool((nxt.c[:, pad] == 0).all())
+    reference = eager.step(eager.inject(x), 3, injected.num_flows).next_state
+    torch.testing.assert_close(nxt.h[:, ~pad], reference.h, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(nxt.pos[~pad], reference.pos, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(nxt.energy[~pad], reference.energy, atol=1e-5, rtol=1e-5)
 
 
 def test_recompiles_over_a_training_run_are_bounded_by_the_buckets(aot_eager):

@@ -490,6 +490,8 @@ class FlowProcessor(nn.Module):
         cells = self.cell_transformation(state, batch_size)
         top, h, c, heads, pos, energy = self.advance(cells.transformation, state.h, state.c, state.pos, state.energy,
                                                      gate)
+        if state.valid is not None:  # the carrier updated the padding rows too: back to canonical
+            h, c, pos, energy = _canonical_padding(state.valid, h, c, pos, energy)
         # the survival surrogate reads the logit of the energy the step set (a gated step's blend)
         energy_logit = heads.energy_logit if gate is None else torch.logit(energy, eps=1e-6)
         died = energy < cfg.energy_threshold
@@ -505,9 +507,7 @@ class FlowProcessor(nn.Module):
         counts = StepCounts.stack(alive.sum(), arrived.sum(), spawns.sum(), cells.num_occupied)
         # bookkeeping only: detached, so it adds nothing to the autograd graph
         e = energy.detach()
-        change = e - state.energy.detach()
-        if state.valid is not None:  # the carrier's update writes the padding rows too
-            change = change * state.valid
+        change = e - state.energy.detach()  # zero on the (canonical) padding rows
         books = EnergyBooks(dissipated=(-change).clamp(min=0).sum(), created=change.clamp(min=0).sum(),
                             died=(e * died).sum(), arrived=(e * arrived).sum(), in_flight=(e * alive).sum())
         return Decision(top, h, c, energy_logit, heads.spawn_score, heads.child_dxy, pos, energy,
@@ -678,6 +678,15 @@ class FlowProcessor(nn.Module):
         # non-candidates rank after every candidate of their sample
         best = keep_top_per_group(batch, torch.where(candidate, score.detach(), float("-inf")), room, groups)
         return candidate & best
+
+
+def _canonical_padding(valid: Tensor, h: Tensor, c: Tensor | None, pos: Tensor,
+                       energy: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """``h``, ``c`` ``[L, F, H]``, ``pos`` ``[F, 3]`` and ``energy`` ``[F]`` with the rows that
+    ``valid`` ``[F]`` does not mark set to zero (a padding row's state, see :class:`FlowState`)."""
+    rows = valid.view(1, -1, 1)
+    return (torch.where(rows, h, 0.0), None if c is None else torch.where(rows, c, 0.0),
+            torch.where(valid.unsqueeze(1), pos, 0.0), torch.where(valid, energy, 0.0))
 
 
 def _continuing(valid: Tensor | None, died: Tensor, arrived: Tensor) -> Tensor:

@@ -29,12 +29,11 @@ class FlowState:
             static shapes, and no decision, budget, book or deposit counts the padding rows.
         num_valid: how many rows are flows (a host int; the rows ``valid`` marks).
 
-    Padding rows are canonical where they are made (:meth:`padded`, and the compaction of a
-    step, :meth:`~efgraph.core.flow_processor.FlowProcessor.compact`): ``batch == B`` (a sample
-    of their own, one past the batch), zero ``energy``, zero ``h`` and ``c``, ``pos`` (0, 0, 0)
-    and ``flow_id`` -1. A step in which every flow continues compacts nothing and hands on its
-    dense update as it is: its padding rows then hold the carrier's update of such a row (finite,
-    still of sample ``B`` and id -1), which is why the step's consumers still mask by ``valid``.
+    Padding rows are canonical wherever a state is made (:meth:`padded`, and every step,
+    :meth:`~efgraph.core.flow_processor.FlowProcessor.decide` and ``compact``): ``batch == B`` (a
+    sample of their own, one past the batch), zero ``energy``, zero ``h`` and ``c``, ``pos``
+    (0, 0, 0) and ``flow_id`` -1. Their decisions (fates, spawns, counts) are still masked by
+    ``valid``: a zero energy is below every threshold, and a padding row must not count as a death.
     """
 
     h: Tensor

@@ -94,6 +94,7 @@ FIELD_DEFAULTS_BEFORE: dict[str, Any] = {
     "transformer_tokens": 8, "transformer_layers": 2, "transformer_heads": 4, "transformer_width": 0,
     "learning_diagnostics": False,  # e0d5a3a: none were logged
     "residual_steps": False,  # 2a537ae: every step a full update
+    "project_step_gates": False,  # added after 979f8b8: free gates read through a clamp
     "readout_key_blur": 0.0, "readout_key_blur_fraction": 0.5,  # 19f67a5: the keys themselves
     "start_cell_noise": 0.0, "start_cell_noise_fraction": 0.5,  # added after 20bc655: the plain top K
     "weight_decay_on": "all",  # before 4be4558 AdamW decayed every parameter, in one group
@@ -146,6 +147,11 @@ class EnergyConfig:
     # child offsets x g_t, energy += g_t (new - old), and a step spawns only while g_t > 0. With
     # every gate at 0 a deep lattice computes the one-step lattice's output; training opens them
     residual_steps: bool = False
+    # residual_steps: after every optimizer step the trainer puts each gate back into [0, 1]
+    # (projected gradient descent), so a closed gate sits at 0 and opens as soon as its gradient
+    # asks; false = the gates are free parameters read through a straight-through clamp, and a
+    # closed one sinks below 0 (measured: -1 to -3) where reopening takes hundreds of steps
+    project_step_gates: bool = False
     # a dying flow sends a surrogate gradient ("had you lived, you would have deposited this"),
     # so death is no gradient cliff; false = hard death with no gradient (an ablation)
     survival_gradient: bool = True
@@ -391,6 +397,9 @@ class EnergyConfig:
             raise ValueError(f"injection: must be one of {INJECTIONS}, got {self.injection!r}")
         if self.readout not in READOUTS:
             raise ValueError(f"readout: must be one of {READOUTS}, got {self.readout!r}")
+        if self.project_step_gates and not self.residual_steps:
+            raise ValueError("project_step_gates: projects the gates of residual_steps, but residual_steps is "
+                             "false; set residual_steps: true or project_step_gates: false")
         if self.readout_key_blur < 0:
             raise ValueError(f"readout_key_blur: must be >= 0 (cells; 0 = off), got {self.readout_key_blur}")
         if self.readout_key_blur > 0 and self.readout != "face":

@@ -102,3 +102,44 @@ def test_the_trainer_logs_each_later_steps_gate():
     assert [k for k in metrics if k.startswith("model/step_gate_")] == [f"model/step_gate_{t}" for t in (2, 3, 4)]
     assert [metrics[f"model/step_gate_{t}"] for t in (2, 3, 4)] == trainer.processor.step_gates.tolist()
     assert trainer.processor.step_gates.abs().sum() > 0  # the steps trained moved them off 0
+
+
+def _train_with_a_gate_pushed_closed(project: bool):
+    """A depth-5 lattice whose first gate starts far below 0 (as a long-closed gate ends), trained a
+    few steps; returns the trained gates."""
+    from efgraph import EnergyTrainer, FlowProcessor
+    from efgraph.data import make_teacher_pairs
+
+    config = tiny_config(input_dim=12, output_dim=12, lattice_depth=5, residual_steps=True, batch_size=20,
+                         project_step_gates=project, warmup_steps=1, eval_every=100, log_every=100,
+                         checkpoint_every=100)
+    processor = FlowProcessor.from_config(config)
+    with torch.no_grad():
+        processor.step_gates.copy_(torch.tensor([-2.0, 0.5, 3.0]))
+    trainer = EnergyTrainer(processor, config, progress=False)
+    pairs = make_teacher_pairs(20, 12, 12, seed=0)
+    trainer.train(pairs.src, pairs.tgt, epochs=3)
+    return trainer.processor.step_gates.detach()
+
+
+def test_projected_gates_stay_in_the_unit_interval_and_free_ones_do_not():
+    projected = _train_with_a_gate_pushed_closed(project=True)
+    assert ((projected >= 0) & (projected <= 1)).all(), projected
+    free = _train_with_a_gate_pushed_closed(project=False)
+    assert free[0] < -1.5 and free[2] > 2.5, free  # Adam moves a gate ~lr a step: far out stays far out
+
+
+def test_projecting_gates_changes_no_forward_and_needs_residual_steps():
+    config = tiny_config(residual_steps=True, lattice_depth=5)
+    gates = torch.tensor([0.0, 0.3, 1.0])
+    outs = []
+    for project in (False, True):
+        proc = build_processor(config.replace(project_step_gates=project), seed=0)
+        with torch.no_grad():
+            proc.step_gates.copy_(gates)
+        proc.project_parameters()  # in range: untouched
+        assert torch.equal(proc.step_gates.detach(), gates)
+        outs.append(proc(torch.randn(3, config.input_dim, generator=torch.Generator().manual_seed(0))))
+    assert torch.equal(outs[0], outs[1])
+    with pytest.raises(ValueError, match="project_step_gates.*residual_steps"):
+        tiny_config(project_step_gates=True)

@@ -636,6 +636,15 @@ class FlowProcessor(nn.Module):
         raw = self.step_gates[step_index - 1]
         return raw + (raw.clamp(0.0, 1.0) - raw).detach(), True
 
+    @torch.no_grad()
+    def project_parameters(self) -> None:
+        """Put the parameters that have a range back into it; the trainer calls this after every
+        optimizer step. With ``project_step_gates`` that is each step gate into [0, 1], so a gate
+        the gradient closed waits at 0 (where :meth:`step_gate` reads it as closed and its gradient
+        still flows) instead of sinking below it. Without it, nothing changes."""
+        if self.step_gates is not None and self.config.project_step_gates:
+            self.step_gates.clamp_(0.0, 1.0)
+
     def cell_transformation(self, state: FlowState, batch_size: int | None = None) -> CellStep:
         """The neuron's transformation for every flow, computed per occupied cell.
 

@@ -528,6 +528,7 @@ class EnergyTrainer:
         lr = self.optimizer.param_groups[0]["lr"]
         if bad is None:
             self.optimizer.step()
+            self.processor.project_parameters()  # project_step_gates: each gate back into [0, 1]
         else:  # skip_nonfinite_steps: drop this update, keep the schedule in step with the step count
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1

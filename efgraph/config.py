@@ -150,7 +150,9 @@ class EnergyConfig:
     # residual_steps: after every optimizer step the trainer puts each gate back into [0, 1]
     # (projected gradient descent), so a closed gate sits at 0 and opens as soon as its gradient
     # asks; false = the gates are free parameters read through a straight-through clamp, and a
-    # closed one sinks below 0 (measured: -1 to -3) where reopening takes hundreds of steps
+    # closed one sinks below 0 (measured: -1 to -3) where reopening takes hundreds of steps.
+    # Like residual_steps at depth 2, it does nothing where there are no gates, so a config that
+    # sets it can be run as a one-step lattice (--set lattice_depth=2 --set residual_steps=false)
     project_step_gates: bool = False
     # a dying flow sends a surrogate gradient ("had you lived, you would have deposited this"),
     # so death is no gradient cliff; false = hard death with no gradient (an ablation)
@@ -397,9 +399,6 @@ class EnergyConfig:
             raise ValueError(f"injection: must be one of {INJECTIONS}, got {self.injection!r}")
         if self.readout not in READOUTS:
             raise ValueError(f"readout: must be one of {READOUTS}, got {self.readout!r}")
-        if self.project_step_gates and not self.residual_steps:
-            raise ValueError("project_step_gates: projects the gates of residual_steps, but residual_steps is "
-                             "false; set residual_steps: true or project_step_gates: false")
         if self.readout_key_blur < 0:
             raise ValueError(f"readout_key_blur: must be >= 0 (cells; 0 = off), got {self.readout_key_blur}")
         if self.readout_key_blur > 0 and self.readout != "face":

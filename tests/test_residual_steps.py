@@ -129,7 +129,7 @@ def test_projected_gates_stay_in_the_unit_interval_and_free_ones_do_not():
     assert free[0] < -1.5 and free[2] > 2.5, free  # Adam moves a gate ~lr a step: far out stays far out
 
 
-def test_projecting_gates_changes_no_forward_and_needs_residual_steps():
+def test_projecting_gates_changes_no_forward():
     config = tiny_config(residual_steps=True, lattice_depth=5)
     gates = torch.tensor([0.0, 0.3, 1.0])
     outs = []
@@ -141,5 +141,3 @@ def test_projecting_gates_changes_no_forward_and_needs_residual_steps():
         assert torch.equal(proc.step_gates.detach(), gates)
         outs.append(proc(torch.randn(3, config.input_dim, generator=torch.Generator().manual_seed(0))))
     assert torch.equal(outs[0], outs[1])
-    with pytest.raises(ValueError, match="project_step_gates.*residual_steps"):
-        tiny_config(project_step_gates=True)

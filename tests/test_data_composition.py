@@ -8,7 +8,7 @@ import torch
 from efgraph.config import EnergyConfig
 from efgraph.data.composition import (
     composition_answers, composition_dims, composition_oracle, composition_tables, decode_composition,
-    holds_out, make_composition_pairs,
+    holds_out, make_composition_pairs, memoriser_accuracy, seen_in_training,
 )
 from efgraph.training.baselines import RidgeBaseline
 from efgraph.training.metrics import answer_accuracy, answer_hits
@@ -106,3 +106,19 @@ def test_a_width_that_does_not_match_the_chain_names_the_field():
     config = EnergyConfig.from_yaml("configs/composition.yaml").replace(composition_chain=4)
     with pytest.raises(ValueError, match="input_dim: config says 40 but the source embeddings are 48 wide"):
         load_pairs(config)
+
+
+def test_seen_inputs_are_the_test_inputs_with_a_start_and_chain_in_training():
+    pairs = make_composition_pairs(400, 4, 2, 2, seed=3)  # 16 distinct inputs: most test rows were seen
+    train, test = pairs.src[:300], torch.cat([pairs.src[300:], pairs.src[:5]])
+    seen = seen_in_training(train, test, 4, 2, 2, seed=3)
+    start, chains = decode_composition(test, 4, 2, 2, seed=3)
+    t_start, t_chains = decode_composition(train, 4, 2, 2, seed=3)
+    known = {(int(a), *b.tolist()) for a, b in zip(t_start, t_chains)}
+    assert seen.tolist() == [(int(a), *b.tolist()) in known for a, b in zip(start, chains)]
+    assert seen[-5:].all()  # rows copied from training are seen
+    other = make_composition_pairs(50, 16, 8, 3, seed=3).src  # one training input: only its copies are seen
+    assert seen_in_training(other[:1], other, 16, 8, 3, seed=3).tolist() == [
+        bool(torch.equal(row, other[0])) for row in other]
+    assert memoriser_accuracy(train, test, 4, 2, 2, seed=3) == pytest.approx(
+        seen.float().mean().item() + (1 - seen.float().mean().item()) / 4)

@@ -160,10 +160,10 @@ def composition_oracle(src: Tensor, values: int, tables: int, chain: int, seed: 
     return torch.nn.functional.one_hot(end, values).float() @ _rotations(values, tables, chain, seed)[1]
 
 
-def memoriser_accuracy(train_src: Tensor, test_src: Tensor, values: int, tables: int, chain: int,
-                       seed: int = 0) -> float:
-    """The answer accuracy of a perfect memoriser: right on every test input that is a training
-    input, right by chance (``1 / V``) on the others. A model above it composes lookups.
+def seen_in_training(train_src: Tensor, test_src: Tensor, values: int, tables: int, chain: int,
+                     seed: int = 0) -> Tensor:
+    """``[N_test]`` bool: whether each test input (its start value and chain) is also a training
+    input. Under ``composition_hold_out: pairs`` many are; only the others ask a model to compose.
 
     Args:
         train_src: ``[N_train, V + L K]``; test_src: ``[N_test, V + L K]``.
@@ -173,5 +173,17 @@ def memoriser_accuracy(train_src: Tensor, test_src: Tensor, values: int, tables:
         return [tuple(row) for row in torch.cat([start.unsqueeze(1), chains], dim=1).tolist()]
 
     seen = set(inputs(train_src))
-    known = sum(row in seen for row in inputs(test_src)) / test_src.shape[0]
+    return torch.tensor([row in seen for row in inputs(test_src)], dtype=torch.bool)
+
+
+def memoriser_accuracy(train_src: Tensor, test_src: Tensor, values: int, tables: int, chain: int,
+                       seed: int = 0) -> float:
+    """The answer accuracy of a perfect memoriser: right on every test input that is a training
+    input (:func:`seen_in_training`), right by chance (``1 / V``) on the others. A model above it
+    composes lookups.
+
+    Args:
+        train_src: ``[N_train, V + L K]``; test_src: ``[N_test, V + L K]``.
+    """
+    known = float(seen_in_training(train_src, test_src, values, tables, chain, seed).float().mean())
     return known + (1.0 - known) / values

@@ -98,6 +98,7 @@ FIELD_DEFAULTS_BEFORE: dict[str, Any] = {
     "readout_key_blur": 0.0, "readout_key_blur_fraction": 0.5,  # 19f67a5: the keys themselves
     "start_cell_noise": 0.0, "start_cell_noise_fraction": 0.5,  # added after 20bc655: the plain top K
     "weight_decay_on": "all",  # before 4be4558 AdamW decayed every parameter, in one group
+    "linear_skip": False,  # added after c8fa4d4: no linear path from x to y
 }
 
 # Fields that fix the shapes of the parameters or what the computation means: a checkpoint only
@@ -107,7 +108,7 @@ ARCHITECTURE_KEYS = (
     "carrier_hidden_dim", "carrier_num_layers", "child_rank", "message_dim", "position_frequencies",
     "neuron_hidden_dim", "neuron_output_dim", "aggregation", "injection_rank", "face_channels",
     "readout_hidden_dim", "residual", "interaction_radius", "injection", "readout", "readout_rank",
-    "residual_steps",
+    "residual_steps", "linear_skip",
 )
 
 
@@ -205,6 +206,11 @@ class EnergyConfig:
     start_cell_noise: float = 0.0
     start_cell_noise_fraction: float = 0.5
     residual: bool = False  # y = x + f(x); needs input_dim == output_dim
+    # a learned linear path from x to y beside the lattice, y = [x +] W x + lattice(x), W started
+    # at 0 (so the model at initialisation is the model without it): the linear part of a map is
+    # then learned by one matrix instead of by where flows land, and the lattice is left what a
+    # linear map cannot do. Costs input_dim x output_dim parameters and one matmul per forward
+    linear_skip: bool = False
     # initial value of the learned scalar gate on the flows' contribution to the output
     # (y = [x +] gate * lattice(x) + bias). With residual: true, 0 scales the lattice in from zero,
     # so silencing an untrained lattice (y = x) is never the shortcut to a lower loss (the bible

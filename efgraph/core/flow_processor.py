@@ -244,6 +244,10 @@ class FlowProcessor(nn.Module):
         # residual_steps: the gate of each lattice step after the first, started closed (see step_gate)
         self.step_gates = (nn.Parameter(torch.zeros(config.lattice_depth - 2))
                            if config.residual_steps and config.lattice_depth > 2 else None)
+        # linear_skip: y gains W x, W started at 0 (the model at initialisation is the one without it)
+        self.linear_skip = nn.Linear(config.input_dim, config.output_dim, bias=False) if config.linear_skip else None
+        if self.linear_skip is not None:
+            nn.init.zeros_(self.linear_skip.weight)
         self.register_buffer("neighbour_offsets", neighbourhood_offsets(config.interaction_radius), persistent=False)
         self.record_paths = False
         self.last_trace: FlowTrace | None = None
@@ -347,6 +351,8 @@ class FlowProcessor(nn.Module):
                 landed = face.landed()
                 self._recording.finish(self.lattice, landed.batch, landed.xy, landed.energy)
             y = face.read()
+            if self.linear_skip is not None:
+                y = y + self.linear_skip(x)
             self.last_diagnostics = self._recording
         finally:
             self._recording = None

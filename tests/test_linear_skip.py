@@ -1,0 +1,60 @@
+"""`linear_skip`: a learned linear path from x to y beside the lattice, started at zero."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import build_processor, tiny_config
+from efgraph.config import ARCHITECTURE_KEYS, EnergyConfig
+
+
+def _twins(**overrides):
+    """A model with the skip and the same model without it (the same lattice weights)."""
+    with_skip = build_processor(tiny_config(linear_skip=True, **overrides), seed=0)
+    without = build_processor(with_skip.config.replace(linear_skip=False), seed=1)
+    without.load_state_dict({k: v for k, v in with_skip.state_dict().items() if not k.startswith("linear_skip.")})
+    return with_skip, without
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_at_initialisation_the_skip_adds_nothing_and_then_adds_exactly_w_x(residual):
+    dims = dict(input_dim=10, output_dim=10) if residual else {}
+    with_skip, without = _twins(residual=residual, **dims)
+    x = torch.randn(5, with_skip.config.input_dim)
+    assert torch.equal(with_skip.linear_skip.weight.detach(), torch.zeros(with_skip.config.output_dim,
+                                                                          with_skip.config.input_dim))
+    torch.testing.assert_close(with_skip(x), without(x))
+    weight = torch.randn_like(with_skip.linear_skip.weight)
+    with torch.no_grad():
+        with_skip.linear_skip.weight.copy_(weight)
+    torch.testing.assert_close(with_skip(x), without(x) + x @ weight.t())
+
+
+def test_the_skip_gets_a_gradient_even_with_the_lattice_scaled_out():
+    """bible.yaml's start: the output gate at 0, so the lattice is silent; the skip still learns."""
+    proc = build_processor(tiny_config(linear_skip=True, output_gate_init=0.0), seed=0)
+    x, target = torch.randn(4, proc.config.input_dim), torch.randn(4, proc.config.output_dim)
+    torch.nn.functional.mse_loss(proc(x), target).backward()
+    grad = proc.linear_skip.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    # the gradient of 0.5 |W x - t|^2 / n at W = 0 is -(t - y0)^T x scaled: check it against autograd's
+    y0 = proc(x).detach()
+    expected = -2.0 * (target - y0).t() @ x / target.numel()
+    torch.testing.assert_close(grad, expected)
+
+
+def test_the_skip_is_an_architecture_key_and_off_without_it():
+    assert "linear_skip" in ARCHITECTURE_KEYS
+    assert build_processor(tiny_config(), seed=0).linear_skip is None
+    # a config saved before the field existed had no linear path
+    old = tiny_config().to_dict()
+    del old["linear_skip"]
+    assert EnergyConfig.from_saved(old, "old run").linear_skip is False
+
+
+def test_a_checkpoint_with_the_skip_does_not_load_into_a_model_without_it():
+    with_skip, _ = _twins()
+    without = build_processor(tiny_config(), seed=0)
+    with pytest.raises(RuntimeError, match="linear_skip"):
+        without.load_state_dict(with_skip.state_dict())

@@ -404,7 +404,8 @@ class EnergyTrainer:
         if self._dead_alarm_raised or not self.dist.is_main:
             return
         self._dead_alarm_raised = True
-        output = "the input plus the readout's bias" if self.config.residual else "the readout's bias"
+        output = " + ".join([*(["the input"] if self.config.residual else []),
+                             *(["the linear skip"] if self.config.linear_skip else []), "the readout's bias"])
         text = (f"step {self.step}: no flow reached the output face in {self.zero_arrival_steps} consecutive "
                 f"training steps; every flow dies before the output face: the lattice contributes nothing and "
                 f"the prediction is {output}. Check the energy head, energy_threshold and lattice_depth.")

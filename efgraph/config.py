@@ -99,6 +99,7 @@ FIELD_DEFAULTS_BEFORE: dict[str, Any] = {
     "start_cell_noise": 0.0, "start_cell_noise_fraction": 0.5,  # added after 20bc655: the plain top K
     "weight_decay_on": "all",  # before 4be4558 AdamW decayed every parameter, in one group
     "linear_skip": False,  # added after c8fa4d4: no linear path from x to y
+    "composition_identity": False,  # added after c8fa4d4: every table a random permutation
 }
 
 # Fields that fix the shapes of the parameters or what the computation means: a checkpoint only
@@ -282,6 +283,9 @@ class EnergyConfig:
     # repeat, so short chains are memorised); for chains of >= 2 lookups, inputs: no test input
     # (start value and chain) is a training input; chains: no test chain is a training chain
     composition_hold_out: str = "pairs"
+    # composition: table 0 is the identity, so the data also holds single lookups and shorter
+    # chains (the atoms a held-out chain is composed of); needs composition_tables >= 2
+    composition_identity: bool = False
     wandb_project: str = "efgraph"
     # --- baselines (fitted on the run's split, scored on its test pairs) ------------------------
     # comma-separated learned baselines to train beside the model, from LEARNED_BASELINES ("" = none;
@@ -422,6 +426,12 @@ class EnergyConfig:
         for name, low in (("composition_values", 2), ("composition_tables", 1), ("composition_chain", 1)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name}: must be >= {low}, got {getattr(self, name)}")
+        if self.composition_identity and self.dataset != "composition":
+            raise ValueError(f"composition_identity: only read with dataset 'composition', but dataset is "
+                             f"{self.dataset!r}; drop composition_identity")
+        if self.composition_identity and self.composition_tables < 2:
+            raise ValueError(f"composition_identity: needs composition_tables >= 2 (table 0 is the identity), "
+                             f"got {self.composition_tables}")
         if self.composition_hold_out not in COMPOSITION_HOLD_OUTS:
             raise ValueError(f"composition_hold_out: must be one of {COMPOSITION_HOLD_OUTS}, "
                              f"got {self.composition_hold_out!r}")

@@ -122,3 +122,26 @@ def test_seen_inputs_are_the_test_inputs_with_a_start_and_chain_in_training():
         bool(torch.equal(row, other[0])) for row in other]
     assert memoriser_accuracy(train, test, 4, 2, 2, seed=3) == pytest.approx(
         seen.float().mean().item() + (1 - seen.float().mean().item()) / 4)
+
+
+def test_with_the_identity_table_a_chain_through_table_0_is_the_shorter_chain():
+    table = composition_tables(16, 8, seed=3, identity=True)
+    assert torch.equal(table[0], torch.arange(16))
+    assert torch.equal(table[1:], composition_tables(16, 8, seed=3)[1:])  # the other tables are unchanged
+    pairs = make_composition_pairs(3000, 16, 8, 2, seed=3, identity=True)
+    start, chains = decode_composition(pairs.src, 16, 8, 2, seed=3)
+    value = (pairs.tgt @ composition_answers(16, 8, 2, seed=3).t()).argmax(dim=1)  # each target's value
+    single = chains[:, 0] == 0  # (v, identity, k): the single lookup f_k(v)
+    assert 0.08 < float(single.float().mean()) < 0.17  # 1 / 8 of the chains
+    assert torch.equal(value[single], table[chains[single, 1], start[single]])
+    torch.testing.assert_close(composition_oracle(pairs.src, 16, 8, 2, seed=3, identity=True), pairs.tgt,
+                               atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(dataset="composition", composition_tables=1, input_dim=17, output_dim=16), "composition_tables >= 2"),
+    (dict(dataset="routing"), "only read with dataset 'composition'"),
+])
+def test_the_identity_table_is_refused_where_it_cannot_be_read(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        EnergyConfig(composition_identity=True, **overrides)

@@ -27,6 +27,12 @@ Measured at ``configs/composition.yaml``'s budget (3000 steps), ridge, an MLP an
 of the lattice's size all stay at chance under both strict hold-outs (README); a one-lookup chain
 is always split by pair (a held-out table entry would be unknowable).
 
+**Atoms in the data** (``identity``): table 0 is the identity, so a chain position naming it is a
+no-op and a chain through it is a shorter chain. The data then holds single lookups and shorter
+chains (about 22 % of the two-lookup pairs are single lookups at 8 tables) beside the full chains,
+and under a strict split a test chain asks for a composition of lookups each seen on its own: the
+test of composition where the atoms are given (Liska et al., "Memorize or generalize?", 2018).
+
 The answer: :func:`composition_answers` returns the ``V`` value embeddings (the rotated one-hots),
 so a prediction can be scored as the nearest value (``answer_accuracy``), what a user of a lookup
 cares about. Known ceiling: :func:`composition_oracle` (the generator's own function) scores cosine
@@ -59,11 +65,18 @@ def _check(values: int, tables: int, chain: int) -> None:
             raise ValueError(f"{name}: must be >= {low}, got {value}")
 
 
-def composition_tables(values: int, tables: int, seed: int = 0) -> Tensor:
-    """``[K, V]`` long: row ``k`` is the permutation ``f_k`` (``f_k(v) = tables[k, v]``)."""
+def composition_tables(values: int, tables: int, seed: int = 0, identity: bool = False) -> Tensor:
+    """``[K, V]`` long: row ``k`` is the permutation ``f_k`` (``f_k(v) = tables[k, v]``); with
+    ``identity`` row 0 is ``f_0(v) = v`` (the other rows are the same as without it)."""
     _check(values, tables, 1)
+    if identity and tables < 2:
+        raise ValueError(f"composition_tables: must be >= 2 with composition_identity (table 0 is the "
+                         f"identity), got {tables}")
     gen = torch.Generator().manual_seed(_salted(seed, "composition-tables"))
-    return torch.argsort(torch.rand(tables, values, generator=gen), dim=1)
+    table = torch.argsort(torch.rand(tables, values, generator=gen), dim=1)
+    if identity:
+        table[0] = torch.arange(values)
+    return table
 
 
 def _rotations(values: int, tables: int, chain: int, seed: int) -> tuple[Tensor, Tensor]:
@@ -101,7 +114,7 @@ def holds_out(tables: int, chain: int, hold_out: str) -> bool:
 
 
 def make_composition_pairs(n: int, values: int, tables: int, chain: int, seed: int = 0, *,
-                           hold_out: str = "pairs") -> EmbeddingPairs:
+                           hold_out: str = "pairs", identity: bool = False) -> EmbeddingPairs:
     """Draw ``n`` composition pairs (see the module docstring).
 
     Args:
@@ -114,6 +127,7 @@ def make_composition_pairs(n: int, values: int, tables: int, chain: int, seed: i
             input (start value and chain, ``"7:3-0-5"``), so no test input is a training input;
             ``"chains"``: its chain (``"3-0-5"``), so no test chain is a training chain. Groups
             only where :func:`holds_out`.
+        identity: table 0 is the identity (see the module docstring), ``tables >= 2``.
 
     Returns:
         :class:`EmbeddingPairs`, ``src [n, V + L K]``, ``tgt [n, V]``, rows unit norm, keys
@@ -122,7 +136,7 @@ def make_composition_pairs(n: int, values: int, tables: int, chain: int, seed: i
     if n < 1:
         raise ValueError(f"synthetic_pairs: must be >= 1, got {n}")
     _check(values, tables, chain)
-    table = composition_tables(values, tables, seed)
+    table = composition_tables(values, tables, seed, identity)
     gen = torch.Generator().manual_seed(_salted(seed, f"composition-data-{chain}"))
     start = torch.randint(values, (n,), generator=gen)
     chains = torch.randint(tables, (n, chain), generator=gen)
@@ -153,10 +167,11 @@ def decode_composition(src: Tensor, values: int, tables: int, chain: int, seed: 
     return start, chains
 
 
-def composition_oracle(src: Tensor, values: int, tables: int, chain: int, seed: int = 0) -> Tensor:
+def composition_oracle(src: Tensor, values: int, tables: int, chain: int, seed: int = 0,
+                       identity: bool = False) -> Tensor:
     """The generator's own function: ``src [N, V + L K]`` -> the exact targets ``[N, V]``."""
     start, chains = decode_composition(src, values, tables, chain, seed)
-    end = run_chains(start, chains, composition_tables(values, tables, seed))
+    end = run_chains(start, chains, composition_tables(values, tables, seed, identity))
     return torch.nn.functional.one_hot(end, values).float() @ _rotations(values, tables, chain, seed)[1]
 
 

@@ -122,7 +122,7 @@ def load_pairs(config: EnergyConfig, progress: bool = True) -> EmbeddingPairs:
     elif config.dataset == "composition":
         pairs = make_composition_pairs(config.synthetic_pairs, config.composition_values, config.composition_tables,
                                        config.composition_chain, seed=config.data_seed,
-                                       hold_out=config.composition_hold_out)
+                                       hold_out=config.composition_hold_out, identity=config.composition_identity)
     elif config.dataset == "bible":
         pairs = load_bible_pairs(config.source_version, config.target_version, max_verses=limit, model=model,
                                  verses_per_book=config.verses_per_book or None, progress=progress)
@@ -152,7 +152,7 @@ def task_oracle(config: EnergyConfig, src: torch.Tensor) -> torch.Tensor | None:
         return routing_oracle(src, config.routing_slots, config.routing_token_dim, config.data_seed)
     if config.dataset == "composition":
         return composition_oracle(src, config.composition_values, config.composition_tables,
-                                  config.composition_chain, config.data_seed)
+                                  config.composition_chain, config.data_seed, config.composition_identity)
     return None
 
 

@@ -54,7 +54,7 @@ from efgraph.utils.device import apply_num_threads
 DATA_KEYS = ("dataset", "data_path", "source_version", "target_version", "max_pairs", "verses_per_book",
              "synthetic_pairs", "embedding_model", "val_fraction", "test_fraction", "data_seed", "input_dim",
              "output_dim", "routing_slots", "routing_token_dim", "routing_noise", "composition_values",
-             "composition_tables", "composition_chain", "composition_hold_out")
+             "composition_tables", "composition_chain", "composition_hold_out", "composition_identity")
 BASELINES_DIR = "baselines"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # scored on tasks with a finite set of answers (composition) beside TEST_METRICS

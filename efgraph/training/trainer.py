@@ -745,12 +745,9 @@ class EnergyTrainer:
         return ckpt
 
     def _restore_best_of(self, path: Path) -> None:
-        """Load the best state that the checkpoint at ``path`` refers to (its ``best_step``), from
-        ``best.pt`` or ``best_prev.pt`` beside it (see the module docstring), and put it back as
-        this run's ``best.pt`` (also for a fork). Without either (checkpoints older than
-        ``best_prev.pt``) model selection starts again, with a warning, rather than testing the
-        last state under the old best step's name.
-        """
+        """Load the checkpoint's best state (its ``best_step``) from ``best.pt`` or ``best_prev.pt``
+        beside it and make it this run's ``best.pt`` (see the module docstring). Without either,
+        model selection starts again (warned) rather than test the last state under that name."""
         self._best_state = self._best_flow_budget = None
         self._best_file_step = self._last_ckpt_best_step = None
         if self.best_step is None:
@@ -788,12 +785,8 @@ def _flow_dynamics(summaries: list[dict[str, float]], sizes: list[int]) -> dict[
     means are weighted by batch size, so a short last batch counts for its samples only.
     """
     n = sum(sizes)
-    out = {
-        "flows_arrived_per_sample": sum(s["arrived"] for s in summaries) / n,
-        "flows_spawned_per_sample": sum(s["spawned"] for s in summaries) / n,
-    }
-    for key in EVAL_MEAN_KEYS:
-        out[f"flows_{key}"] = sum(s[key] * b for s, b in zip(summaries, sizes)) / n
+    out = {f"flows_{key}_per_sample": sum(s[key] for s in summaries) / n for key in ("arrived", "spawned")}
+    out.update({f"flows_{key}": sum(s[key] * b for s, b in zip(summaries, sizes)) / n for key in EVAL_MEAN_KEYS})
     return out
 
 

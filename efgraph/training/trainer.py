@@ -120,17 +120,9 @@ class EnergyTrainer:
             :mod:`efgraph.training.distributed`); only rank 0 logs, evaluates and writes files.
     """
 
-    def __init__(
-        self,
-        processor: FlowProcessor,
-        config: EnergyConfig,
-        *,
-        device: str | torch.device | None = None,
-        run_dir: str | Path | None = None,
-        run_logger: RunLogger | None = None,
-        progress: bool = True,
-        distributed: DistributedContext = SINGLE_PROCESS,
-    ) -> None:
+    def __init__(self, processor: FlowProcessor, config: EnergyConfig, *, device: str | torch.device | None = None,
+                 run_dir: str | Path | None = None, run_logger: RunLogger | None = None, progress: bool = True,
+                 distributed: DistributedContext = SINGLE_PROCESS) -> None:
         self.config = config
         self.dist = distributed
         if distributed.enabled and config.skip_nonfinite_steps:
@@ -233,18 +225,10 @@ class EnergyTrainer:
         return torch.randperm(num_pairs, generator=gen)
 
     # ---- training --------------------------------------------------------------------------------
-    def train(
-        self,
-        input_embeddings: Tensor,
-        target_embeddings: Tensor,
-        epochs: int | None = None,
-        *,
-        val_inputs: Tensor | None = None,
-        val_targets: Tensor | None = None,
-        resume_from: str | Path | None = None,
-        max_steps: int | None = None,
-        total_steps: int | None = None,
-    ) -> TrainResult:
+    def train(self, input_embeddings: Tensor, target_embeddings: Tensor, epochs: int | None = None, *,
+              val_inputs: Tensor | None = None, val_targets: Tensor | None = None,
+              resume_from: str | Path | None = None, max_steps: int | None = None,
+              total_steps: int | None = None) -> TrainResult:
         """Train until the end of epoch ``epochs`` (default ``config.epochs``) over the pairs.
 
         The step count is the trainer's: a second call with a larger ``epochs`` continues the
@@ -632,9 +616,8 @@ class EnergyTrainer:
         return self.evaluate_with_predictions(inputs, targets, batch_size)[0]
 
     @torch.no_grad()
-    def evaluate_with_predictions(
-        self, inputs: Tensor, targets: Tensor, batch_size: int | None = None
-    ) -> tuple[dict[str, float], Tensor]:
+    def evaluate_with_predictions(self, inputs: Tensor, targets: Tensor,
+                                  batch_size: int | None = None) -> tuple[dict[str, float], Tensor]:
         """Metrics on held-out pairs and the predictions they were computed from.
 
         Args:

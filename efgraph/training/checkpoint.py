@@ -135,13 +135,8 @@ def get_rng_state() -> dict[str, Any]:
     name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     return {
         "python": {"version": int(version), "state": [int(v) for v in internal], "gauss_next": gauss_next},
-        "numpy": {
-            "bit_generator": str(name),
-            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64).copy()),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
+        "numpy": {"bit_generator": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64).copy()),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }

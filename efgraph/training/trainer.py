@@ -180,8 +180,7 @@ class EnergyTrainer:
             # find_unused_parameters: a step without spawns (or arrivals) leaves some heads unused
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.processor, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=True,
-            )
+                find_unused_parameters=True)
         self.optimizer = adamw(self.processor, config.learning_rate, config.weight_decay, config.weight_decay_on)
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.run_dir = Path(run_dir) if run_dir is not None and distributed.is_main else None

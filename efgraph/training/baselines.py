@@ -56,9 +56,8 @@ class Baseline(Protocol):
     @property
     def num_parameters(self) -> int: ...
 
-    def fit(
-        self, train_src: Tensor, train_tgt: Tensor, val_src: Tensor | None = None, val_tgt: Tensor | None = None
-    ) -> "Baseline": ...
+    def fit(self, train_src: Tensor, train_tgt: Tensor, val_src: Tensor | None = None,
+            val_tgt: Tensor | None = None) -> "Baseline": ...
 
     def predict(self, src: Tensor) -> Tensor: ...
 
@@ -77,10 +76,8 @@ def _check_val(val_src: Tensor | None, val_tgt: Tensor | None, train_src: Tensor
         return False
     _check_split(val_src, val_tgt, "val")
     if val_src.shape[1] != train_src.shape[1] or val_tgt.shape[1] != train_tgt.shape[1]:
-        raise ValueError(
-            f"val_src, val_tgt: widths {val_src.shape[1]} -> {val_tgt.shape[1]} differ from training "
-            f"widths {train_src.shape[1]} -> {train_tgt.shape[1]}"
-        )
+        raise ValueError(f"val_src, val_tgt: widths {val_src.shape[1]} -> {val_tgt.shape[1]} differ from training "
+                         f"widths {train_src.shape[1]} -> {train_tgt.shape[1]}")
     return True
 
 
@@ -91,9 +88,8 @@ def _check_equal_widths(name: str, src: Tensor, tgt: Tensor) -> None:
 
 
 @torch.no_grad()
-def _chunked_loss(
-    predict: Callable[[Tensor], Tensor], src: Tensor, tgt: Tensor, mse_weight: float, cosine_weight: float
-) -> float:
+def _chunked_loss(predict: Callable[[Tensor], Tensor], src: Tensor, tgt: Tensor, mse_weight: float,
+                  cosine_weight: float) -> float:
     """``embedding_loss`` over a whole split, computed block by block.
 
     Both terms of the loss are means over rows (MSE: over rows of equal width), so a row-weighted
@@ -121,9 +117,8 @@ class IdentityBaseline:
     def num_parameters(self) -> int:
         return 0
 
-    def fit(
-        self, train_src: Tensor, train_tgt: Tensor, val_src: Tensor | None = None, val_tgt: Tensor | None = None
-    ) -> "IdentityBaseline":
+    def fit(self, train_src: Tensor, train_tgt: Tensor, val_src: Tensor | None = None,
+            val_tgt: Tensor | None = None) -> "IdentityBaseline":
         _check_split(train_src, train_tgt, "train")
         _check_equal_widths(self.name, train_src, train_tgt)
         _check_val(val_src, val_tgt, train_src, train_tgt)
@@ -159,14 +154,8 @@ class RidgeBaseline:
 
     name = "ridge"
 
-    def __init__(
-        self,
-        alpha: float = 1.0,
-        alphas: Sequence[float] | None = DEFAULT_ALPHAS,
-        *,
-        mse_weight: float = 1.0,
-        cosine_weight: float = 1.0,
-    ) -> None:
+    def __init__(self, alpha: float = 1.0, alphas: Sequence[float] | None = DEFAULT_ALPHAS, *,
+                 mse_weight: float = 1.0, cosine_weight: float = 1.0) -> None:
         grid = list(alphas) if alphas else []
         for a in [alpha, *grid]:
             # alpha = 0 makes the system singular whenever N < D_in or features are collinear.
@@ -187,19 +176,16 @@ class RidgeBaseline:
             raise RuntimeError("ridge baseline: call fit() before num_parameters")
         return self.weight.numel() + self.bias.numel()
 
-    def fit(
-        self, train_src: Tensor, train_tgt: Tensor, val_src: Tensor | None = None, val_tgt: Tensor | None = None
-    ) -> "RidgeBaseline":
+    def fit(self, train_src: Tensor, train_tgt: Tensor, val_src: Tensor | None = None,
+            val_tgt: Tensor | None = None) -> "RidgeBaseline":
         _check_split(train_src, train_tgt, "train")
         has_val = _check_val(val_src, val_tgt, train_src, train_tgt)
 
         # float64: the Gram matrix of 10k embeddings is badly conditioned for small alpha.
         x = train_src.double()
         y = self._regression_target(train_src, train_tgt).double()
-        x_mean = x.mean(dim=0)  # [D_in]
-        y_mean = y.mean(dim=0)  # [D_out]
-        xc = x - x_mean
-        yc = y - y_mean
+        x_mean, y_mean = x.mean(dim=0), y.mean(dim=0)  # [D_in], [D_out]
+        xc, yc = x - x_mean, y - y_mean
         # Gram = V diag(s) V^T, so (Gram + alpha I)^-1 Xc^T Yc = V diag(1 / (s + alpha)) V^T Xc^T Yc.
         evals, evecs = torch.linalg.eigh(xc.T @ xc)  # [D_in], [D_in, D_in]
         evals = evals.clamp_min(0.0)  # round-off can leave tiny negative eigenvalues
@@ -213,9 +199,8 @@ class RidgeBaseline:
         if has_val and self.alphas:
             for alpha in self.alphas:
                 self.weight, self.bias = solve(alpha)
-                self.val_losses_[alpha] = _chunked_loss(
-                    self.predict, val_src, val_tgt, self.mse_weight, self.cosine_weight
-                )
+                self.val_losses_[alpha] = _chunked_loss(self.predict, val_src, val_tgt, self.mse_weight,
+                                                        self.cosine_weight)
             # min over insertion order: on an exact tie the earlier (smaller, by default) alpha wins.
             self.alpha_ = min(self.val_losses_, key=self.val_losses_.__getitem__)
         else:
@@ -284,10 +269,8 @@ def mlp_hidden_for_params(in_dim: int, out_dim: int, n_params: int) -> int:
     per_unit = in_dim + out_dim + 1
     hidden = round((n_params - out_dim) / per_unit)
     if hidden < 1:
-        raise ValueError(
-            f"n_params: {n_params} is too small for an MLP {in_dim} -> hidden -> {out_dim}; "
-            f"one hidden unit already needs {mlp_param_count(in_dim, out_dim, 1)} parameters"
-        )
+        raise ValueError(f"n_params: {n_params} is too small for an MLP {in_dim} -> hidden -> {out_dim}; "
+                         f"one hidden unit already needs {mlp_param_count(in_dim, out_dim, 1)} parameters")
     return hidden
 
 
@@ -440,9 +423,8 @@ class LearnedBaseline:
             raise RuntimeError(f"{self.name} baseline: call fit() before num_parameters")
         return sum(p.numel() for p in self.model.parameters())
 
-    def fit(
-        self, train_src: Tensor, train_tgt: Tensor, val_src: Tensor | None = None, val_tgt: Tensor | None = None
-    ) -> "LearnedBaseline":
+    def fit(self, train_src: Tensor, train_tgt: Tensor, val_src: Tensor | None = None,
+            val_tgt: Tensor | None = None) -> "LearnedBaseline":
         _check_split(train_src, train_tgt, "train")
         has_val = _check_val(val_src, val_tgt, train_src, train_tgt)
         in_dim, out_dim = train_src.shape[1], train_tgt.shape[1]
@@ -454,17 +436,10 @@ class LearnedBaseline:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             model = self.build(in_dim, out_dim)
-        model = model.to(device=device, dtype=dtype)
-        self.model = model
+        self.model = model = model.to(device=device, dtype=dtype)
         optimizer = adamw(model, self.lr, self.weight_decay, self.weight_decay_on)  # the model's recipe
         scheduler = warmup_cosine_scheduler(optimizer, self.warmup_steps, self.steps)
         generator = torch.Generator().manual_seed(self.seed)  # CPU: indices are moved to `device`
-
-        def val_loss() -> float:
-            model.eval()
-            loss = _chunked_loss(model, val_src, val_tgt, self.mse_weight, self.cosine_weight)
-            model.train()
-            return loss
 
         self.history_ = []
         self.best_step_, self.best_val_loss_ = None, None
@@ -490,7 +465,9 @@ class LearnedBaseline:
             scheduler.step()
 
             if has_val and (step % self.eval_every == 0 or step == self.steps):
-                current = val_loss()
+                model.eval()
+                current = _chunked_loss(model, val_src, val_tgt, self.mse_weight, self.cosine_weight)
+                model.train()
                 self.history_.append((step, current))
                 if self.best_val_loss_ is None or current < self.best_val_loss_:
                     self.best_step_, self.best_val_loss_ = step, current
@@ -583,21 +560,10 @@ class TransformerBaseline(LearnedBaseline):
 
 
 # ------------------------------------------------------------------------------------------------
-def fit_baselines(
-    train: Split,
-    val: Split | None,
-    *,
-    target_params: int,
-    mse_weight: float,
-    cosine_weight: float,
-    residual: bool = False,
-    learned: Sequence[str] = LEARNED_BASELINES,
-    transformer_tokens: int = 8,
-    transformer_layers: int = 2,
-    transformer_heads: int = 4,
-    transformer_width: int = 0,
-    **training: Any,
-) -> list[Baseline]:
+def fit_baselines(train: Split, val: Split | None, *, target_params: int, mse_weight: float, cosine_weight: float,
+                  residual: bool = False, learned: Sequence[str] = LEARNED_BASELINES, transformer_tokens: int = 8,
+                  transformer_layers: int = 2, transformer_heads: int = 4, transformer_width: int = 0,
+                  **training: Any) -> list[Baseline]:
     """Fit every applicable baseline on ``train``, selecting on ``val``.
 
     Identity is included only when source and target widths match. Ridge selects its alpha on
@@ -670,8 +636,6 @@ def format_results_table(results: dict[str, dict[str, float]]) -> str:
             raise ValueError(f"results[{model!r}]: missing metrics {missing}")
         label = str(model).replace("|", "\\|")  # a '|' in a name would split the row
         # MSE of unit-scale embeddings is ~1e-3: significant digits, not fixed decimals.
-        lines.append(
-            f"| {label} | {metrics['cosine']:.4f} | {metrics['mse']:.4g} | {metrics['r_at_1']:.4f} |"
-            + (f" {metrics['answer_accuracy']:.4f} |" if answers else "")
-        )
+        lines.append(f"| {label} | {metrics['cosine']:.4f} | {metrics['mse']:.4g} | {metrics['r_at_1']:.4f} |"
+                     + (f" {metrics['answer_accuracy']:.4f} |" if answers else ""))
     return "\n".join(lines) + "\n"

@@ -97,9 +97,8 @@ def channels_figure(trace: FlowTrace, config: EnergyConfig, path: str | Path, gr
     fig, axes = plt.subplots(1, 2, figsize=(11, 5.6), layout="constrained")
     share = m / m.sum(dim=1, keepdim=True).clamp(min=1e-12)
     im = axes[0].imshow(share.numpy(), cmap="magma", vmin=0, vmax=1)
-    axes[0].set_xlabel(f"output-face region ({grid}x{grid}, row-major)")
-    axes[0].set_ylabel(f"input-face region ({grid}x{grid})")
-    axes[0].set_title(f"where each input region's energy lands\nconcentration {metrics['channels/concentration']:.2f}"
+    axes[0].set(xlabel=f"output-face region ({grid}x{grid}, row-major)", ylabel=f"input-face region ({grid}x{grid})",
+                title=f"where each input region's energy lands\nconcentration {metrics['channels/concentration']:.2f}"
                       f" (within samples {metrics['channels/sample_concentration']:.2f})")
     fig.colorbar(im, ax=axes[0], label="share of the region's energy")
     mine = a["batch"] == sample
@@ -110,13 +109,10 @@ def channels_figure(trace: FlowTrace, config: EnergyConfig, path: str | Path, gr
         axes[1].annotate("", xy=(lx, ly), xytext=(ox, oy),
                          arrowprops=dict(arrowstyle="->", color=cmap(r % 10), lw=0.5 + 2 * min(e, 1.0), alpha=0.8))
         axes[1].plot(ox, oy, "o", color=cmap(r % 10), ms=4)
-    axes[1].set_xlim(-0.5, config.lattice_width - 0.5)
-    axes[1].set_ylim(-0.5, config.lattice_height - 0.5)
-    axes[1].set_aspect("equal")
-    axes[1].set_title(f"sample {sample}: input-face origin (dot) -> landing (arrow head)\n"
-                      f"colour: input region, width: energy on arrival")
-    axes[1].set_xlabel("x (cells)")
-    axes[1].set_ylabel("y (cells)")
+    axes[1].set(xlim=(-0.5, config.lattice_width - 0.5), ylim=(-0.5, config.lattice_height - 0.5), aspect="equal",
+                xlabel="x (cells)", ylabel="y (cells)",
+                title=f"sample {sample}: input-face origin (dot) -> landing (arrow head)\n"
+                      "colour: input region, width: energy on arrival")
     fig.suptitle(f"Channels: both faces cut into {grid}x{grid} regions (row-major from x=0, y=0); every arrival is "
                  "traced back to the input-face cell its lineage started on.\nConcentration 1: each input region sends "
                  "all its energy to one output region; 0: it spreads evenly over the face.", fontsize=9)

@@ -135,13 +135,8 @@ def get_rng_state() -> dict[str, Any]:
     name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     return {
         "python": {"version": int(version), "state": [int(v) for v in internal], "gauss_next": gauss_next},
-        "numpy": {
-            "bit_generator": str(name),
-            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64).copy()),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
+        "numpy": {"bit_generator": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64).copy()),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
@@ -168,10 +163,8 @@ def restore_rng_state(ckpt: Mapping[str, Any]) -> None:
         else:
             count = torch.cuda.device_count()
             if count != len(cuda_states):
-                warnings.warn(
-                    f"checkpoint has CUDA RNG states for {len(cuda_states)} devices, this machine has "
-                    f"{count}; restoring the first {min(count, len(cuda_states))}", stacklevel=2,
-                )
+                warnings.warn(f"checkpoint has CUDA RNG states for {len(cuda_states)} devices, this machine has "
+                              f"{count}; restoring the first {min(count, len(cuda_states))}", stacklevel=2)
             for device, state in enumerate(cuda_states[:count]):
                 torch.cuda.set_rng_state(state.cpu(), device)
 
@@ -194,17 +187,9 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def save_checkpoint(
-    path: str | os.PathLike,
-    *,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
-    scheduler: Any | None = None,
-    step: int,
-    epoch: int,
-    config: Mapping[str, Any],
-    extra: Mapping[str, Any] | None = None,
-) -> Path:
+def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    scheduler: Any | None = None, step: int, epoch: int, config: Mapping[str, Any],
+                    extra: Mapping[str, Any] | None = None) -> Path:
     """Atomically write a checkpoint of the training state to ``path`` (see the module docstring).
 
     The RNG states are captured at the moment of the call. ``config`` may be a mapping or a
@@ -270,17 +255,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, OSError, EOFError, ... here
-        raise ValueError(
-            f"{path}: cannot read checkpoint (truncated, corrupted, or not written by save_checkpoint): "
-            f"{type(err).__name__}: {err}"
-        ) from err
+        raise ValueError(f"{path}: cannot read checkpoint (truncated, corrupted, or not written by save_checkpoint): "
+                         f"{type(err).__name__}: {err}") from err
 
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path}: not an efgraph checkpoint (no format marker {FORMAT!r})")
     if ckpt.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: checkpoint format version {ckpt.get('format_version')!r}, this code reads {FORMAT_VERSION}"
-        )
+        raise ValueError(f"{path}: checkpoint format version {ckpt.get('format_version')!r}, "
+                         f"this code reads {FORMAT_VERSION}")
     missing = [k for k in _REQUIRED_KEYS if k not in ckpt]
     if missing:
         raise ValueError(f"{path}: checkpoint is missing entries {missing}")

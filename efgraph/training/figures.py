@@ -87,12 +87,9 @@ def flow_paths_figure(traces: Mapping[str, FlowTrace], config: EnergyConfig, pat
             for ax, axis in zip(row, (0, 1)):
                 ax.plot(pts[:, 2], pts[:, axis], "-o", color=cmap(norm(cell)), lw=0.9, ms=2, alpha=0.75)
         for ax, name, size in zip(row, ("x", "y"), (w, h)):
-            ax.set_xlim(-0.3, d - 0.7)
-            ax.set_ylim(-0.5, size - 0.5)
+            ax.set(xlim=(-0.3, d - 0.7), ylim=(-0.5, size - 0.5), xlabel=f"z (input face 0 -> output face {d - 1})",
+                   ylabel=f"{name} (cells)", title=f"{label}: {name}-z projection ({len(lines)} flows)")
             ax.axvline(d - 1, color="k", lw=0.8, ls="--")
-            ax.set_xlabel("z (input face 0 -> output face %d)" % (d - 1))
-            ax.set_ylabel(f"{name} (cells)")
-            ax.set_title(f"{label}: {name}-z projection ({len(lines)} flows)")
     fig.suptitle(f"flow paths of test samples {shown}, input face to where each ended (children draw their parent's "
                  "path before the spawn)", fontsize=10)
     fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, label="start cell (y*W+x)")
@@ -108,13 +105,10 @@ def landing_figure(trace: FlowTrace, config: EnergyConfig, path: str | Path) -> 
                            range=[[-0.5, config.lattice_width - 0.5], [-0.5, config.lattice_height - 0.5]],
                            cmap="magma")[3]
     fig.colorbar(image, ax=axes[0], label=f"arrivals per output-face cell (batch of {trace.batch_size})")
-    axes[0].set_title(f"landing positions on the output face ({pos.size(0)} arrivals)")
-    axes[0].set_xlabel("x (cells)")
-    axes[0].set_ylabel("y (cells)")
+    axes[0].set(title=f"landing positions on the output face ({pos.size(0)} arrivals)", xlabel="x (cells)",
+                ylabel="y (cells)")
     axes[1].hist(arrivals["energy"].numpy(), bins=30, range=(0, 1), color="tab:orange")
-    axes[1].set_title("energy of each flow on arrival")
-    axes[1].set_xlabel("energy")
-    axes[1].set_ylabel("arrivals")
+    axes[1].set(title="energy of each flow on arrival", xlabel="energy", ylabel="arrivals")
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -150,9 +144,7 @@ def flow_counts_figure(trace: FlowTrace, path: str | Path) -> Path:
             ax.set_xlabel("lattice step")
             if len(series) > 1:
                 ax.legend(fontsize=8)
-        ax.set_ylim(bottom=0)
-        ax.set_title(title)
-        ax.set_ylabel(ylabel)
+        ax.set(ylim=(0, None), title=title, ylabel=ylabel)
     fig.tight_layout()
     return save_figure(fig, path)
 

@@ -219,9 +219,7 @@ class AdaptiveFlowBudget:
         if cap != self.cap:
             logger.info("flow budget: cap %d -> %d flows per sample", self.cap, cap)
         self.cap = min(max(int(cap), self.floor), self.config.max_active_flows)
-        if self.target <= 0:
-            self.value = float(self.cap)
-        self.value = min(self.value, float(self.cap))
+        self.value = float(self.cap) if self.target <= 0 else min(self.value, float(self.cap))
 
     def state_dict(self) -> dict[str, float]:
         return {"value": float(self.value)}

@@ -136,12 +136,10 @@ def load_pairs(config: EnergyConfig, progress: bool = True) -> EmbeddingPairs:
                                 group_field=TEXT_GROUP_FIELD if has_group else None, group_by_source=not has_group)
     if limit is not None and len(pairs) > limit:
         pairs = pairs.subset(list(range(limit)))
-    if pairs.src_dim != config.input_dim:
-        raise ValueError(f"input_dim: config says {config.input_dim} but the source embeddings are "
-                         f"{pairs.src_dim} wide; set input_dim: {pairs.src_dim}")
-    if pairs.tgt_dim != config.output_dim:
-        raise ValueError(f"output_dim: config says {config.output_dim} but the target embeddings are "
-                         f"{pairs.tgt_dim} wide; set output_dim: {pairs.tgt_dim}")
+    for key, side, width in (("input_dim", "source", pairs.src_dim), ("output_dim", "target", pairs.tgt_dim)):
+        if width != getattr(config, key):
+            raise ValueError(f"{key}: config says {getattr(config, key)} but the {side} embeddings are "
+                             f"{width} wide; set {key}: {width}")
     return pairs
 
 
@@ -239,20 +237,10 @@ def score_baselines(config: EnergyConfig, train: EmbeddingPairs, val: EmbeddingP
     return baselines, results, per_pair
 
 
-def run_training(
-    config: EnergyConfig,
-    run_dir: str | Path,
-    *,
-    wandb_mode: str = "auto",
-    device: str | None = None,
-    resume: str | Path | None = None,
-    progress: bool = True,
-    total_steps: int | None = None,
-    stop_at_step: int | None = None,
-    pairs: EmbeddingPairs | None = None,
-    baselines: bool = True,
-    wandb_info: WandbRunInfo = WandbRunInfo(),
-) -> RunOutcome:
+def run_training(config: EnergyConfig, run_dir: str | Path, *, wandb_mode: str = "auto", device: str | None = None,
+                 resume: str | Path | None = None, progress: bool = True, total_steps: int | None = None,
+                 stop_at_step: int | None = None, pairs: EmbeddingPairs | None = None, baselines: bool = True,
+                 wandb_info: WandbRunInfo = WandbRunInfo()) -> RunOutcome:
     """Train, evaluate against baselines on the held-out test split, and write the run folder.
 
     Args:
@@ -402,8 +390,7 @@ def _run(config: EnergyConfig, run_dir: Path, dev: torch.device, ctx: Distribute
     if val is None or test is None:
         raise RunInputError("val_fraction, test_fraction: the split left the validation or test part empty")
     split_info = describe_split(config, pairs, split)
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
-    total = total_steps if total_steps is not None else config.epochs * steps_per_epoch
+    total = total_steps if total_steps is not None else config.epochs * math.ceil(len(train) / config.batch_size)
 
     if ctx.is_main:
         if plan is not None and plan.fork:

@@ -116,11 +116,9 @@ class RunLogger:
         self._last_step = -1
 
     @classmethod
-    def create(
-        cls, run_dir: str | Path, *, mode: str, project: str, config: dict[str, Any], name: str | None = None,
-        run_id: str | None = None, group: str | None = None, job_type: str | None = None,
-        tags: Sequence[str] = (), entity: str | None = None,
-    ) -> "RunLogger":
+    def create(cls, run_dir: str | Path, *, mode: str, project: str, config: dict[str, Any], name: str | None = None,
+               run_id: str | None = None, group: str | None = None, job_type: str | None = None,
+               tags: Sequence[str] = (), entity: str | None = None) -> "RunLogger":
         """Start W&B in ``mode`` (already resolved) in ``run_dir``; resume ``run_id`` when given.
 
         ``group``, ``job_type`` and ``tags`` organise runs in the W&B UI: a study gives all its

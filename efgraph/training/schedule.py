@@ -35,9 +35,8 @@ def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int) -> floa
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def warmup_cosine_scheduler(
-    optimizer: Optimizer, warmup_steps: int, total_steps: int, current_step: int = 0
-) -> LambdaLR:
+def warmup_cosine_scheduler(optimizer: Optimizer, warmup_steps: int, total_steps: int,
+                            current_step: int = 0) -> LambdaLR:
     """A ``LambdaLR`` following :func:`warmup_cosine_factor` (its state_dict restores on resume).
 
     ``current_step > 0`` continues a run whose optimizer already took that many steps (e.g. a

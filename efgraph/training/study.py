@@ -117,9 +117,8 @@ def _check_name(name: str, what: str) -> None:
         raise ValueError(f"{what}: {BASELINES_DIR!r} is reserved for the baselines' folder")
 
 
-def build_variants(
-    base: EnergyConfig, specs: Sequence[str], seeds: Sequence[int], variant_seeds: Sequence[str] = ()
-) -> list[Variant]:
+def build_variants(base: EnergyConfig, specs: Sequence[str], seeds: Sequence[int],
+                   variant_seeds: Sequence[str] = ()) -> list[Variant]:
     """Variants from ``--variant`` specs (none: one variant ``full`` with no overrides).
 
     Every variant runs ``seeds`` unless ``variant_seeds`` (``NAME=S,S``) names it. Each variant's
@@ -185,9 +184,8 @@ def _check_scores(a: np.ndarray, b: np.ndarray, resamples: int, level: float) ->
         raise ValueError(f"level: must be in (0, 1), got {level}")
 
 
-def paired_bootstrap_ci(
-    a: np.ndarray, b: np.ndarray, *, resamples: int = 1000, seed: int = 0, level: float = 0.95
-) -> BootstrapCI:
+def paired_bootstrap_ci(a: np.ndarray, b: np.ndarray, *, resamples: int = 1000, seed: int = 0,
+                        level: float = 0.95) -> BootstrapCI:
     """Percentile bootstrap CI of ``mean(a - b)`` over paired items (e.g. test pairs).
 
     Items are resampled with replacement, the *same* items for ``a`` and ``b`` (paired), so the
@@ -222,9 +220,8 @@ def paired_bootstrap_ci(
     return BootstrapCI(diff, float(result.confidence_interval.low), float(result.confidence_interval.high))
 
 
-def two_level_bootstrap_ci(
-    a: np.ndarray, b: np.ndarray, *, resamples: int = 1000, seed: int = 0, level: float = 0.95
-) -> BootstrapCI:
+def two_level_bootstrap_ci(a: np.ndarray, b: np.ndarray, *, resamples: int = 1000, seed: int = 0,
+                           level: float = 0.95) -> BootstrapCI:
     """Percentile bootstrap CI of ``mean(a) - mean(b)`` resampling seeds, then paired items.
 
     Each resample draws ``a``'s seeds (rows) with replacement, ``b``'s seeds independently with
@@ -317,15 +314,10 @@ def summarize(runs: list[dict[str, Any]], baselines: list[dict[str, Any]]) -> di
     return summary
 
 
-def bootstrap_against_best_baseline(
-    summary: dict[str, dict[str, Any]],
-    run_pairs: dict[str, dict[int, dict[str, np.ndarray]]],
-    baseline_pairs: dict[str, dict[int, dict[str, np.ndarray]]],
-    *,
-    resamples: int = 1000,
-    seed: int = 0,
-    level: float = 0.95,
-) -> dict[str, Any]:
+def bootstrap_against_best_baseline(summary: dict[str, dict[str, Any]],
+                                    run_pairs: dict[str, dict[int, dict[str, np.ndarray]]],
+                                    baseline_pairs: dict[str, dict[int, dict[str, np.ndarray]]], *,
+                                    resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, Any]:
     """Each variant minus the best baseline on *validation* (highest mean validation cosine).
 
     The baseline is chosen on the validation split, as every other choice of a study is; the
@@ -473,21 +465,10 @@ def format_study_table(study: dict[str, Any]) -> str:
 
 
 # ---- running ---------------------------------------------------------------------------------------
-def run_study(
-    base: EnergyConfig,
-    variants: Sequence[Variant],
-    output_dir: str | Path,
-    *,
-    name: str | None = None,
-    config_path: str | None = None,
-    wandb_mode: str = "auto",
-    device: str | None = None,
-    progress: bool = True,
-    report: Callable[[str], None] = print,
-    bootstrap_resamples: int = 1000,
-    bootstrap_seed: int = 0,
-    jobs: int = 1,
-) -> dict[str, Any]:
+def run_study(base: EnergyConfig, variants: Sequence[Variant], output_dir: str | Path, *, name: str | None = None,
+              config_path: str | None = None, wandb_mode: str = "auto", device: str | None = None,
+              progress: bool = True, report: Callable[[str], None] = print, bootstrap_resamples: int = 1000,
+              bootstrap_seed: int = 0, jobs: int = 1) -> dict[str, Any]:
     """Train every (variant, seed) and the baselines of every seed, then write study.json / study.md.
 
     Args:
@@ -534,7 +515,10 @@ def run_study(
     num_parameters = sum(p.numel() for p in FlowProcessor.from_config(base).parameters())
 
     seeds = sorted({s for v in variants for s in v.seeds})
-    todo = [(v, s) for v in variants for s in v.seeds]
+    pending = [(v, s) for v in variants for s in v.seeds]
+    # (variant, seed, run folder, label) of every run
+    todo = [(v, s, out / v.name / f"seed{s}", f"run {i}/{len(pending)} {v.name} seed {s}")
+            for i, (v, s) in enumerate(pending, 1)]
     # what is left to compute: the baselines of a seed, then the runs (each one task of its own)
     tasks: list[tuple[str, str, Callable[..., Any], tuple[Any, ...]]] = []
     for seed in seeds:
@@ -545,11 +529,9 @@ def run_study(
             config = base.replace(seed=seed, num_threads=threads_per_job(base.num_threads, jobs))
             tasks.append((f"baselines seed {seed}", "fitting", _fit_baselines,
                           (config, train, val, test, num_parameters, folder)))
-    for i, (variant, seed) in enumerate(todo, 1):
+    for variant, seed, run_dir, label in todo:
         config = variant_config(base, variant, seed)
         config = config.replace(num_threads=threads_per_job(config.num_threads, jobs))
-        run_dir = out / variant.name / f"seed{seed}"
-        label = f"run {i}/{len(todo)} {variant.name} seed {seed}"
         _check_run_config(run_dir, config)
         if (run_dir / "results.json").exists():
             say(f"{label}: done already, reading {run_dir}")
@@ -577,9 +559,7 @@ def run_study(
 
     runs: list[dict[str, Any]] = []
     run_pairs: dict[str, dict[int, dict[str, np.ndarray]]] = {}
-    for i, (variant, seed) in enumerate(todo, 1):
-        run_dir = out / variant.name / f"seed{seed}"
-        label = f"run {i}/{len(todo)} {variant.name} seed {seed}"
+    for variant, seed, run_dir, label in todo:
         if Split.from_json(run_dir / "split.json") != split:
             raise ValueError(f"{run_dir}/split.json: differs from the study's split {out / 'split.json'}")
         record = _run_record(run_dir, variant.name, seed)

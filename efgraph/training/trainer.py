@@ -120,17 +120,9 @@ class EnergyTrainer:
             :mod:`efgraph.training.distributed`); only rank 0 logs, evaluates and writes files.
     """
 
-    def __init__(
-        self,
-        processor: FlowProcessor,
-        config: EnergyConfig,
-        *,
-        device: str | torch.device | None = None,
-        run_dir: str | Path | None = None,
-        run_logger: RunLogger | None = None,
-        progress: bool = True,
-        distributed: DistributedContext = SINGLE_PROCESS,
-    ) -> None:
+    def __init__(self, processor: FlowProcessor, config: EnergyConfig, *, device: str | torch.device | None = None,
+                 run_dir: str | Path | None = None, run_logger: RunLogger | None = None, progress: bool = True,
+                 distributed: DistributedContext = SINGLE_PROCESS) -> None:
         self.config = config
         self.dist = distributed
         if distributed.enabled and config.skip_nonfinite_steps:
@@ -188,8 +180,7 @@ class EnergyTrainer:
             # find_unused_parameters: a step without spawns (or arrivals) leaves some heads unused
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.processor, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=True,
-            )
+                find_unused_parameters=True)
         self.optimizer = adamw(self.processor, config.learning_rate, config.weight_decay, config.weight_decay_on)
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.run_dir = Path(run_dir) if run_dir is not None and distributed.is_main else None
@@ -233,18 +224,10 @@ class EnergyTrainer:
         return torch.randperm(num_pairs, generator=gen)
 
     # ---- training --------------------------------------------------------------------------------
-    def train(
-        self,
-        input_embeddings: Tensor,
-        target_embeddings: Tensor,
-        epochs: int | None = None,
-        *,
-        val_inputs: Tensor | None = None,
-        val_targets: Tensor | None = None,
-        resume_from: str | Path | None = None,
-        max_steps: int | None = None,
-        total_steps: int | None = None,
-    ) -> TrainResult:
+    def train(self, input_embeddings: Tensor, target_embeddings: Tensor, epochs: int | None = None, *,
+              val_inputs: Tensor | None = None, val_targets: Tensor | None = None,
+              resume_from: str | Path | None = None, max_steps: int | None = None,
+              total_steps: int | None = None) -> TrainResult:
         """Train until the end of epoch ``epochs`` (default ``config.epochs``) over the pairs.
 
         The step count is the trainer's: a second call with a larger ``epochs`` continues the
@@ -632,9 +615,8 @@ class EnergyTrainer:
         return self.evaluate_with_predictions(inputs, targets, batch_size)[0]
 
     @torch.no_grad()
-    def evaluate_with_predictions(
-        self, inputs: Tensor, targets: Tensor, batch_size: int | None = None
-    ) -> tuple[dict[str, float], Tensor]:
+    def evaluate_with_predictions(self, inputs: Tensor, targets: Tensor,
+                                  batch_size: int | None = None) -> tuple[dict[str, float], Tensor]:
         """Metrics on held-out pairs and the predictions they were computed from.
 
         Args:
@@ -745,12 +727,9 @@ class EnergyTrainer:
         return ckpt
 
     def _restore_best_of(self, path: Path) -> None:
-        """Load the best state that the checkpoint at ``path`` refers to (its ``best_step``), from
-        ``best.pt`` or ``best_prev.pt`` beside it (see the module docstring), and put it back as
-        this run's ``best.pt`` (also for a fork). Without either (checkpoints older than
-        ``best_prev.pt``) model selection starts again, with a warning, rather than testing the
-        last state under the old best step's name.
-        """
+        """Load the checkpoint's best state (its ``best_step``) from ``best.pt`` or ``best_prev.pt``
+        beside it and make it this run's ``best.pt`` (see the module docstring). Without either,
+        model selection starts again (warned) rather than test the last state under that name."""
         self._best_state = self._best_flow_budget = None
         self._best_file_step = self._last_ckpt_best_step = None
         if self.best_step is None:
@@ -788,12 +767,8 @@ def _flow_dynamics(summaries: list[dict[str, float]], sizes: list[int]) -> dict[
     means are weighted by batch size, so a short last batch counts for its samples only.
     """
     n = sum(sizes)
-    out = {
-        "flows_arrived_per_sample": sum(s["arrived"] for s in summaries) / n,
-        "flows_spawned_per_sample": sum(s["spawned"] for s in summaries) / n,
-    }
-    for key in EVAL_MEAN_KEYS:
-        out[f"flows_{key}"] = sum(s[key] * b for s, b in zip(summaries, sizes)) / n
+    out = {f"flows_{key}_per_sample": sum(s[key] for s in summaries) / n for key in ("arrived", "spawned")}
+    out.update({f"flows_{key}": sum(s[key] * b for s, b in zip(summaries, sizes)) / n for key in EVAL_MEAN_KEYS})
     return out
 
 

@@ -23,6 +23,7 @@ AGGREGATIONS = ("mean", "sum")
 DATASETS = ("synthetic", "bible", "pairs", "text", "routing", "composition")
 # the learned baselines a run trains beside the model (identity and ridge are closed-form and always fitted)
 LEARNED_BASELINES = ("mlp", "transformer")
+LINEAR_SKIP_INITS = ("zero", "ridge")  # where the linear skip's W starts
 COMPOSITION_HOLD_OUTS = ("pairs", "inputs", "chains")  # what a composition split keeps out of training
 # how the input embedding enters the lattice / how the output embedding leaves it
 INJECTIONS = ("face", "broadcast")
@@ -100,6 +101,7 @@ FIELD_DEFAULTS_BEFORE: dict[str, Any] = {
     "weight_decay_on": "all",  # before 4be4558 AdamW decayed every parameter, in one group
     "linear_skip": False,  # added after c8fa4d4: no linear path from x to y
     "composition_identity": False,  # added after c8fa4d4: every table a random permutation
+    "linear_skip_init": "zero",  # added after c8fa4d4
 }
 
 # Fields that fix the shapes of the parameters or what the computation means: a checkpoint only
@@ -212,6 +214,12 @@ class EnergyConfig:
     # then learned by one matrix instead of by where flows land, and the lattice is left what a
     # linear map cannot do. Costs input_dim x output_dim parameters and one matmul per forward
     linear_skip: bool = False
+    # where the linear skip starts. zero: W = 0; ridge: the run pipeline (scripts/train.py, studies)
+    # fits the ridge on the training pairs (on the residual y - x with residual: true), its penalty
+    # chosen on validation as the ridge baseline's, and starts W and the readout bias there, so
+    # that with output_gate_init: 0 the model at initialisation *is* that ridge and training starts
+    # from the best linear map instead of spending its steps finding it
+    linear_skip_init: str = "zero"
     # initial value of the learned scalar gate on the flows' contribution to the output
     # (y = [x +] gate * lattice(x) + bias). With residual: true, 0 scales the lattice in from zero,
     # so silencing an untrained lattice (y = x) is never the shortcut to a lower loss (the bible
@@ -426,6 +434,11 @@ class EnergyConfig:
         for name, low in (("composition_values", 2), ("composition_tables", 1), ("composition_chain", 1)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name}: must be >= {low}, got {getattr(self, name)}")
+        if self.linear_skip_init not in LINEAR_SKIP_INITS:
+            raise ValueError(f"linear_skip_init: must be one of {LINEAR_SKIP_INITS}, got {self.linear_skip_init!r}")
+        if self.linear_skip_init != "zero" and not self.linear_skip:
+            raise ValueError(f"linear_skip_init: {self.linear_skip_init!r} starts the linear skip, but linear_skip "
+                             f"is false; set linear_skip: true or drop linear_skip_init")
         if self.composition_identity and self.dataset != "composition":
             raise ValueError(f"composition_identity: only read with dataset 'composition', but dataset is "
                              f"{self.dataset!r}; drop composition_identity")

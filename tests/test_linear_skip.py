@@ -7,6 +7,7 @@ import torch
 
 from conftest import build_processor, tiny_config
 from efgraph.config import ARCHITECTURE_KEYS, EnergyConfig
+from efgraph.training.baselines import ResidualRidgeBaseline, start_linear_skip_at_ridge
 
 
 def _twins(**overrides):
@@ -58,3 +59,28 @@ def test_a_checkpoint_with_the_skip_does_not_load_into_a_model_without_it():
     without = build_processor(tiny_config(), seed=0)
     with pytest.raises(RuntimeError, match="linear_skip"):
         without.load_state_dict(with_skip.state_dict())
+
+
+def test_started_at_the_ridge_the_model_is_the_ridge_until_its_gate_opens():
+    """linear_skip_init: ridge with the lattice scaled out (output_gate_init 0, the bible configs)."""
+    config = tiny_config(linear_skip=True, linear_skip_init="ridge", residual=True, input_dim=10, output_dim=10,
+                         output_gate_init=0.0)
+    proc = build_processor(config, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    src = torch.randn(200, 10, generator=gen)
+    tgt = src + src @ torch.randn(10, 10, generator=gen) * 0.3 + 0.1 * torch.randn(200, 10, generator=gen)
+    ridge = start_linear_skip_at_ridge(proc, src[:150], tgt[:150], src[150:], tgt[150:])
+    assert isinstance(ridge, ResidualRidgeBaseline)
+    torch.testing.assert_close(proc(src[150:]), ridge.predict(src[150:]), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        proc.lattice.output_gate.fill_(1.0)
+    assert not torch.allclose(proc(src[150:]), ridge.predict(src[150:]), atol=1e-3)
+
+
+def test_a_ridge_start_is_refused_without_the_skip():
+    with pytest.raises(ValueError, match="linear_skip_init"):
+        tiny_config(linear_skip_init="ridge")
+    with pytest.raises(ValueError, match="linear_skip_init: must be one of"):
+        tiny_config(linear_skip=True, linear_skip_init="lstsq")
+    with pytest.raises(ValueError, match="needs linear_skip: true"):
+        start_linear_skip_at_ridge(build_processor(tiny_config(), seed=0), torch.randn(8, 12), torch.randn(8, 10), torch.randn(4, 12), torch.randn(4, 10))

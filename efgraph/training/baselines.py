@@ -25,7 +25,7 @@ import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -36,6 +36,9 @@ from efgraph.data.pairs import check_embedding_pair
 from efgraph.training.metrics import embedding_loss, evaluate_predictions
 from efgraph.training.optim import adamw
 from efgraph.training.schedule import warmup_cosine_scheduler
+
+if TYPE_CHECKING:
+    from efgraph.core.flow_processor import FlowProcessor
 
 Split = tuple[Tensor, Tensor]
 """A ``(src [N, D_in], tgt [N, D_out])`` pair."""
@@ -245,6 +248,25 @@ class ResidualRidgeBaseline(RidgeBaseline):
     def predict(self, src: Tensor) -> Tensor:
         """``[N, D]`` -> ``src + src @ W + b`` in the dtype of ``src`` (computed in float64)."""
         return (src.double() + self._linear(src)).to(src.dtype)
+
+
+def start_linear_skip_at_ridge(model: FlowProcessor, train_src: Tensor, train_tgt: Tensor, val_src: Tensor,
+                               val_tgt: Tensor) -> RidgeBaseline:
+    """``linear_skip_init: ridge``: set the model's linear skip ``W`` and its readout bias to the
+    ridge fit of the training pairs (:class:`ResidualRidgeBaseline` with ``residual: true``, else
+    :class:`RidgeBaseline`; the penalty chosen on validation with the model's loss weights), so
+    that ``y = [x +] W x + b`` is that ridge's prediction and the lattice, behind its output gate,
+    adds to it. Returns the fitted ridge."""
+    config = model.config
+    if model.linear_skip is None:
+        raise ValueError("linear_skip_init: 'ridge' needs linear_skip: true")
+    kind = ResidualRidgeBaseline if config.residual else RidgeBaseline
+    ridge = kind(mse_weight=config.mse_weight, cosine_weight=config.cosine_weight).fit(train_src, train_tgt,
+                                                                                       val_src, val_tgt)
+    with torch.no_grad():
+        model.linear_skip.weight.copy_(ridge.weight.t())
+        model.lattice.readout_bias.copy_(ridge.bias)
+    return ridge
 
 
 # ------------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ from efgraph.data._atomic import atomic_write, atomic_write_text
 from efgraph.data.split import make_split
 from efgraph.data.text import TEXT_GROUP_FIELD, text_file_has_field
 from efgraph.model_io import export_model
-from efgraph.training.baselines import LearnedBaseline, fit_baselines, format_results_table
+from efgraph.training.baselines import LearnedBaseline, fit_baselines, format_results_table, start_linear_skip_at_ridge
 from efgraph.training.checkpoint import load_checkpoint
 from efgraph.training.distributed import DistributedContext, init_distributed, local_device, shutdown_distributed
 from efgraph.training.channels import channel_metrics, channels_figure
@@ -400,6 +400,8 @@ def _run(config: EnergyConfig, run_dir: Path, dev: torch.device, ctx: Distribute
             split.to_json(run_dir / "split.json")
     seed_everything(config.seed)
     model = FlowProcessor.from_config(config)
+    if config.linear_skip_init == "ridge" and plan is None:  # a resumed run loads its W instead
+        start_linear_skip_at_ridge(model, train.src, train.tgt, val.src, val.tgt)
     n_params = sum(p.numel() for p in model.parameters())
     run_logger = RunLogger(None)
     mode = "disabled"

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from conftest import build_processor, tiny_config
 from efgraph.config import ARCHITECTURE_KEYS, EnergyConfig
+from efgraph.data import Split
 from efgraph.training.baselines import ResidualRidgeBaseline, start_linear_skip_at_ridge
+from efgraph.training.checkpoint import load_checkpoint
+from efgraph.training.run import load_pairs, run_training
 
 
 def _twins(**overrides):
@@ -84,3 +89,19 @@ def test_a_ridge_start_is_refused_without_the_skip():
         tiny_config(linear_skip=True, linear_skip_init="lstsq")
     with pytest.raises(ValueError, match="needs linear_skip: true"):
         start_linear_skip_at_ridge(build_processor(tiny_config(), seed=0), torch.randn(8, 12), torch.randn(8, 10), torch.randn(4, 12), torch.randn(4, 10))
+
+
+def test_a_run_with_a_ridge_start_begins_at_the_ridge_of_its_training_split(tmp_path):
+    """scripts/train.py's pipeline: the checkpoint after one step (its learning rate still warming
+    up from 0) holds the residual ridge of the run's own training split."""
+    config = EnergyConfig.from_yaml(Path(__file__).parents[1] / "configs/debug.yaml").with_overrides([
+        "dataset=synthetic", "synthetic_pairs=300", "input_dim=16", "output_dim=16", "residual=true",
+        "linear_skip=true", "linear_skip_init=ridge", "output_gate_init=0.0", "lattice_width=6", "lattice_height=6",
+        "lattice_depth=3", "initial_flows_per_sample=4", "max_active_flows=8", "carrier_hidden_dim=16",
+        "batch_size=8", "epochs=1", "warmup_steps=1000", "checkpoint_every=1", "eval_every=1000"])
+    run_training(config, tmp_path / "run", wandb_mode="disabled", device="cpu", progress=False, stop_at_step=1)
+    train, val, _ = Split.from_json(tmp_path / "run" / "split.json").apply(load_pairs(config, progress=False))
+    ridge = ResidualRidgeBaseline(mse_weight=config.mse_weight, cosine_weight=config.cosine_weight).fit(
+        train.src, train.tgt, val.src, val.tgt)
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"]
+    torch.testing.assert_close(state["linear_skip.weight"], ridge.weight.t().float(), rtol=0, atol=1e-5)

@@ -138,7 +138,7 @@ def test_debug_levels_log_only_when_enabled(caplog):
 def test_bible_full_is_bible_on_every_verse_with_a_shorter_schedule():
     """bible-full.yaml must stay the bible.yaml model: only the data size, the schedule and the
     variant that bible.yaml runs (chosen on the study's validation: lattice depth, injection,
-    readout) differ; every other field, written or defaulted, is the same."""
+    readout, where the linear skip starts) differ; every other field, written or defaulted, is the same."""
     import yaml
 
     from efgraph import EnergyConfig
@@ -147,7 +147,8 @@ def test_bible_full_is_bible_on_every_verse_with_a_shorter_schedule():
     full = EnergyConfig.from_yaml(CONFIG_DIR / "bible-full.yaml").to_dict()
     differing = {k for k in main if main[k] != full[k]}
     assert {"verses_per_book", "epochs", "eval_every"} <= differing
-    assert differing <= {"verses_per_book", "epochs", "eval_every", "lattice_depth", "injection", "readout"}
+    assert differing <= {"verses_per_book", "epochs", "eval_every", "lattice_depth", "injection", "readout",
+                         "linear_skip_init"}
     assert (full["verses_per_book"], full["epochs"], full["eval_every"]) == (0, 2, 200)
     assert main["lattice_depth"] <= full["lattice_depth"]
     assert yaml.safe_load((CONFIG_DIR / "bible.yaml").read_text())["dataset"] == "bible"

@@ -316,7 +316,8 @@ class FlowProcessor(nn.Module):
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         """``x [B, input_dim]`` -> ``y [B, output_dim]``: inject the flows at the input face, step
-        until no flow is active (at most D-1 steps), read y off the output face. The forward's
+        until no flow is active (at most D-1 steps), read y off the output face (plus x with
+        ``residual``, plus ``W x`` with ``linear_skip``). The forward's
         trace goes to :attr:`last_trace` (and with :attr:`record_diagnostics` its diagnostics to
         :attr:`last_diagnostics`)."""
         self.last_diagnostics = None  # the last forward's record: none unless it recorded one

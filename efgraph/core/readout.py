@@ -110,7 +110,8 @@ class OutputFace:
         return Arrivals.cat(self.arrivals) if self.arrivals else self.empty
 
     def read(self) -> Tensor:
-        """``[B, output_dim]``: y of everything deposited (without the config's ``residual`` x)."""
+        """``[B, output_dim]``: y of everything deposited (without the config's ``residual`` x and
+        ``linear_skip`` W x, which the processor adds)."""
         collected, phantom = self.collected, self.phantom
         if not self.linear:  # not linear in the deposits: collected once, over all of them
             collected = collect(self.lattice, Arrivals.cat(self.arrivals), self.batch_size) if self.arrivals else None

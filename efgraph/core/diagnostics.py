@@ -21,9 +21,9 @@ changing the engine we measure, on the trainer's *logged* training steps only, p
   arrivals collected (``readout: face`` is linear, so ``gate * sum_k W_out c_k + bias`` is
   exactly y without the residual and the linear skip); the mean over the samples that received
   any arrival, so the shares sum to 1 over the steps whenever something arrived (all 0
-  otherwise). The gate (a scalar) and bias are left out, so the shares stay defined at a closed gate. ``readout: shared`` is not
-  linear: there ``c_k`` is the readout's MLP over step ``k``'s deposits alone, a share that needs
-  not add up to y;
+  otherwise). The gate (a scalar) and bias are left out, so the shares stay defined at a closed
+  gate. ``readout: shared`` is not linear: there ``c_k`` is the readout's MLP over step ``k``'s
+  deposits alone, a share that needs not add up to y;
 
 and per forward:
 

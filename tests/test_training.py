@@ -377,3 +377,19 @@ def test_the_console_shows_the_validation_metrics_each_time_they_are_computed(ca
         assert f"loss {e['loss']:.4f}" in line and f"cosine {e['cosine']:.4f}" in line and "mse " in line
         assert "r@1 " in line and "arrived/sample " in line and len(line) < 120
     assert lines[0].endswith("(best)")  # the first evaluation is the best so far
+
+
+@pytest.mark.parametrize("linear_skip", [False, True])
+def test_the_dead_run_alarm_names_what_the_prediction_falls_back_to(tmp_path, caplog, linear_skip):
+    import logging
+
+    train_x, train_y, val_x, val_y = _teacher(n=80)  # 40 training pairs: 5 steps, the alarm at step 3
+    config = _config(batch_size=8, eval_every=3, log_every=1, survival_gradient=False, linear_skip=linear_skip)
+    torch.manual_seed(0)
+    trainer = EnergyTrainer(FlowProcessor.from_config(config), config, run_dir=tmp_path, progress=False)
+    _set_next_energy(trainer.processor, -30.0)  # every flow dies at its first step
+    with caplog.at_level(logging.WARNING, logger="efgraph"):
+        trainer.train(train_x, train_y, epochs=1, val_inputs=val_x, val_targets=val_y)
+    (warning,) = [r.getMessage() for r in caplog.records if "dead run" in r.getMessage()]
+    assert ("the linear skip + the readout's bias" in warning) == linear_skip
+    assert ("found nothing for the lattice beyond the linear map" in warning) == linear_skip

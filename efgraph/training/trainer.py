@@ -391,7 +391,9 @@ class EnergyTrainer:
                              *(["the linear skip"] if self.config.linear_skip else []), "the readout's bias"])
         text = (f"step {self.step}: no flow reached the output face in {self.zero_arrival_steps} consecutive "
                 f"training steps; every flow dies before the output face: the lattice contributes nothing and "
-                f"the prediction is {output}. Check the energy head, energy_threshold and lattice_depth.")
+                f"the prediction is {output}. Check the energy head, energy_threshold and lattice_depth"
+                + ("; with linear_skip it can also mean that training found nothing for the lattice beyond "
+                   "the linear map (as on the Bible, README)." if self.config.linear_skip else "."))
         logger.warning("dead run: %s", text)
         self.run_logger.alert("efgraph: dead run (no flow arrives)", text, step=self.step)
 

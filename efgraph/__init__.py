@@ -12,12 +12,25 @@ Usage::
     EnergyTrainer(processor, config).train(inputs, targets, epochs=5)
 """
 
+from typing import Any
+
 from efgraph.config import EnergyConfig, create_debug_config, create_experiment_config, create_optimized_config
 from efgraph.core import EnergyCarrier, EnergyLattice, FlowProcessor, FlowState, FlowToCellConv, FlowTrace, SimpleNeuron
-from efgraph.model_io import export_model, load_model
-from efgraph.training import EnergyTrainer
 
 __version__ = "0.1.0"
+
+# the trainer and the model files (which read checkpoints) are imported when first used, so that
+# importing the engine (efgraph, efgraph.core) loads no training code
+_LAZY = {"EnergyTrainer": "efgraph.training", "export_model": "efgraph.model_io", "load_model": "efgraph.model_io"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'efgraph' has no attribute {name!r}")
+
 
 __all__ = [
     "EnergyCarrier", "EnergyConfig", "EnergyLattice", "FlowProcessor", "FlowState", "FlowToCellConv", "FlowTrace",

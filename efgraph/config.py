@@ -39,6 +39,17 @@ PRECISIONS = ("fp32", "bf16")
 # forwards, under the memory plan's cap and toward flow_budget_target (efgraph.training.flow_budget)
 FLOW_BUDGETS = ("fixed", "adaptive")
 
+# Fields of mechanisms that were tried, not kept and removed (git keeps them), with the value that
+# switched each off: a config that has one at that value reads as before (the field is dropped), any
+# other value is refused, since no setting of this efgraph computes what it asked for.
+REMOVED_FIELDS: dict[str, tuple[Any, str]] = {
+    "readout_key_blur": (0.0, "a blur of the readout keys in training forwards (removed after 233cbbe: it did not help)"),
+    "readout_key_blur_fraction": (None, "the span of readout_key_blur's annealing"),
+    "start_cell_noise": (0.0, "Gumbel noise on the start cells in training forwards (removed after 233cbbe: it slowed "
+                              "learning)"),
+    "start_cell_noise_fraction": (None, "the span of start_cell_noise's annealing"),
+}
+
 # Fields a built model may change (FlowProcessor.reconfigure sets them on the processor, its lattice
 # and its carrier together): read on every forward, they change how a forward is computed, not what.
 # Every other field is fixed when the model is built (compile, for one, builds the graphs then).
@@ -96,12 +107,12 @@ FIELD_DEFAULTS_BEFORE: dict[str, Any] = {
     "learning_diagnostics": False,  # e0d5a3a: none were logged
     "residual_steps": False,  # 2a537ae: every step a full update
     "project_step_gates": False,  # added after 979f8b8: free gates read through a clamp
-    "readout_key_blur": 0.0, "readout_key_blur_fraction": 0.5,  # 19f67a5: the keys themselves
-    "start_cell_noise": 0.0, "start_cell_noise_fraction": 0.5,  # added after 20bc655: the plain top K
     "weight_decay_on": "all",  # before 4be4558 AdamW decayed every parameter, in one group
     "linear_skip": False,  # added after c8fa4d4: no linear path from x to y
     "composition_identity": False,  # added after c8fa4d4: every table a random permutation
     "linear_skip_init": "zero",  # added after c8fa4d4
+    "input_sequence": False,  # added after 233cbbe: x was one vector
+    "position_z_extent": 0,  # added after 233cbbe: z was normalised by the lattice's own depth
 }
 
 # Fields that fix the shapes of the parameters or what the computation means: a checkpoint only
@@ -111,7 +122,7 @@ ARCHITECTURE_KEYS = (
     "carrier_hidden_dim", "carrier_num_layers", "child_rank", "message_dim", "position_frequencies",
     "neuron_hidden_dim", "neuron_output_dim", "aggregation", "injection_rank", "face_channels",
     "readout_hidden_dim", "residual", "interaction_radius", "injection", "readout", "readout_rank",
-    "residual_steps", "linear_skip",
+    "residual_steps", "linear_skip", "input_sequence", "position_z_extent",
 )
 
 
@@ -135,6 +146,10 @@ class EnergyConfig:
     # --- embeddings ----------------------------------------------------------------------------
     input_dim: int = 768
     output_dim: int = 768
+    # false: x is one embedding [B, input_dim], laid across the input face; true: x is a sequence
+    # [B, T, input_dim] of embeddings (tokens) with a mask [B, T], and each token starts its own flow
+    # on face cell t (raster order), T <= initial_flows_per_sample (efgraph.core.input_face)
+    input_sequence: bool = False
     # --- flows (budgets are per sample) --------------------------------------------------------
     initial_flows_per_sample: int = 8
     max_active_flows: int = 100
@@ -177,6 +192,10 @@ class EnergyConfig:
     # --- neuron and messages -------------------------------------------------------------------
     message_dim: int = 20
     position_frequencies: int = 2
+    # the z that the position code's z axis spans: 0 = lattice_depth - 1 (z in [0, 1] of the
+    # lattice's own depth); N > 0 = z / N whatever the depth, so a model run deeper than it was
+    # trained (FlowProcessor.at_depth) reads the same code at the same z and continues it beyond
+    position_z_extent: int = 0
     neuron_hidden_dim: int = 64
     neuron_output_dim: int = 16
     aggregation: str = "mean"
@@ -193,21 +212,6 @@ class EnergyConfig:
     face_channels: int = 64
     readout_rank: int = 16  # readout: face
     readout_hidden_dim: int = 256  # readout: shared
-    # readout: face, training forwards only: a landing point reads the readout keys blurred by a
-    # Gaussian of readout_key_blur cells (std), annealed linearly to 0 over the first
-    # readout_key_blur_fraction of training, so a flow landing far from where its deposit belongs
-    # still feels the slope toward it; evaluation (and the rest of training) reads the keys
-    # themselves. The blur is one pass over the W x H key table per forward, never per flow. 0 = off
-    readout_key_blur: float = 0.0
-    readout_key_blur_fraction: float = 0.5
-    # training forwards only: the start cells are the top initial_flows_per_sample of the
-    # amplitudes plus Gumbel noise of scale start_cell_noise (amplitude units; a Gumbel top-k,
-    # i.e. sampling the cells without replacement in proportion to exp(a_p / noise)), annealed
-    # linearly to 0 over the first start_cell_noise_fraction of training, so a cell just outside
-    # the top K sometimes starts a flow and its amplitude learns whether it should. Each flow's
-    # energy is its cell's own sigmoid(a_p + b), noise-free. Evaluation takes the plain top K. 0 = off
-    start_cell_noise: float = 0.0
-    start_cell_noise_fraction: float = 0.5
     residual: bool = False  # y = x + f(x); needs input_dim == output_dim
     # a learned linear path from x to y beside the lattice, y = [x +] W x + lattice(x), W started
     # at 0 (so the model at initialisation is the model without it): the linear part of a map is
@@ -418,18 +422,16 @@ class EnergyConfig:
             raise ValueError(f"injection: must be one of {INJECTIONS}, got {self.injection!r}")
         if self.readout not in READOUTS:
             raise ValueError(f"readout: must be one of {READOUTS}, got {self.readout!r}")
-        if self.readout_key_blur < 0:
-            raise ValueError(f"readout_key_blur: must be >= 0 (cells; 0 = off), got {self.readout_key_blur}")
-        if self.readout_key_blur > 0 and self.readout != "face":
-            raise ValueError(f"readout_key_blur: blurs the readout keys of readout 'face', but readout is "
-                             f"{self.readout!r}; set readout_key_blur: 0")
-        if not 0.0 < self.readout_key_blur_fraction <= 1.0:
-            raise ValueError(f"readout_key_blur_fraction: must be in (0, 1], got {self.readout_key_blur_fraction}")
-        if not (self.start_cell_noise >= 0 and math.isfinite(self.start_cell_noise)):
-            raise ValueError(f"start_cell_noise: must be a finite number >= 0 (amplitude units; 0 = off), "
-                             f"got {self.start_cell_noise}")
-        if not 0.0 < self.start_cell_noise_fraction <= 1.0:
-            raise ValueError(f"start_cell_noise_fraction: must be in (0, 1], got {self.start_cell_noise_fraction}")
+        if self.position_z_extent < 0:
+            raise ValueError(f"position_z_extent: must be >= 0 (0 = lattice_depth - 1), got {self.position_z_extent}")
+        if self.input_sequence:
+            for name in ("linear_skip", "residual"):
+                if getattr(self, name):
+                    raise ValueError(f"{name}: reads x as one vector [B, input_dim], but input_sequence is true "
+                                     f"(x is [B, T, input_dim]); set {name}: false")
+            if self.injection != "face":
+                raise ValueError(f"injection: {self.injection!r} lays one vector across the face, but input_sequence "
+                                 f"is true (each token starts its own flow); set injection: face")
         if self.routing_noise < 0:
             raise ValueError(f"routing_noise: must be >= 0, got {self.routing_noise}")
         for name, low in (("composition_values", 2), ("composition_tables", 1), ("composition_chain", 1)):
@@ -498,10 +500,10 @@ class EnergyConfig:
         if not isinstance(data, dict):
             raise ValueError(f"config: expected a mapping of field names to values, got {type(data).__name__}")
         known = {f.name: f.type for f in fields(cls)}
+        data = _without_removed_fields(data)
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise ValueError(f"config: unknown keys {unknown}; allowed keys are {sorted(known)}")
-        data = dict(data)
         for name, value in data.items():
             # PyYAML reads `3e-4` (no dot) as a string; for a float field that is plainly a number.
             if known[name] == "float" and isinstance(value, str):
@@ -541,7 +543,7 @@ class EnergyConfig:
             raise ValueError(f"{where}: expected a saved config (a mapping of field names to values), "
                              f"got {type(data).__name__}")
         known = [f.name for f in fields(cls)]
-        unknown = sorted(set(data) - set(known))
+        unknown = sorted(set(data) - set(known) - set(REMOVED_FIELDS))
         if unknown:
             raise ValueError(f"{where}: written by another (newer?) efgraph: its config has fields this one does not "
                              f"know ({', '.join(unknown)}); this is {_this_efgraph()}; read it with the efgraph "
@@ -581,6 +583,16 @@ class EnergyConfig:
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def _without_removed_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` without the :data:`REMOVED_FIELDS` it holds at their off value; one at another value
+    raises ``ValueError`` naming it (a fraction alone goes with its field)."""
+    for name, (off, what) in REMOVED_FIELDS.items():
+        if name in data and off is not None and data[name] != off:
+            raise ValueError(f"{name}: removed from efgraph ({what}); only {off} (off) is still read, got "
+                             f"{data[name]!r}: drop the field, or use the efgraph that had it")
+    return {k: v for k, v in data.items() if k not in REMOVED_FIELDS}
 
 
 def saved_config_writer(data: dict[str, Any]) -> str:

@@ -228,7 +228,7 @@ def carrier_fn(proc: FlowProcessor, num_flows: int, steps: int, device: torch.de
             top, h, c = carrier.step(inputs[s], h, c)
             heads = carrier.heads(top)
             loss = loss + heads.dxy.sum() + heads.dz_fraction.sum() + heads.energy_logit.sum() + heads.spawn_score.sum()
-        return loss + carrier.value(top).sum()
+        return loss + proc.output_face.value_head(top).sum()
 
     return run
 

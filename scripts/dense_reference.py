@@ -17,14 +17,28 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from efgraph.core.flow_processor import CellStep, FlowProcessor
+from efgraph.config import EnergyConfig
+from efgraph.core.energy_lattice import EnergyLattice
+from efgraph.core.flow_processor import FlowProcessor
 from efgraph.core.flow_state import FlowState
+from efgraph.core.flow_step import FlowStep
+from efgraph.core.records import CellStep
+from efgraph.core.simple_neuron import SimpleNeuron
 
 
 class DenseReferenceProcessor(FlowProcessor):
-    """A :class:`FlowProcessor` whose step evaluates the neuron on the whole lattice."""
+    """A :class:`FlowProcessor` whose step (:class:`DenseFlowStep`) evaluates the neuron on the
+    whole lattice; its parameters are named and shaped as the processor's, so state dicts move freely."""
 
-    def cell_transformation(self, state: FlowState, batch_size: int | None = None) -> CellStep:
+    def __init__(self, lattice: EnergyLattice, neuron: SimpleNeuron, config: EnergyConfig) -> None:
+        super().__init__(lattice, neuron, config)
+        self.flow_step = DenseFlowStep(config, lattice, neuron)
+
+
+class DenseFlowStep(FlowStep):
+    """A :class:`FlowStep` whose cells are every cell of the lattice."""
+
+    def cells(self, state: FlowState, batch_size: int | None = None) -> CellStep:
         lattice, cfg = self.lattice, self.config
         assert state.valid is None, "the dense reference runs eagerly, without padding"
         batch_size = int(state.batch.max()) + 1 if state.num_flows else 0

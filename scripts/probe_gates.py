@@ -29,25 +29,25 @@ GRADIENT_PAIRS = 512
 def probe(run_dir: Path) -> dict:
     """The probe of one run folder (see the module docstring)."""
     proc = load_model(run_dir / "model").eval()
-    if proc.step_gates is None:
+    if proc.flow_step.gates is None:
         raise SystemExit(f"{run_dir}: the model has no step gates (residual_steps: false)")
     cfg = proc.config
     pairs = load_pairs(cfg, progress=False)
     val = json.loads((run_dir / "split.json").read_text())["validation"]
     src, tgt = pairs.src[val], pairs.tgt[val]
-    learned = proc.step_gates.detach().clone()
+    learned = proc.flow_step.gates.detach().clone()
     record: dict = {"run": str(run_dir), "gates": [round(float(g), 3) for g in learned]}
     for name, gates in [("learned", learned), ("closed", torch.zeros_like(learned)),
                         ("half", torch.full_like(learned, 0.5)), ("open", torch.ones_like(learned))]:
         with torch.no_grad():
-            proc.step_gates.copy_(gates)
+            proc.flow_step.gates.copy_(gates)
             cosine = evaluate_predictions(proc(src), tgt)["cosine"]
         record[name] = {"val_cosine": round(cosine, 4), "arrived_per_step": list(proc.last_trace.arrived)}
     with torch.no_grad():
-        proc.step_gates.copy_(learned)
+        proc.flow_step.gates.copy_(learned)
     proc.zero_grad()
     embedding_loss(proc(src[:GRADIENT_PAIRS]), tgt[:GRADIENT_PAIRS], cfg.mse_weight, cfg.cosine_weight).backward()
-    record["dloss_dgate"] = [round(float(g), 5) for g in proc.step_gates.grad]
+    record["dloss_dgate"] = [round(float(g), 5) for g in proc.flow_step.gates.grad]
     return record
 
 

@@ -42,8 +42,8 @@ def spread_next_energies(proc: FlowProcessor, x: torch.Tensor) -> None:
     with torch.no_grad():
         proc.carrier.energy_head.weight.mul_(20.0)
         state = proc.inject(x)
-        logits = proc.advance(proc.cell_transformation(state).transformation, state.h, state.c,
-                              state.pos, state.energy)[3].energy_logit
+        logits = proc.flow_step.advance(proc.flow_step.cells(state).transformation, state.h, state.c,
+                              state.pos, state.energy)[4].energy_logit
         # the threshold midway between the two middle logits: no flow sits on it, where the
         # batched engine and the per-flow reference could round it to different sides
         middle = logits.sort().values[(logits.numel() - 1) // 2:(logits.numel() + 2) // 2 + 1]

@@ -71,7 +71,7 @@ def reference_step(proc: FlowProcessor, state: FlowState, batch_size: int, next_
         members = cells[(b, cz, cy, cx)]
         heard = [f for (b2, z2, y2, x2), fs in cells.items() for f in fs
                  if b2 == b and max(abs(z2 - cz), abs(y2 - cy), abs(x2 - cx)) <= r]
-        msgs = [proc.conv.lin(state.h[-1, f]) + state.energy[f] * proc.conv.energy_weight for f in heard]
+        msgs = [proc.flow_step.conv.lin(state.h[-1, f]) + state.energy[f] * proc.flow_step.conv.energy_weight for f in heard]
         agg = torch.stack(msgs).sum(0)
         if cfg.aggregation == "mean":
             agg = agg / len(heard)
@@ -140,7 +140,7 @@ def reference_step(proc: FlowProcessor, state: FlowState, batch_size: int, next_
                  reflect(moved[f][1] + child_off[f][1], cfg.lattice_height - 1), moved[f][2]),
             energy=gated[f] * frac, batch=batch[f], flow_id=next_id + i,
         ))
-    arrivals = [dict(batch=batch[f], xy=moved[f][:2], energy=gated[f], value=carrier.value(tops[f]),
+    arrivals = [dict(batch=batch[f], xy=moved[f][:2], energy=gated[f], value=proc.output_face.value_head(tops[f]),
                      flow_id=int(state.flow_id[f])) for f in range(n) if status[f] == "arrived"]
     return dict(
         occupied=occupied,
@@ -170,7 +170,7 @@ def dense_face(proc: FlowProcessor, batch, xy, energy, value, batch_size: int) -
                            (x0, min(y0 + 1, h - 1), (1 - fx) * fy), (min(x0 + 1, w - 1), min(y0 + 1, h - 1), fx * fy)]:
             v = value[a]
             if cfg.readout == "shared":
-                v = v + proc.lattice.face_position_value(position_encoding(cfg, cx, cy, cfg.lattice_depth - 1))
+                v = v + proc.output_face.face_position_value(position_encoding(cfg, cx, cy, cfg.lattice_depth - 1))
             values[batch[a], cy, cx] += float(energy[a]) * wt * v
             energies[batch[a], cy, cx] += float(energy[a]) * wt
     return values, energies
@@ -180,7 +180,7 @@ def dense_readout(proc: FlowProcessor, face: torch.Tensor) -> torch.Tensor:
     """``[B, H, W, C]`` dense face -> ``[B, output_dim]``, cell by cell: ``readout: face`` gives
     every cell its own matrix ``R_q = sum_k L_qk B_k`` (materialised here, never in the engine);
     ``readout: shared`` runs one MLP on every cell (empty cells add GELU(0) = 0)."""
-    cfg, lat = proc.config, proc.lattice
+    cfg, lat = proc.config, proc.output_face
     b, h, w, c = face.shape
     total = torch.zeros(b, cfg.output_dim)
     for cy in range(h):

@@ -89,7 +89,7 @@ def test_compiled_residual_steps_equal_eager_under_checkpointing(aot_eager):
     config = tiny_config(residual_steps=True, activation_checkpointing=True, max_active_flows=9, lattice_depth=5)
     eager, compiled = _pair(config, spawning=True)
     with torch.no_grad():
-        eager.step_gates.copy_(torch.tensor([0.4, 0.7, 1.0]))
+        eager.flow_step.gates.copy_(torch.tensor([0.4, 0.7, 1.0]))
     compiled.load_state_dict(eager.state_dict())
     x = torch.randn(3, config.input_dim, generator=torch.Generator().manual_seed(1))
     y_eager, y_compiled = eager(x), compiled(x)
@@ -101,7 +101,7 @@ def test_compiled_residual_steps_equal_eager_under_checkpointing(aot_eager):
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
     ran = len(eager.last_trace.active)  # the gates of the steps that ran get a gradient
-    assert ran > 2 and eager.step_gates.grad[: ran - 1].abs().min() > 0
+    assert ran > 2 and eager.flow_step.gates.grad[: ran - 1].abs().min() > 0
 
 
 @pytest.mark.parametrize("carrier_type", ["gru", "lstm"])
@@ -109,7 +109,8 @@ def test_padding_rows_are_canonical_after_a_compiled_step_that_compacts(aot_eage
     """A compiled step in which flows die and spawn (the compaction runs): every padding row of the
     next state is canonical (see FlowState): sample B, zero energy, zero h and c, pos (0, 0, 0),
     flow id -1, and ``valid`` marks exactly the flows the step's counts say."""
-    config = tiny_config(carrier_type=carrier_type, energy_threshold=0.5, max_active_flows=9, compile=True)
+    config = tiny_config(carrier_type=carrier_type, energy_threshold=0.5, spawn_threshold=0.55, max_active_flows=9,
+                         compile=True)
     proc = build_processor(config)
     x = torch.randn(3, config.input_dim, generator=torch.Generator().manual_seed(0))
     spread_next_energies(proc, x)

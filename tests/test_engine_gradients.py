@@ -38,10 +38,10 @@ def test_with_the_gate_closed_every_parameter_gets_a_gradient_after_one_optimize
     reaches only the gate and the readout bias (the lattice is scaled in from zero); after one
     optimizer step every parameter gets a finite, non-zero gradient."""
     proc, x, target = _spawning_model(carrier_type, injection=injection, readout=readout, output_gate_init=0.0)
-    assert float(proc.lattice.output_gate.detach()) == 0.0
+    assert float(proc.output_face.output_gate.detach()) == 0.0
     torch.nn.functional.mse_loss(proc(x), target).backward()
     reached = {name for name, p in proc.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-    assert reached == {"lattice.output_gate", "lattice.readout_bias"}
+    assert reached == {"output_face.output_gate", "output_face.readout_bias"}
     torch.optim.AdamW(proc.parameters(), lr=1e-3).step()
     proc.zero_grad()
     torch.nn.functional.mse_loss(proc(x), target).backward()
@@ -53,7 +53,7 @@ def test_with_the_gate_closed_every_parameter_gets_a_gradient_after_one_optimize
 def test_at_the_defaults_every_parameter_gets_a_gradient_at_initialisation(carrier_type):
     """The default gate starts open (output_gate_init 1)."""
     proc, x, target = _spawning_model(carrier_type)
-    assert float(proc.lattice.output_gate.detach()) == 1.0
+    assert float(proc.output_face.output_gate.detach()) == 1.0
     torch.nn.functional.mse_loss(proc(x), target).backward()
     assert proc.last_trace.total_spawned > 0
     _assert_every_gradient_finite_and_nonzero(proc)
@@ -64,9 +64,9 @@ def test_with_the_gate_open_the_landing_position_receives_gradient(readout):
     config = tiny_config(output_gate_init=1.0, readout=readout)
     proc = build_processor(config)
     xy = torch.tensor([[1.3, 2.6], [4.0, 0.2]], requires_grad=True)
-    collected = proc.lattice.collect_output_energy(torch.tensor([0, 1]), xy, torch.tensor([0.5, 0.9]),
+    collected = proc.output_face.collect(torch.tensor([0, 1]), xy, torch.tensor([0.5, 0.9]),
                                                    torch.randn(2, config.face_channels), 2)
-    proc.lattice.read_out(collected).sum().backward()
+    proc.output_face.read(collected).sum().backward()
     assert (xy.grad.abs() > 0).all()
 
 
@@ -136,8 +136,8 @@ def test_the_checkpointed_backward_differentiates_the_flows_the_forward_kept(mon
     spread_next_energies(proc, x)
     with torch.no_grad():  # the first step's next energies; put the threshold 1e-6 under one of them
         state = proc.inject(x)
-        energy = proc.advance(proc.cell_transformation(state).transformation, state.h, state.c,
-                              state.pos, state.energy)[5]
+        energy = proc.flow_step.advance(proc.flow_step.cells(state).transformation, state.h, state.c,
+                              state.pos, state.energy)[6]
     lowest_survivor = energy[energy > 0.5].min().item()
     forward_threshold, rerun_threshold = lowest_survivor - 1e-6, lowest_survivor + 1e-6
 
@@ -157,7 +157,7 @@ def test_the_checkpointed_backward_differentiates_the_flows_the_forward_kept(mon
         return [p.grad.clone() for p in proc.parameters() if p.grad is not None]
 
     if not replay_fates:  # what the engine did before it saved fates: the rerun's own, only the counts reused
-        decide, decided = fp.FlowProcessor.decide, []
+        decide, decided = fp.STEP_GRAPHS["decide"], []
 
         def deciding(*args, **kwargs):
             decided.append(decide(*args, **kwargs))
@@ -167,7 +167,7 @@ def test_the_checkpointed_backward_differentiates_the_flows_the_forward_kept(mon
             def masks(self):
                 return decided[-1].died, decided[-1].arrived, decided[-1].spawns
 
-        monkeypatch.setattr(fp.FlowProcessor, "decide", deciding)
+        monkeypatch.setitem(fp.STEP_GRAPHS, "decide", deciding)
         monkeypatch.setattr(fp, "StepDecisions", CountsOnly)
     reference = gradients(False, forward_threshold)
     assert all(torch.equal(a, b) for a, b in zip(reference, gradients(True, forward_threshold)))

@@ -68,8 +68,8 @@ def test_every_step_of_a_forward_equals_the_reference(carrier_type, aggregation,
         force_spawning(proc)
     else:
         with torch.no_grad():  # start energies spread over (0, 1), long jumps,
-            proc.lattice.energy_bias.fill_(-2.0)
-            proc.lattice.face_keys.mul_(5.0)
+            proc.input_face.energy_bias.fill_(-2.0)
+            proc.input_face.face_keys.mul_(5.0)
             proc.carrier.displacement_head.bias[2] = 2.0
         spread_next_energies(proc, x)  # and next energies around the threshold 0.5: some flows die, some arrive
     with torch.no_grad():
@@ -114,10 +114,10 @@ def test_output_face_equals_a_dense_face_read_cell_by_cell(readout):
     config = tiny_config(output_gate_init=0.7, readout=readout)
     proc = build_processor(config)
     with torch.no_grad():
-        proc.lattice.readout_bias.normal_()
+        proc.output_face.readout_bias.normal_()
     batch, xy, energy, value = _random_arrivals(config)
     with torch.no_grad():
-        fast_y = proc.lattice.read_out(proc.lattice.collect_output_energy(batch, xy, energy, value, 3))
+        fast_y = proc.output_face.read(proc.output_face.collect(batch, xy, energy, value, 3))
         dense_v, _ = dense_face(proc, batch, xy, energy, value, 3)
         torch.testing.assert_close(fast_y, dense_readout(proc, dense_v), atol=1e-5, rtol=1e-5)
 
@@ -127,7 +127,7 @@ def test_shared_readout_deposits_equal_a_dense_face():
     proc = build_processor(config)
     batch, xy, energy, value = _random_arrivals(config)
     with torch.no_grad():
-        dep = proc.lattice.deposit_on_cells(batch, xy, energy, value, 3)
+        dep = proc.output_face.deposit_on_cells(batch, xy, energy, value, 3)
         dense_v, dense_e = dense_face(proc, batch, xy, energy, value, 3)
         w, h = config.lattice_width, config.lattice_height
         fast_v = torch.zeros(3 * h * w, config.face_channels).index_add_(0, dep.cell_id, dep.values).view(3, h, w, -1)
@@ -146,7 +146,7 @@ def test_shared_readout_padding_rows_reach_no_sample_even_with_a_bias():
     hidden layer has no bias; with a bias they must still add nothing to any sample."""
     config = tiny_config(readout="shared")
     proc = build_processor(config)
-    lat = proc.lattice
+    lat = proc.output_face
     biased = torch.nn.Linear(config.face_channels, config.readout_hidden_dim, bias=True)
     with torch.no_grad():
         biased.weight.copy_(lat.readout_hidden.weight)
@@ -156,7 +156,7 @@ def test_shared_readout_padding_rows_reach_no_sample_even_with_a_bias():
     batch = torch.full_like(batch, 1)  # every arrival in sample 1; samples 0 and 2 get nothing
     xy[:] = torch.tensor([1.0, 1.0])  # on one cell centre: 1 hit cell, 23 padding rows
     with torch.no_grad():
-        collected = lat.collect_output_energy(batch, xy, energy, value, 3)
+        collected = lat.collect(batch, xy, energy, value, 3)
     assert collected[0].abs().max() == 0 and collected[2].abs().max() == 0
     # sample 1 gets its hit cells' hidden vectors only (the bias once per hit cell, not per padding row)
     with torch.no_grad():
@@ -175,10 +175,10 @@ def test_face_readout_depends_on_where_a_flow_lands():
         proc = build_processor(config)
         if readout == "shared":
             with torch.no_grad():
-                proc.lattice.face_position_value.weight.zero_()  # position only as an additive code: off
+                proc.output_face.face_position_value.weight.zero_()  # position only as an additive code: off
         value = torch.randn(1, config.face_channels, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            ys = [proc.lattice.read_out(proc.lattice.collect_output_energy(
+            ys = [proc.output_face.read(proc.output_face.collect(
                 torch.tensor([0]), torch.tensor([xy]), torch.tensor([0.8]), value, 1)) for xy in ([1.0, 1.0], [4.0, 3.0])]
         outputs[readout] = (ys[0] - ys[1]).abs().max().item()
     assert outputs["shared"] == 0.0
@@ -211,8 +211,13 @@ def test_optimized_faces_parameter_counts():
     the readout is 946k parameters, not 472 M for a dense 768 x 64 matrix per output cell."""
     from efgraph import create_optimized_config
     from efgraph.core.energy_lattice import EnergyLattice
+    from efgraph.core.input_face import InputFace
+    from efgraph.core.readout import OutputFace
 
-    counts = {n: p.numel() for n, p in EnergyLattice(create_optimized_config()).named_parameters()}
+    config = create_optimized_config()
+    lattice = EnergyLattice(config)
+    counts = {n: p.numel() for face in (InputFace(config, lattice), OutputFace(config, lattice))
+              for n, p in face.named_parameters()}
     assert counts["readout_keys"] == 100 * 100 * 16 and counts["readout_out.weight"] == 16 * 64 * 768
     assert counts["face_keys"] == counts["content_keys"] == 100 * 100 * 16  # amplitude and content keys
     assert counts["input_content.weight"] + counts["input_content.bias"] == 768 * 16 * 64 + 16 * 64

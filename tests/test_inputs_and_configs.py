@@ -73,7 +73,7 @@ def test_seed_usage_works_as_written():
     seed_everything(3)
     untrained = FlowProcessor.from_config(a.config)
     moved = {k for k, v in untrained.state_dict().items() if not torch.equal(v, a.state_dict()[k])}
-    assert {"carrier.rnn.weight_hh_l0", "lattice.output_gate", "lattice.readout_bias"} <= moved, moved
+    assert {"flow_step.carrier.rnn.weight_hh_l0", "output_face.output_gate", "output_face.readout_bias"} <= moved, moved
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)

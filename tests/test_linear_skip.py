@@ -78,7 +78,7 @@ def test_started_at_the_ridge_the_model_is_the_ridge_until_its_gate_opens():
     assert isinstance(ridge, ResidualRidgeBaseline)
     torch.testing.assert_close(proc(src[150:]), ridge.predict(src[150:]), rtol=1e-4, atol=1e-5)
     with torch.no_grad():
-        proc.lattice.output_gate.fill_(1.0)
+        proc.output_face.output_gate.fill_(1.0)
     assert not torch.allclose(proc(src[150:]), ridge.predict(src[150:]), atol=1e-3)
 
 

@@ -39,12 +39,11 @@ from efgraph.training.trainer import EnergyTrainer
 # building from parts
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("field, lattice_value, processor_value", [
-    ("initial_flows_per_sample", 4, 8),  # measured: 12 flows injected for a batch of 3, no error
-    ("output_gate_init", 0.0, 1.0),
-    ("learning_rate", 1e-3, 1e-4),  # not read by the lattice: the rule is one config, every field
+    ("lattice_width", 6, 5),  # a 6-wide lattice under a 5-wide model would index the wrong cells
+    ("lattice_depth", 5, 4),
+    ("position_frequencies", 3, 2),
 ])
-def test_a_lattice_built_from_a_config_that_differs_in_any_field_is_refused_naming_it(field, lattice_value,
-                                                                                        processor_value):
+def test_a_lattice_whose_geometry_differs_is_refused_naming_the_field(field, lattice_value, processor_value):
     config = tiny_config(**{field: processor_value})
     lattice = EnergyLattice(config.replace(**{field: lattice_value}))
     with pytest.raises(ValueError, match=rf"lattice: built from another config.*{field} \(lattice "
@@ -52,12 +51,27 @@ def test_a_lattice_built_from_a_config_that_differs_in_any_field_is_refused_nami
         FlowProcessor(lattice, SimpleNeuron(config), config)
 
 
-def test_every_differing_field_is_named():
+def test_every_differing_geometry_field_is_named_and_only_those():
     config = tiny_config()
-    lattice = EnergyLattice(config.replace(initial_flows_per_sample=2, output_gate_init=0.5))
+    lattice = EnergyLattice(config.replace(lattice_width=config.lattice_width + 1, lattice_height=config.lattice_height + 1,
+                                           learning_rate=1e-3))
     with pytest.raises(ValueError) as err:
         FlowProcessor(lattice, SimpleNeuron(config), config)
-    assert "initial_flows_per_sample" in str(err.value) and "output_gate_init" in str(err.value)
+    assert "lattice_width" in str(err.value) and "lattice_height" in str(err.value)
+    assert "learning_rate" not in str(err.value)
+
+
+@pytest.mark.parametrize("field, lattice_value", [("initial_flows_per_sample", 2), ("output_gate_init", 0.0),
+                                                  ("learning_rate", 1e-3)])
+def test_a_lattice_is_checked_only_on_what_it_reads_and_the_faces_follow_the_models_config(field, lattice_value):
+    """The lattice is geometry: the faces that read these fields are built from the model's config."""
+    config = tiny_config()
+    proc = FlowProcessor(EnergyLattice(config.replace(**{field: lattice_value})), SimpleNeuron(config), config)
+    x = torch.randn(3, config.input_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        proc(x)
+    assert proc.last_trace.initial_flows == 3 * config.initial_flows_per_sample
+    assert float(proc.output_face.output_gate) == config.output_gate_init
 
 
 @pytest.mark.parametrize("field", ["neuron_hidden_dim", "neuron_output_dim", "message_dim"])
@@ -73,6 +87,7 @@ def test_parts_from_equal_configs_share_one_object():
     config = tiny_config()
     proc = FlowProcessor(EnergyLattice(config.replace()), SimpleNeuron(config), config)  # an equal copy is fine
     assert proc.config is config and proc.carrier.config is config
+    assert proc.input_face.config is config and proc.output_face.config is config and proc.flow_step.config is config
     assert proc.lattice.config == config
 
 

@@ -35,23 +35,23 @@ def test_trainer_decays_matrices_but_not_the_gate_biases_or_scalars():
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
     decay, no_decay = _names_by_group(model, opt)
     _covers_every_parameter_once(model, opt)
-    for name in ("lattice.output_gate", "lattice.energy_bias", "lattice.readout_bias"):
+    for name in ("output_face.output_gate", "input_face.energy_bias", "output_face.readout_bias"):
         assert name in no_decay, name
     shapes = dict((n, p.shape) for n, p in model.named_parameters())
     assert {n for n in shapes if "bias" in n.rsplit(".", 1)[-1]} <= no_decay  # every bias, GRU's bias_ih too
     assert no_decay == {n for n, s in shapes.items() if len(s) < 2}
     assert decay == {n for n, s in shapes.items() if len(s) >= 2}
-    assert "carrier.rnn.weight_hh_l0" in decay and "lattice.readout_out.weight" in decay
+    assert "flow_step.carrier.rnn.weight_hh_l0" in decay and "output_face.readout_out.weight" in decay
 
     # what that means for a step: with zero gradients AdamW's update is 0 and only the decay acts,
     # so the matrices shrink by lr * weight_decay and the gate (the lattice's scale) stays put
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
-    gate, matrix = model.lattice.output_gate.detach().clone(), model.lattice.readout_out.weight.detach().clone()
+    gate, matrix = model.output_face.output_gate.detach().clone(), model.output_face.readout_out.weight.detach().clone()
     lr = opt.param_groups[0]["lr"]
     opt.step()
-    assert torch.equal(model.lattice.output_gate.detach(), gate)
-    torch.testing.assert_close(model.lattice.readout_out.weight.detach(), matrix * (1 - lr * 0.1))
+    assert torch.equal(model.output_face.output_gate.detach(), gate)
+    torch.testing.assert_close(model.output_face.readout_out.weight.detach(), matrix * (1 - lr * 0.1))
 
 
 def test_groups_leave_norm_weights_out_of_decay_and_hold_a_shared_parameter_once():
@@ -95,9 +95,9 @@ def test_weight_decay_on_all_is_one_group_that_decays_every_parameter_for_traine
     assert [id(p) for p in opt.param_groups[0]["params"]] == [id(p) for p in model.parameters()]
     for p in model.parameters():  # zero gradients: only the decay acts, now on the gate too
         p.grad = torch.zeros_like(p)
-    gate, lr = model.lattice.output_gate.detach().clone(), opt.param_groups[0]["lr"]
+    gate, lr = model.output_face.output_gate.detach().clone(), opt.param_groups[0]["lr"]
     opt.step()
-    torch.testing.assert_close(model.lattice.output_gate.detach(), gate * (1 - lr * 0.1))
+    torch.testing.assert_close(model.output_face.output_gate.detach(), gate * (1 - lr * 0.1))
 
     seen = []
     real_step = torch.optim.AdamW.step

@@ -105,12 +105,12 @@ def test_nonfinite_loss_stops_with_the_step_and_saves_the_last_good_state(tmp_pa
     trainer.train(train_x, train_y, max_steps=2)
     good = {k: v.clone() for k, v in trainer.processor.state_dict().items()}
     with torch.no_grad():
-        trainer.processor.lattice.readout_bias[0] = float("nan")
-    with pytest.raises(FloatingPointError, match=r"step 3: loss is nan.*parameter lattice.readout_bias"):
+        trainer.processor.output_face.readout_bias[0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"step 3: loss is nan.*parameter output_face.readout_bias"):
         trainer.train(train_x, train_y, epochs=2, resume_from=None)
     saved = torch.load(tmp_path / "checkpoints/last_good.pt", weights_only=True)
     assert saved["step"] == 2
-    torch.testing.assert_close(saved["model"]["carrier.energy_head.weight"], good["carrier.energy_head.weight"])
+    torch.testing.assert_close(saved["model"]["flow_step.carrier.energy_head.weight"], good["flow_step.carrier.energy_head.weight"])
 
 
 @pytest.mark.parametrize(
@@ -138,7 +138,7 @@ def test_skip_nonfinite_steps_drops_the_update_and_counts_it():
     bad_x = train_x.clone()
     bad_x[0, 0] = 1e38  # finite input that overflows inside the model
     with torch.no_grad():
-        trainer.processor.lattice.input_query.weight.mul_(1e10)
+        trainer.processor.input_face.input_query.weight.mul_(1e10)
     before = {k: v.clone() for k, v in trainer.processor.state_dict().items()}
     metrics = trainer.train_step(bad_x[:16], train_y[:16])
     assert metrics["train/skipped_steps"] == 1.0 and trainer.skipped_steps == 1

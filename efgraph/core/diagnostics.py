@@ -77,6 +77,8 @@ from efgraph.core.compaction import unique_padded
 if TYPE_CHECKING:  # the engine imports this module
     from efgraph.core.energy_carrier import CarrierHeads
     from efgraph.core.energy_lattice import EnergyLattice
+    from efgraph.core.input_face import InputFace
+    from efgraph.core.readout import OutputFace
 
 PREFIX = "diag/"
 # the fixed probe of start_churn: the first PROBE_SIZE training inputs
@@ -163,21 +165,21 @@ class ForwardDiagnostics:
         self.step_outputs.append(None if collected is None else collected.detach())
 
     @torch.no_grad()
-    def finish(self, lattice: "EnergyLattice", batch: Tensor, xy: Tensor, energy: Tensor) -> None:
+    def finish(self, face: "OutputFace", batch: Tensor, xy: Tensor, energy: Tensor) -> None:
         """At the end of the forward: each step's output norms and the landing statistics.
 
         Args:
-            lattice: the model's lattice (readout weights, face geometry).
+            face: the model's output face (readout weights, and its lattice's geometry).
             batch: ``[A]`` sample of each deposit row of the forward (``B``: a row that deposits nothing).
             xy: ``[A, 2]`` landing points; energy: ``[A]`` their energies on arrival.
         """
         b = self.batch_size
         with torch.autocast(device_type=energy.device.type, enabled=False):  # fp32 statistics
-            weight = lattice.readout_out.weight.float()
+            weight = face.readout_out.weight.float()
             rows = [torch.zeros(b, device=energy.device) if c is None
                     else torch.nn.functional.linear(c.float(), weight).norm(dim=1) for c in self.step_outputs]
             self.output_norms = torch.stack(rows) if rows else torch.zeros(0, b, device=energy.device)
-            self.landing_cells, self.landing_effective = landing_statistics(lattice, batch, xy, energy.float(), b)
+            self.landing_cells, self.landing_effective = landing_statistics(face.lattice, batch, xy, energy.float(), b)
 
     # ---- read after backward ------------------------------------------------------------------
     def output_shares(self) -> Tensor:
@@ -293,17 +295,16 @@ class StartCellProbe:
 
     @staticmethod
     @torch.no_grad()
-    def start_cells(lattice: "EnergyLattice", inputs: Tensor) -> Tensor:
-        """``[P, K]`` the input-face cells where each input's flows start: its top-K amplitudes,
-        as :meth:`EnergyLattice.place_initial_energy` picks them (in fp32, outside autocast)."""
+    def start_cells(face: "InputFace", inputs: Tensor) -> Tensor:
+        """``[P, K]`` the input-face cells where each input's flows start, as
+        :meth:`InputFace.start_cells` picks them (in fp32, outside autocast)."""
         with torch.autocast(device_type=inputs.device.type, enabled=False):
-            amp = lattice.amplitudes(inputs.to(lattice.face_keys.dtype))
-        return amp.topk(lattice.config.initial_flows_per_sample, dim=1).indices
+            return face.start_cells(inputs.to(face.face_keys.dtype))[1]
 
-    def update(self, lattice: "EnergyLattice") -> Tensor:
+    def update(self, face: "InputFace") -> Tensor:
         """The probe's churn since the previous call, a scalar tensor (0 at the first call): per
         input, the fraction of its start cells that were not among its previous ones, averaged."""
-        cells = self.start_cells(lattice, self.inputs)
+        cells = self.start_cells(face, self.inputs)
         if self.previous is None:
             churn = torch.zeros((), device=cells.device)
         else:  # a cell is new when it equals none of the input's previous K cells

@@ -1,4 +1,4 @@
-"""`EnergyCarrier`: the shared recurrent cell that carries every flow, and its heads."""
+"""`EnergyCarrier`: the shared recurrent cell that carries every flow, and its heads (move, energy, spawn)."""
 
 from __future__ import annotations
 
@@ -46,13 +46,14 @@ class EnergyCarrier(nn.Module):
     """A GRU or LSTM (``carrier_hidden_dim`` x ``carrier_num_layers``) shared by all flows.
 
     Every step, all flows go through *one* batched recurrent call (a sequence of length 1 of F
-    flows), then through small linear heads on the top layer's output: displacement, next energy,
-    spawn and value (what the flow deposits on arrival).
+    flows), then through small linear heads on the top layer's output: displacement, next energy
+    and spawn. A flow's first state is the input face's (:class:`~efgraph.core.input_face.InputFace`)
+    and what it deposits on arrival the output face's value head
+    (:class:`~efgraph.core.readout.OutputFace`).
 
     Args:
         config: carrier_type, carrier_hidden_dim, carrier_num_layers, neuron_output_dim,
-            position_encoding_dim, input_dim, face_channels, child_rank, max_lateral_step,
-            spawn_threshold.
+            position_encoding_dim, child_rank, max_lateral_step, spawn_threshold.
 
     Shapes:
         step input: ``[F, neuron_output_dim + 1 + position_encoding_dim]`` (transformation,
@@ -70,19 +71,9 @@ class EnergyCarrier(nn.Module):
         self.step_input_dim = config.neuron_output_dim + 1 + config.position_encoding_dim
         rnn_cls = nn.LSTM if self.is_lstm else nn.GRU
         self.rnn = rnn_cls(self.step_input_dim, self.hidden_dim, self.num_layers)
-        # initial state = tanh(W_u u + W_p pe(cell) + b) from the flow's own cell content u
-        # (injection: face), or tanh(W_x x + W_p pe(cell) + b) from the whole input (broadcast)
-        if config.injection == "face":
-            self.init_from_cell = nn.Linear(config.face_channels, self.num_layers * self.hidden_dim)
-        else:
-            self.init_from_input = nn.Linear(config.input_dim, self.num_layers * self.hidden_dim)
-        self.init_from_position = nn.Linear(
-            config.position_encoding_dim, self.num_layers * self.hidden_dim, bias=False
-        )
         self.displacement_head = nn.Linear(self.hidden_dim, 3)
         self.energy_head = nn.Linear(self.hidden_dim, 1)
         self.spawn_head = nn.Linear(self.hidden_dim, 3)
-        self.value_head = nn.Linear(self.hidden_dim, config.face_channels)
         # a child's hidden state = parent's + low-rank learned perturbation (a copy would be useless)
         self.child_down = nn.Linear(self.hidden_dim, config.child_rank)
         self.child_up = nn.Linear(config.child_rank, self.hidden_dim)
@@ -95,33 +86,6 @@ class EnergyCarrier(nn.Module):
             self.energy_head.bias.fill_(ENERGY_INIT_BIAS)
             self.displacement_head.bias[2] = DZ_INIT_BIAS
             self.spawn_head.bias[0] = SPAWN_INIT_BIAS
-
-    # ---- state -----------------------------------------------------------------------------------
-    def initial_state(
-        self, x: Tensor, batch: Tensor, position_encoding: Tensor, content: Tensor | None = None
-    ) -> tuple[Tensor, Tensor | None]:
-        """Hidden state of freshly injected flows.
-
-        Args:
-            x: ``[B, input_dim]`` input embeddings (read only by ``injection: broadcast``).
-            batch: ``[F0]`` sample of each flow.
-            position_encoding: ``[F0, P]`` encoding of each flow's start cell.
-            content: ``[F0, face_channels]`` each flow's part of the input face
-                (``injection: face``), else ``None``.
-
-        Returns:
-            ``h [L, F0, H]`` and, for an LSTM, ``c [L, F0, H]`` (zeros) else ``None``.
-        """
-        if self.config.injection == "face":
-            if content is None:
-                raise ValueError("content: injection 'face' starts each flow from its cell's content; got None")
-            own = self.init_from_cell(content)  # [F0, L*H]
-        else:
-            own = self.init_from_input(x).index_select(0, batch)  # computed once per sample
-        h = torch.tanh(own + self.init_from_position(position_encoding))
-        # fp32 even under autocast: the carrier state stays fp32 (see ``step``)
-        h = h.view(-1, self.num_layers, self.hidden_dim).transpose(0, 1).float().contiguous()
-        return h, (torch.zeros_like(h) if self.is_lstm else None)
 
     def step(self, inputs: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
         """One recurrent call over all flows: ``inputs [F, in]`` -> ``(top [F, H], h, c)``.
@@ -156,10 +120,6 @@ class EnergyCarrier(nn.Module):
             spawn_score=spawn[:, 0],
             child_dxy=torch.tanh(spawn[:, 1:]) * step,
         )
-
-    def value(self, top: Tensor) -> Tensor:
-        """``[A, H]`` -> ``[A, face_channels]``: what an arriving flow deposits (times its energy)."""
-        return self.value_head(top)
 
     # ---- spawning --------------------------------------------------------------------------------
     def can_spawn(self, energy: Tensor, spawn_score: Tensor) -> Tensor:

@@ -13,31 +13,14 @@ synchronisation in the step loop. The forward records each step in one call
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from efgraph.core.readout import Arrivals
-
-if TYPE_CHECKING:
-    from efgraph.core.flow_processor import StepResult
-    from efgraph.core.flow_state import FlowState
+from efgraph.core.flow_state import FlowState
+from efgraph.core.records import Arrivals, EnergyBooks, StepResult
 
 ENERGY_COLUMNS = ("energy_in_flight", "energy_arrived", "energy_lost", "energy_created")
-
-
-@dataclass
-class EnergyBooks:
-    """One step's energy books, each a detached 0-d tensor summed over the step's flows (padding
-    rows excluded): falls and rises of the energy the carrier set, the energy of the flows that
-    died and of those that arrived, and the energy still in flight after the step."""
-
-    dissipated: Tensor
-    created: Tensor
-    died: Tensor
-    arrived: Tensor
-    in_flight: Tensor
 
 
 @dataclass
@@ -70,7 +53,7 @@ class FlowTrace:
     step_books: list[EnergyBooks] = field(default_factory=list, repr=False)  # per step, until finish()
 
     @classmethod
-    def start(cls, state: "FlowState", batch_size: int, record_paths: bool = False) -> "FlowTrace":
+    def start(cls, state: FlowState, batch_size: int, record_paths: bool = False) -> "FlowTrace":
         """The trace of a forward whose injected flows are ``state`` (unpadded)."""
         return cls(batch_size=batch_size, initial_flows=state.num_flows, energy_injected=state.energy.detach().sum(),
                    paths=[] if record_paths else None, parent_of={} if record_paths else None)
@@ -80,7 +63,7 @@ class FlowTrace:
         """The id the next child gets: flows are numbered in the order they start."""
         return self.initial_flows + self.total_spawned
 
-    def record_step(self, state: "FlowState", result: "StepResult") -> None:
+    def record_step(self, state: FlowState, result: StepResult) -> None:
         """One step: ``state`` its flows at the start, ``result`` what the step made of them."""
         if self.paths is not None:
             self.paths.append(_path_record(state))
@@ -231,7 +214,7 @@ class FlowTrace:
         return out
 
 
-def _path_record(state: "FlowState") -> dict[str, Tensor]:
+def _path_record(state: FlowState) -> dict[str, Tensor]:
     """The flows of ``state`` (padding dropped) as CPU tensors, for figures."""
     real = state.valid if state.valid is not None else slice(None)
     return {name: getattr(state, name)[real].detach().cpu() for name in ("flow_id", "batch", "pos", "energy")}

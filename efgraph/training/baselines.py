@@ -265,7 +265,7 @@ def start_linear_skip_at_ridge(model: FlowProcessor, train_src: Tensor, train_tg
                                                                                        val_src, val_tgt)
     with torch.no_grad():
         model.linear_skip.weight.copy_(ridge.weight.t())
-        model.lattice.readout_bias.copy_(ridge.bias)
+        model.output_face.readout_bias.copy_(ridge.bias)
     return ridge
 
 

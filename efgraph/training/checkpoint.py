@@ -296,3 +296,34 @@ def check_compatible(ckpt_config: Mapping[str, Any], config: Mapping[str, Any], 
             diffs.append(f"{key}: checkpoint={_show(a, missing)}, current={_show(b, missing)}")
     if diffs:
         raise ValueError("checkpoint is incompatible with the current config: " + "; ".join(diffs))
+
+
+def optimizer_state_for(model: nn.Module, optimizer: torch.optim.Optimizer, saved_optimizer: dict[str, Any],
+                        saved_model: Mapping[str, Tensor], rename: Mapping[str, str]) -> dict[str, Any]:
+    """``saved_optimizer`` laid out for ``optimizer`` over ``model``'s parameters, when the model
+    that saved it ordered or named its parameters otherwise (a checkpoint from before the model's
+    parts moved, :func:`efgraph.core.flow_processor.rename_legacy_keys` as ``rename``).
+
+    An optimizer's state is keyed by each parameter's position, groups in order. Both optimizers
+    put the same parameters into the same groups (:func:`~efgraph.training.optim.weight_decay_groups`
+    decides by shape, not by place), so within each group the saved order is that of the saved
+    ``state_dict``'s keys (the order ``parameters()`` had then) and the entries can be matched by name.
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    saved_rank = {rename.get(k, k): i for i, k in enumerate(saved_model)}
+    current = optimizer.state_dict()
+    if len(current["param_groups"]) != len(saved_optimizer["param_groups"]):
+        raise ValueError(f"optimizer: the checkpoint has {len(saved_optimizer['param_groups'])} parameter groups, "
+                         f"this run {len(current['param_groups'])}")
+    state: dict[int, Any] = {}
+    for group, saved_group, live in zip(current["param_groups"], saved_optimizer["param_groups"],
+                                        optimizer.param_groups):
+        group_names = [names[id(p)] for p in live["params"]]
+        by_saved_order = sorted(group_names, key=lambda n: saved_rank[n])
+        saved_index = dict(zip(by_saved_order, saved_group["params"]))
+        for index, name in zip(group["params"], group_names):
+            if saved_index[name] in saved_optimizer["state"]:
+                state[index] = saved_optimizer["state"][saved_index[name]]
+    groups = [{**saved_group, "params": group["params"]}
+              for group, saved_group in zip(current["param_groups"], saved_optimizer["param_groups"])]
+    return {"state": state, "param_groups": groups}

@@ -49,9 +49,3 @@ def warmup_cosine_scheduler(optimizer: Optimizer, warmup_steps: int, total_steps
         group.setdefault("initial_lr", group["lr"])
     return LambdaLR(optimizer, factor, last_epoch=current_step - 1)
 
-
-def annealed_to_zero(step: int, total_steps: int, start: float, fraction: float) -> float:
-    """A training-only knob at training step ``step`` (``readout_key_blur``, ``start_cell_noise``):
-    ``start`` at step 0, falling linearly to 0 at ``fraction * total_steps`` and 0 after."""
-    span = max(fraction * total_steps, 1.0)
-    return start * max(0.0, 1.0 - step / span)

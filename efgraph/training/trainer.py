@@ -66,23 +66,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from efgraph.config import ARCHITECTURE_KEYS, EnergyConfig
 from efgraph.core.diagnostics import PROBE_SIZE, ForwardDiagnostics, StartCellProbe, diagnostics_metrics
-from efgraph.core.flow_processor import FlowProcessor
+from efgraph.core.flow_processor import FlowProcessor, rename_legacy_keys
+from efgraph.core.input_face import token_mask
 from efgraph.core.trace import FlowTrace
 from efgraph.data._atomic import atomic_write
 from efgraph.data.pairs import check_embedding_pair
-from efgraph.training.checkpoint import check_compatible, load_checkpoint, restore_rng_state, save_checkpoint
+from efgraph.training.checkpoint import (check_compatible, load_checkpoint, optimizer_state_for, restore_rng_state,
+                                         save_checkpoint)
 from efgraph.training.distributed import SINGLE_PROCESS, DistributedContext
 from efgraph.training.flow_budget import (AdaptiveFlowBudget, held_memory_bytes, memory_for_run,
                                           plan_adaptive_budget)
 from efgraph.training.metrics import embedding_loss, evaluate_predictions
 from efgraph.training.optim import adamw
 from efgraph.training.run_logger import RunLogger
-from efgraph.training.schedule import annealed_to_zero, warmup_cosine_scheduler
+from efgraph.training.schedule import warmup_cosine_scheduler
 from efgraph.training.signals import STOP_SIGNALS, StopRequest, TrainingInterrupted, signal_name
 from efgraph.utils import memory
 from efgraph.utils.device import apply_num_threads, get_device, memory_report
@@ -208,12 +210,23 @@ class EnergyTrainer:
 
     # ---- data checks -----------------------------------------------------------------------------
     def _check_pairs(self, src: Tensor, tgt: Tensor, what: str) -> None:
-        """``src [N, input_dim]`` and ``tgt [N, output_dim]``: finite pairs of the config's widths."""
-        check_embedding_pair(src, tgt, (f"{what} inputs", f"{what} targets"))
+        """``src [N, input_dim]`` (``input_sequence``: ``[N, T, input_dim]``, zero-padded) and
+        ``tgt [N, output_dim]``: finite pairs of the config's widths."""
+        if self.config.input_sequence:  # the tokens' checks are the model's; the pair's are the rest
+            if not isinstance(src, Tensor) or src.dim() != 3:
+                raise ValueError(f"{what} inputs: input_sequence takes [N, tokens, {self.config.input_dim}], got "
+                                 f"{tuple(getattr(src, 'shape', ()))}")
+            check_embedding_pair(src.flatten(1), tgt, (f"{what} inputs", f"{what} targets"))
+        else:
+            check_embedding_pair(src, tgt, (f"{what} inputs", f"{what} targets"))
         for name, t, field_name in [("inputs", src, "input_dim"), ("targets", tgt, "output_dim")]:
             width = getattr(self.config, field_name)
-            if t.size(1) != width:
-                raise ValueError(f"{what} {name}: width {t.size(1)} does not match config.{field_name} {width}")
+            if t.size(-1) != width:
+                raise ValueError(f"{what} {name}: width {t.size(-1)} does not match config.{field_name} {width}")
+
+    def _forward(self, model: nn.Module, x: Tensor) -> Tensor:
+        """``model``'s prediction for a batch: a sequence's tokens are read from its zero padding."""
+        return model(x, token_mask(x)) if self.config.input_sequence else model(x)
 
     def steps_per_epoch(self, num_pairs: int) -> int:
         return math.ceil(num_pairs / self.config.batch_size)
@@ -328,6 +341,8 @@ class EnergyTrainer:
     def _keep_start_probe(self, inputs: Tensor) -> None:
         """The probe of ``diag/start_churn``: the first :data:`PROBE_SIZE` training inputs (a
         train() call on other inputs starts a new probe, whose first churn is 0)."""
+        if self.config.input_sequence:  # a token's start cell is its index: nothing to churn
+            return
         probe = inputs[:PROBE_SIZE]
         kept = self._start_probe
         if kept is None or kept.inputs.shape != probe.shape or not torch.equal(kept.inputs.cpu(), probe.cpu()):
@@ -448,12 +463,6 @@ class EnergyTrainer:
         grad_norm = float("nan")
         self.optimizer.zero_grad(set_to_none=True)
         budget = self.processor.active_flow_budget = self._current_budget()
-        lattice, cfg = self.processor.lattice, self.config
-        # training-only knobs annealed over the run; a buffer each, so a compiled graph reads data
-        for knob, buffer, fraction in ((cfg.readout_key_blur, lattice.key_blur, cfg.readout_key_blur_fraction),
-                                       (cfg.start_cell_noise, lattice.start_noise, cfg.start_cell_noise_fraction)):
-            if knob > 0:
-                buffer.fill_(annealed_to_zero(self.step, self.total_steps or 1, knob, fraction))
         # learning diagnostics: recorded by the forwards of a logged step only, one record per micro-batch
         diagnose = log and self.diagnostics
         records: list[ForwardDiagnostics] = []
@@ -467,7 +476,7 @@ class EnergyTrainer:
                     self.processor.record_diagnostics = diagnose
                     try:
                         with self._autocast():
-                            pred = self.model(x).float()
+                            pred = self._forward(self.model, x).float()
                     except FloatingPointError as err:  # NaN/inf flows: handled below like a NaN loss, never hidden
                         bad = str(err)
                     else:
@@ -547,9 +556,9 @@ class EnergyTrainer:
                 metrics.update({f"flows/{k}": v for k, v in trace.per_step_metrics().items()})
             if diagnose:
                 metrics.update(self._diagnostics_metrics(records if bad is None else [], global_batch))
-            if self.processor.step_gates is not None:  # residual_steps: how far each later step opened
+            if self.processor.flow_step.gates is not None:  # residual_steps: how far each later step opened
                 metrics.update({f"model/step_gate_{t + 2}": g  # lattice steps count from 1; <= 0 is closed
-                                for t, g in enumerate(self.processor.step_gates.detach().tolist())})
+                                for t, g in enumerate(self.processor.flow_step.gates.detach().tolist())})
         if self.flow_budget is not None:  # the cap the next forward's budget is under
             metrics["flows/budget_cap"] = float(self.flow_budget.cap)
         if trace is not None and logger.isEnabledFor(DEBUG_CONVERGENCE):
@@ -564,7 +573,7 @@ class EnergyTrainer:
         # over the ranks is the global batch's mean over rows
         out = diagnostics_metrics(records, self.config.lattice_depth - 1, global_batch / self.dist.world_size)
         if self._start_probe is not None:
-            out["diag/start_churn"] = float(self._start_probe.update(self.processor.lattice))
+            out["diag/start_churn"] = float(self._start_probe.update(self.processor.input_face))
         return out
 
     def _agree_across_ranks(self, bad: str | None, loss_sum: Tensor | None, trace: FlowTrace | None) -> str | None:
@@ -640,7 +649,7 @@ class EnergyTrainer:
         summaries: list[dict[str, float]] = []
         for i in range(0, inputs.size(0), bs):
             with self._autocast():
-                preds.append(self.processor(self._to_device(inputs[i : i + bs])).float().cpu())
+                preds.append(self._forward(self.processor, self._to_device(inputs[i : i + bs])).float().cpu())
             summaries.append(self.processor.last_trace.summary())
         pred = torch.cat(preds)
         metrics = evaluate_predictions(pred, targets)
@@ -712,7 +721,9 @@ class EnergyTrainer:
         saved = EnergyConfig.from_saved(ckpt["config"], str(path))
         check_compatible(saved.to_dict(), self.config.to_dict(), ARCHITECTURE_KEYS)
         self.processor.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        # a checkpoint from before the model's parts moved holds its parameters in another order
+        self.optimizer.load_state_dict(optimizer_state_for(self.processor, self.optimizer, ckpt["optimizer"],
+                                                           ckpt["model"], rename_legacy_keys(list(ckpt["model"]))))
         if self.scheduler is not None and ckpt["scheduler"] is not None:
             self.scheduler.load_state_dict(ckpt["scheduler"])
         self.step = int(ckpt["step"])

@@ -6,8 +6,14 @@ seed in OUT/baselines/seed<k>/. The report is OUT/study.md (tables) and OUT/stud
 number). Rerunning the same command continues a stopped study: finished runs are read, a run with
 a checkpoint resumes. Compare variants on validation; the test split is read once per final run.
 
+A study is best a file, configs/studies/<name>.yaml (the base config, its --set, the variants,
+the seeds, --jobs and the output folder: see efgraph.training.study.StudyFile), run by its name;
+the README's studies are there. The flags say the same on the command line.
+
 Examples::
 
+    python scripts/study.py routing-final3                      # configs/studies/routing-final3.yaml
+    python scripts/study.py my-study.yaml --jobs 1              # a study file elsewhere; one run at a time
     python scripts/study.py --config configs/bible-full.yaml --output-dir runs/study-bible-full \\
         --variant full --variant no-spawn:max_spawn_per_step=0 --variant no-interaction:interaction_radius=0 \\
         --variant one-step:lattice_depth=2 --variant no-residual:residual=false --seeds 0 1 2
@@ -30,22 +36,32 @@ from pathlib import Path
 
 from efgraph.config import EnergyConfig
 from efgraph.training.run_logger import WANDB_MODES
-from efgraph.training.study import build_variants, run_study
+from efgraph.training.study import StudyFile, build_variants, run_study
 from efgraph.utils.logging import setup_logging
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+STUDIES = PROJECT_ROOT / "configs" / "studies"
+# what a study file says: with a study, these flags are refused (edit the file instead)
+STUDY_FLAGS = {"config": "--config", "overrides": "--set", "variants": "--variant", "seeds": "--seeds",
+               "variant_seeds": "--variant-seeds"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/bible-full.yaml",
-                   help="base YAML config: the data, the split and the full model (default: %(default)s)")
+    p.add_argument("study", nargs="?", metavar="STUDY",
+                   help="a study file: the name of one in configs/studies/ (e.g. routing-final3) or a path to a "
+                        ".yaml; it gives the config, --set, the variants, the seeds, --jobs and --output-dir (the "
+                        "last two may be overridden)")
+    p.add_argument("--config",
+                   help="base YAML config: the data, the split and the full model (default: configs/bible-full.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field for every run, e.g. --set epochs=2 (repeatable)")
     p.add_argument("--variant", dest="variants", action="append", default=[], metavar="NAME[:KEY=VALUE,...]",
                    help="a named variant with its config overrides, e.g. no-spawn:max_spawn_per_step=0 "
                         "(repeatable; a bare NAME is the base config; default: one variant 'full'). Variants may "
                         "not change the data, the split or the seed")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED",
+    p.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
                    help="model seeds of every variant (default: 0 1 2); the split stays fixed by data_seed")
     p.add_argument("--variant-seeds", action="append", default=[], metavar="NAME=SEED,SEED,...",
                    help="other seeds for one variant, e.g. full=0,1,2,3,4 (repeatable)")
@@ -56,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--wandb-mode", choices=WANDB_MODES, default="auto",
                    help="W&B logging of every run: auto = online if an API key is configured, else offline")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--jobs", type=int, default=1, metavar="N",
+    p.add_argument("--jobs", type=int, metavar="N",
                    help="train N runs side by side, each in its own process with cores / N CPU threads unless "
                         "the config sets num_threads (default: 1, one run at a time)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (the per-run lines stay)")
@@ -64,22 +80,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def study_file_path(study: str) -> Path:
+    """A study's name (configs/studies/<name>.yaml) or a path to a study file."""
+    path = Path(study)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ValueError(f"{study}: no such study file")
+        return path
+    named = STUDIES / f"{study}.yaml"
+    if not named.is_file():
+        known = sorted(p.stem for p in STUDIES.glob("*.yaml"))
+        raise ValueError(f"study {study!r}: no file {named}; the studies are: {', '.join(known)}")
+    return named
+
+
+def resolve_study(args: argparse.Namespace) -> tuple[EnergyConfig, list, Path, str, int]:
+    """``(base config, variants, output folder, config path, jobs)`` from a study file or the flags.
+
+    Raises:
+        ValueError: a bad study file or flag, naming it.
+    """
+    if args.study:
+        given = [flag for key, flag in STUDY_FLAGS.items() if getattr(args, key)]
+        if given:
+            raise ValueError(f"{', '.join(given)}: the study file {args.study!r} says these; edit it, or run the "
+                             "study by flags without a study name")
+        spec = StudyFile.read(study_file_path(args.study))
+        base = spec.base(PROJECT_ROOT)
+        variants = spec.variants(base)
+        return base, variants, Path(args.output_dir or spec.output_dir), spec.config, args.jobs or spec.jobs
+    config = args.config or "configs/bible-full.yaml"
+    base = EnergyConfig.from_yaml(config).with_overrides(args.overrides)
+    variants = build_variants(base, args.variants, args.seeds or [0, 1, 2], args.variant_seeds)
+    out = Path(args.output_dir or Path("runs") / f"study-{Path(config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return base, variants, out, config, args.jobs or 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level)
-    if args.jobs < 1:
+    if args.jobs is not None and args.jobs < 1:
         raise SystemExit(f"error: --jobs: must be >= 1, got {args.jobs}")
-    try:  # a bad flag: say which, without a traceback (errors while training keep theirs)
-        base = EnergyConfig.from_yaml(args.config).with_overrides(args.overrides)
-        variants = build_variants(base, args.variants, args.seeds, args.variant_seeds)
+    try:  # a bad flag or study file: say which, without a traceback (errors while training keep theirs)
+        base, variants, out, config_path, jobs = resolve_study(args)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
-    out = Path(args.output_dir or Path("runs") / f"study-{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     runs = sum(len(v.seeds) for v in variants)
     print(f"study {args.name or out.name}: {len(variants)} variant(s), {runs} run(s) -> {out}", flush=True)
-    run_study(base, variants, out, name=args.name, config_path=args.config, wandb_mode=args.wandb_mode,
+    run_study(base, variants, out, name=args.name, config_path=config_path, wandb_mode=args.wandb_mode,
               device=args.device, progress=not args.no_progress, report=lambda line: print(line, flush=True),
-              jobs=args.jobs)
+              jobs=jobs)
     print("\n" + (out / "study.md").read_text(encoding="utf-8"))
     return 0
 

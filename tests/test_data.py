@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import math
+import re
+import types
 
 import pytest
 import torch
@@ -17,9 +20,24 @@ def _pairs(n: int = 4, d_src: int = 3, d_tgt: int = 5, **kw) -> EmbeddingPairs:
     return EmbeddingPairs(src, tgt, **kw)
 
 
-def test_public_api_names_resolve():
+def test_public_api_is_what_the_package_documents_and_defines():
+    """``__all__`` is exactly the package's public names: every function and class the module
+    docstring documents, each the object of the efgraph.data module that defines it, and nothing
+    imported into the package's namespace is left out of it."""
+    documented = set(re.findall(r":(?:func|class):`(\w+)`", data.__doc__))
+    assert documented and documented <= set(data.__all__)
+    assert len(set(data.__all__)) == len(data.__all__)
+    public = {name for name, value in vars(data).items()
+              if not name.startswith("_") and not isinstance(value, types.ModuleType)}
+    assert public == set(data.__all__)
     for name in data.__all__:
-        assert getattr(data, name) is not None, name
+        value = getattr(data, name)
+        if name == "SUPPORTED_EXTENSIONS":  # what load_embedding_pairs reads, in the order its errors list
+            assert value == (".pt", ".npz", ".safetensors", ".npy")
+            continue
+        assert callable(value), name
+        assert value.__module__.startswith("efgraph.data."), (name, value.__module__)
+        assert getattr(importlib.import_module(value.__module__), name) is value, name
 
 
 def test_widths_may_differ_and_len_counts_rows():

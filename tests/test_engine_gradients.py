@@ -60,14 +60,24 @@ def test_at_the_defaults_every_parameter_gets_a_gradient_at_initialisation(carri
 
 
 @pytest.mark.parametrize("readout", ["face", "shared"])
-def test_with_the_gate_open_the_landing_position_receives_gradient(readout):
+def test_with_the_gate_open_the_landing_position_gets_the_gradient_of_the_readout(readout):
+    """d y / d (landing point) through the bilinear landing weights is the derivative of the
+    readout itself: it equals central finite differences (float64, landing points inside cells,
+    away from the kinks at whole cell coordinates), and it is not zero."""
     config = tiny_config(output_gate_init=1.0, readout=readout)
-    proc = build_processor(config)
-    xy = torch.tensor([[1.3, 2.6], [4.0, 0.2]], requires_grad=True)
-    collected = proc.output_face.collect(torch.tensor([0, 1]), xy, torch.tensor([0.5, 0.9]),
-                                                   torch.randn(2, config.face_channels), 2)
-    proc.output_face.read(collected).sum().backward()
-    assert (xy.grad.abs() > 0).all()
+    proc = build_processor(config).double()
+    g = torch.Generator().manual_seed(0)
+    energy = torch.tensor([0.5, 0.9], dtype=torch.float64)
+    values = torch.randn(2, config.face_channels, generator=g, dtype=torch.float64)
+    xy = torch.tensor([[1.3, 2.6], [3.7, 0.2]], dtype=torch.float64, requires_grad=True)
+
+    def y_of(xy: torch.Tensor) -> torch.Tensor:
+        collected = proc.output_face.collect(torch.tensor([0, 1]), xy, energy, values, 2)
+        return proc.output_face.read(collected)
+
+    assert torch.autograd.gradcheck(y_of, (xy,), eps=1e-6, atol=1e-8, rtol=1e-6)
+    y_of(xy).sum().backward()
+    assert (xy.grad.abs() > 1e-6).all()
 
 
 class _RecordOutputs(TorchDispatchMode):

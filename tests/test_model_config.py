@@ -223,7 +223,7 @@ def test_every_field_added_since_the_first_config_says_what_it_was_before():
     assert not stale, f"FIELD_DEFAULTS_BEFORE entries that are no field added since the first config: {stale}"
     for name, before in FIELD_DEFAULTS_BEFORE.items():  # every plain entry is a value the field accepts
         if not isinstance(before, (SameAs, Unreproducible)):
-            EnergyConfig(**{name: before, **({"readout": "shared"} if name == "readout_key_blur" else {})})
+            EnergyConfig(**{name: before})
 
 
 def test_a_saved_config_takes_the_old_values_a_users_yaml_todays_defaults(tmp_path):
@@ -336,3 +336,16 @@ def test_resuming_a_run_from_before_the_live_dynamics_is_one_clear_line(tmp_path
     assert re.fullmatch(r"train\.py: error: --resume: \S+config\.yaml: written by an efgraph from before "
                         r"'interaction_radius' existed; this is efgraph .*, which cannot compute what that run "
                         r"computed .*train the run again with this one\n", done.stderr), done.stderr
+
+
+def test_a_removed_field_reads_at_its_off_value_and_is_refused_at_any_other():
+    """readout_key_blur and start_cell_noise were removed (tried, not kept): a config that has them
+    off still reads as before; one that asks for them is refused naming the field."""
+    saved = {**EnergyConfig().to_dict(), "readout_key_blur": 0.0, "readout_key_blur_fraction": 0.5,
+             "start_cell_noise": 0.0, "start_cell_noise_fraction": 0.5}
+    assert EnergyConfig.from_saved(saved, "run/config.yaml") == EnergyConfig()
+    assert EnergyConfig.from_dict({"start_cell_noise": 0.0}) == EnergyConfig()
+    with pytest.raises(ValueError, match=r"start_cell_noise: removed from efgraph .*got 0\.05"):
+        EnergyConfig.from_dict({"start_cell_noise": 0.05})
+    with pytest.raises(ValueError, match=r"run/config\.yaml: .*readout_key_blur: removed from efgraph"):
+        EnergyConfig.from_saved({**saved, "readout_key_blur": 2.0}, "run/config.yaml")

@@ -9,11 +9,37 @@ import shutil
 import socket
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
 from conftest import ROOT, train_script_command
+
+
+class _Tables(HTMLParser):
+    """The text of every table cell of a page, as rows: ``[["model", "cosine", ...], ...]``."""
+
+    def __init__(self, page: str) -> None:
+        super().__init__()
+        self.rows: list[list[str]] = []
+        self._cell: list[str] | None = None
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "tr":
+            self.rows.append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self.rows[-1].append("".join(self._cell).strip())
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
 
 TINY = [
     "dataset=synthetic", "synthetic_pairs=80", "input_dim=8", "output_dim=8", "lattice_width=4",
@@ -51,9 +77,11 @@ def test_offline_html_report_is_self_contained(tiny_run, study, tmp_path):
     page = out.read_text()
     results = json.loads((tiny_run / "results.json").read_text())
     # the model-vs-baselines table with the numbers of results.json
+    rows = _Tables(page).rows
     for name, metrics in results["test"].items():
-        assert f"<td>{name}</td><td>{metrics['cosine']:.4f}</td>" in page
-    assert "<td>base</td><td>0.5</td>" in page  # the study table
+        assert [name, f"{metrics['cosine']:.4f}"] in [row[:2] for row in rows], name
+    assert ["model", "cosine", "MSE", "R@1"] in rows
+    assert ["base", "0.5"] in rows  # the study table
     assert "Study study-x" in page and "ridge alpha" in page and "split by pair" in page
     images = re.findall(r"<img alt='([^']*)' src='data:image/png;base64,([A-Za-z0-9+/=]+)'>", page)
     titles = [t for t, _ in images]
@@ -106,9 +134,14 @@ def test_wandb_report_object_is_built_without_network(tiny_run, study, monkeypat
     assert "| energy-flow |" in text and "| base | 0.5 |" in text
 
 
-def test_markdown_renders_bold_and_code_spans_and_escapes_html():
+def test_markdown_renders_tables_bold_and_code_spans_and_escapes_html():
     from efgraph.training.report import _markdown_to_html
 
-    out = _markdown_to_html("**Compare on validation.** config `bible.yaml` <script>\n| a | b |\n|---|---|\n| **1** | `x` |")
-    assert "<p><b>Compare on validation.</b> config <code>bible.yaml</code> &lt;script&gt;</p>" in out
-    assert "<td><b>1</b></td><td><code>x</code></td>" in out
+    out = _markdown_to_html("# Study `x`\n\n**Compare on validation.** config `bible.yaml` <script>\n\n"
+                            "| a | b |\n|---|---:|\n| **1** | `x` |\n| a\\|b | 2 |\n")
+    assert "<h3>Study <code>x</code></h3>" in out  # under the report's h1 / h2
+    assert "<p><strong>Compare on validation.</strong> config <code>bible.yaml</code> &lt;script&gt;</p>" in out
+    assert "<script>" not in out
+    assert "<td><strong>1</strong></td>" in out and "><code>x</code></td>" in out
+    # a '|' escaped in a cell (format_results_table escapes model names so) stays in its cell
+    assert _Tables(out).rows == [["a", "b"], ["1", "x"], ["a|b", "2"]]

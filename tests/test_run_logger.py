@@ -7,7 +7,7 @@ import json
 import pytest
 
 from efgraph.training.run_logger import RunLogger
-from efgraph.utils.wandb_files import find_run_file, logged_alerts, run_grouping
+from wandb_files import find_run_file, logged_alerts, run_grouping
 
 
 def test_alert_goes_to_metrics_jsonl_without_wandb(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +14,9 @@ import pytest
 
 from conftest import ROOT
 from efgraph.config import EnergyConfig
-from efgraph.training.study import (DATA_KEYS, Variant, bootstrap_against_best_baseline, build_variants,
+from efgraph.training.study import (DATA_KEYS, StudyFile, Variant, bootstrap_against_best_baseline, build_variants,
                                     paired_bootstrap_ci, parse_variant, parse_variant_seeds,
-                                    run_study, summarize, two_level_bootstrap_ci)
+                                    run_study, summarize, two_level_bootstrap_ci, variant_config)
 
 TINY = [
     "dataset=synthetic", "synthetic_pairs=120", "input_dim=12", "output_dim=12", "residual=true", "lattice_width=5",
@@ -285,3 +286,97 @@ def test_parallel_runs_share_the_cores_and_an_explicit_thread_count_is_kept(monk
     assert threads_per_job(0, 1) == 0  # one run at a time: PyTorch's default, as configured
     assert threads_per_job(0, 2) == 4 and threads_per_job(0, 3) == 2 and threads_per_job(0, 16) == 1
     assert threads_per_job(3, 2) == 3  # the config says so
+
+
+# ---- study files -----------------------------------------------------------------------------------
+STUDY_FILES = sorted((ROOT / "configs" / "studies").glob("*.yaml"))
+
+
+def test_the_readme_runs_every_study_file_by_its_name():
+    assert len(STUDY_FILES) >= 20
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for path in STUDY_FILES:
+        assert re.search(rf"^python scripts/study\.py {re.escape(path.stem)}(?= |$)", readme, re.M), path.stem
+    outputs = [StudyFile.read(p).output_dir for p in STUDY_FILES]
+    assert len(set(outputs)) == len(outputs)  # no two studies write into one folder
+
+
+@pytest.mark.parametrize("path", STUDY_FILES, ids=lambda p: p.stem)
+def test_every_study_file_parses_and_builds_its_configs(path):
+    """Like a check of every config: the file's keys, its base config (a file in configs/), its
+    --set and every variant's config at every seed build without error; nothing trains."""
+    spec = StudyFile.read(path)
+    config = spec.config_path(ROOT)
+    assert config.is_file() and config.parent == ROOT / "configs", spec.config
+    assert spec.output_dir.startswith("runs/")
+    base = spec.base(ROOT)
+    variants = spec.variants(base)
+    assert variants and spec.jobs >= 1
+    for variant in variants:
+        for seed in variant.seeds:
+            assert variant_config(base, variant, seed).seed == seed
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text, message", [
+    ("config: configs/debug.yaml\noutput_dir: runs/x\nvariant: {a: {}}\n",
+     r"s.yaml: unknown keys \['variant'\]; allowed keys are \['config', 'set', 'variants', 'seeds', "
+     r"'variant_seeds', 'jobs', 'output_dir'\]"),
+    ("config: configs/debug.yaml\n", r"missing \['output_dir'\]"),
+    ("config: configs/debug.yaml\noutput_dir: x\nvariants:\n  a: {}\n  a: {lattice_depth: 4}\n", "given twice"),
+    ("config: configs/debug.yaml\noutput_dir: x\nseeds: 0\n", "seeds: expected a list of integer seeds"),
+    ("config: configs/debug.yaml\noutput_dir: x\njobs: 0\n", "jobs: expected an integer >= 1"),
+    ("config: configs/debug.yaml\noutput_dir: x\nset: {epochs: [1, 2]}\n", "set: epochs: expected a single value"),
+    ("- config\n", "expected a mapping"),
+])
+def test_a_bad_study_file_is_refused_naming_the_key(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message):
+        StudyFile.read(_write(tmp_path, text))
+
+
+def test_a_study_file_builds_what_the_same_flags_build(tmp_path):
+    sets = "\n".join(f"  {item.split('=', 1)[0]}: {item.split('=', 1)[1]}" for item in TINY)
+    spec = StudyFile.read(_write(tmp_path, f"config: configs/debug.yaml\nset:\n{sets}\n  baseline_models: ''\n"
+                                           "variants:\n  full:\n  deep: {lattice_depth: 6, readout: shared}\n"
+                                           "seeds: [0, 1]\nvariant_seeds: {deep: [2]}\noutput_dir: runs/x\n"))
+    base = spec.base(ROOT)
+    flags = _tiny_base().with_overrides(['baseline_models=""'])
+    assert base == flags
+    assert spec.variants(base) == build_variants(flags, ["full", "deep:lattice_depth=6,readout=shared"], [0, 1],
+                                                 ["deep=2"])
+    for text, message in [("variants: {x: {seed: 3}}", "variants: x: seed is set by seeds"),
+                          ("variants: {x: {data_seed: 3}}", r"variants: x: \['data_seed'\] change the data"),
+                          ("variants: {x: {no_such_key: 1}}", "variants: x: config: unknown keys"),
+                          ("variants: {x: }\nvariant_seeds: {y: [1]}", "variant_seeds: no variant named 'y'"),
+                          ("set: {lattice_depth: 1}", "s.yaml: set: lattice_depth")]:
+        bad = StudyFile.read(_write(tmp_path, f"config: configs/debug.yaml\noutput_dir: x\n{text}\n"))
+        with pytest.raises(ValueError, match=message):
+            bad.variants(bad.base(ROOT))
+
+
+def test_study_script_runs_a_study_file_and_refuses_flags_that_the_file_says(tmp_path):
+    study = _write(tmp_path, "config: configs/debug.yaml\nset:\n" + "".join(
+        f"  {item.split('=', 1)[0]}: {item.split('=', 1)[1]}\n" for item in TINY)
+        + "  baseline_models: ''\nvariants: {one: {}}\nseeds: [0]\njobs: 1\noutput_dir: from-file\n")
+    script = [sys.executable, str(ROOT / "scripts/study.py")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for extra, message in [(["--set", "epochs=2"], "error: --set: the study file"),
+                           (["--seeds", "1", "--variant", "x"], "error: --variant, --seeds: the study file")]:
+        bad = subprocess.run([*script, str(study), *extra], capture_output=True, text=True, cwd=tmp_path, env=env)
+        assert bad.returncode != 0 and message in bad.stderr, bad.stderr
+    unknown = subprocess.run([*script, "no-such-study"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert unknown.returncode != 0 and "routing-final3" in unknown.stderr  # names the studies there are
+    assert not (tmp_path / "from-file").exists()
+    # --output-dir may move it: the study runs there, with the file's config, variants and seeds
+    proc = subprocess.run([*script, str(study), "--output-dir", "moved", "--wandb-mode", "disabled", "--no-progress"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads((tmp_path / "moved" / "study.json").read_text())
+    assert saved["config_path"] == "configs/debug.yaml"
+    assert saved["variants"] == [{"name": "one", "overrides": [], "seeds": [0]}]
+    assert saved["base_config"] == _tiny_base().with_overrides(['baseline_models=""']).to_dict()

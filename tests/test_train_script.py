@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT, train_script_command
 from efgraph.training.metrics import load_pair_scores
 from efgraph.training.run_logger import resolve_wandb_mode
-from efgraph.utils.wandb_files import find_run_file, logged_history, logged_keys, logged_metric_summaries
+from wandb_files import find_run_file, logged_history, logged_keys, logged_metric_summaries
 
 TINY = [
     "dataset=synthetic", "synthetic_pairs=120", "input_dim=12", "output_dim=12", "lattice_width=5",

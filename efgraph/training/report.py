@@ -272,38 +272,17 @@ def _curve_images(runs: list[RunRecord]) -> list[str]:
     return out
 
 
-def _inline(text: str) -> str:
-    """Escape a line, then render ``**bold**`` and ``code`` spans (what results.md/study.md use)."""
-    text = html.escape(text)
-    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
-    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
-
-
 def _markdown_to_html(text: str) -> str:
-    """Markdown tables -> HTML tables; other lines -> paragraphs (enough for results.md/study.md)."""
-    out, table = [], []
+    """results.md / study.md as HTML (CommonMark with tables; raw HTML in the text is escaped),
+    headings demoted by two levels to sit under the report's own ``h1`` / ``h2``."""
+    from markdown_it import MarkdownIt
 
-    def flush() -> None:
-        if table:
-            rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table]
-            body = [r for r in rows[1:] if not all(set(c) <= set("-: ") for c in r)]
-            out.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in rows[0]) + "</tr>"
-                       + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in body)
-                       + "</table>")
-            table.clear()
-
-    for line in text.splitlines():
-        if line.strip().startswith("|"):
-            table.append(line)
-            continue
-        flush()
-        if line.startswith("#"):
-            level = min(len(line) - len(line.lstrip("#")) + 2, 6)
-            out.append(f"<h{level}>{_inline(line.lstrip('#').strip())}</h{level}>")
-        elif line.strip():
-            out.append(f"<p>{_inline(line)}</p>")
-    flush()
-    return "\n".join(out)
+    md = MarkdownIt("js-default")  # CommonMark + GFM tables, html off
+    tokens = md.parse(text)
+    for token in tokens:
+        if token.type in ("heading_open", "heading_close"):
+            token.tag = f"h{min(int(token.tag[1]) + 2, 6)}"
+    return md.renderer.render(tokens, md.options, {})
 
 
 def _b64(data: bytes) -> str:

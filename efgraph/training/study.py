@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import scipy.stats
+import yaml
 
 from efgraph.config import EnergyConfig
 from efgraph.core.flow_processor import FlowProcessor
@@ -130,34 +131,189 @@ def build_variants(base: EnergyConfig, specs: Sequence[str], seeds: Sequence[int
             ``--set`` for all runs), or an unknown / invalid field; naming ``--seeds`` or
             ``--variant-seeds`` for bad seeds or a seed list of an unknown variant.
     """
-    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds: expected distinct seeds >= 0, got {list(seeds)}")
-    parsed = [parse_variant(spec) for spec in specs] or [("full", [])]
-    names = [name for name, _ in parsed]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"--variant: duplicate name(s) {duplicates}")
+    parsed = [parse_variant(spec) for spec in specs]
+    names = [name for name, _ in parsed] or ["full"]
     per_variant: dict[str, list[int]] = {}
     for spec in variant_seeds:
         name, own = parse_variant_seeds(spec)
         if name not in names:
             raise ValueError(f"--variant-seeds {spec!r}: no variant named {name!r} (variants: {names})")
         per_variant[name] = own
+    return _variants(base, parsed, seeds, per_variant, _FLAGS)
+
+
+# how build_variants' errors name what was wrong: command-line flags, or a study file's keys
+_FLAGS = {"variant": "--variant", "seeds": "--seeds", "variant_seeds": "--variant-seeds", "set": "--set"}
+_FILE_KEYS = {"variant": "variants:", "seeds": "seeds", "variant_seeds": "variant_seeds", "set": "set"}
+
+
+def _variants(base: EnergyConfig, parsed: Sequence[tuple[str, list[str]]], seeds: Sequence[int],
+              per_variant: dict[str, list[int]], say: dict[str, str]) -> list[Variant]:
+    """:func:`build_variants` of parsed ``(name, overrides)``; ``say`` names the flags or keys."""
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise ValueError(f"{say['seeds']}: expected distinct seeds >= 0, got {list(seeds)}")
+    parsed = list(parsed) or [("full", [])]
+    names = [name for name, _ in parsed]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"{say['variant']}: duplicate name(s) {duplicates}")
     variants = []
     for name, overrides in parsed:
+        _check_name(name, f"{say['variant']} {name}")
         keys = [item.split("=", 1)[0].strip() for item in overrides]
         if "seed" in keys:
-            raise ValueError(f"--variant {name}: seed is set by --seeds / --variant-seeds, not by a variant")
+            raise ValueError(f"{say['variant']} {name}: seed is set by {say['seeds']} / {say['variant_seeds']}, "
+                             "not by a variant")
         try:
-            config = base.with_overrides(overrides)
+            config = base.with_overrides(list(overrides))
         except ValueError as err:
-            raise ValueError(f"--variant {name}: {err}") from None
+            raise ValueError(f"{say['variant']} {name}: {err}") from None
         changed = [k for k in DATA_KEYS if getattr(config, k) != getattr(base, k)]
         if changed:
-            raise ValueError(f"--variant {name}: {changed} change the data or the split, which all runs of a study "
-                             "share; set them for every run with --set")
+            raise ValueError(f"{say['variant']} {name}: {changed} change the data or the split, which all runs of a "
+                             f"study share; set them for every run with {say['set']}")
         variants.append(Variant(name, tuple(overrides), tuple(per_variant.get(name, seeds))))
     return variants
+
+
+# ---- study files -----------------------------------------------------------------------------------
+#: The keys of a study file: ``config`` and ``output_dir`` are required.
+STUDY_KEYS = ("config", "set", "variants", "seeds", "variant_seeds", "jobs", "output_dir")
+
+
+@dataclass(frozen=True)
+class StudyFile:
+    """One study as a file (``configs/studies/<name>.yaml``): what a ``scripts/study.py`` command
+    line says, so that a study is run by its name::
+
+        config: configs/routing.yaml      # the base config, relative to the project's root
+        set: {num_threads: 1}             # --set for every run
+        variants:                         # --variant NAME:KEY=VALUE,... (in this order)
+          one-step: {}
+          deep: {lattice_depth: 5}
+        seeds: [0, 1, 2]                  # --seeds (default 0 1 2)
+        variant_seeds: {deep: [0, 1]}     # --variant-seeds NAME=S,S
+        jobs: 2                           # --jobs (default 1)
+        output_dir: runs/study-x          # --output-dir, relative to where the study runs
+
+    Values are YAML scalars, as a config file's; each becomes the ``key=value`` override the
+    command line would pass. Build it with :meth:`read`, then :meth:`base` and :meth:`variants`.
+    """
+
+    path: Path
+    config: str
+    sets: tuple[str, ...]
+    variant_specs: tuple[tuple[str, tuple[str, ...]], ...]
+    seeds: tuple[int, ...]
+    variant_seeds: tuple[tuple[str, tuple[int, ...]], ...]
+    jobs: int
+    output_dir: str
+
+    @classmethod
+    def read(cls, path: str | Path) -> "StudyFile":
+        """Parse and check a study file's shape (not yet its configs: see :meth:`base`).
+
+        Raises:
+            ValueError: naming the file and the key: an unknown key (with the allowed ones), a
+                duplicated key, a missing ``config`` / ``output_dir``, a value of the wrong type.
+        """
+        path = Path(path)
+        try:
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - safe loader
+        except (OSError, yaml.YAMLError) as err:
+            raise ValueError(f"{path}: {err}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping with the keys {list(STUDY_KEYS)}")
+        unknown = sorted(set(data) - set(STUDY_KEYS), key=str)
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {unknown}; allowed keys are {list(STUDY_KEYS)}")
+        missing = [k for k in ("config", "output_dir") if k not in data]
+        if missing:
+            raise ValueError(f"{path}: missing {missing} (required: config, output_dir)")
+
+        def fail(key: str, expected: str) -> ValueError:
+            return ValueError(f"{path}: {key}: expected {expected}, got {data[key]!r}")
+
+        def text(key: str) -> str:
+            if not isinstance(data[key], str) or not data[key].strip():
+                raise fail(key, "a path")
+            return data[key]
+
+        def seed_list(value: Any, key: str) -> tuple[int, ...]:
+            if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise ValueError(f"{path}: {key}: expected a list of integer seeds, got {value!r}")
+            return tuple(value)
+
+        def mapping(value: Any, key: str) -> dict[str, Any]:
+            if value is None:
+                return {}
+            if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+                raise ValueError(f"{path}: {key}: expected a mapping of names to values, got {value!r}")
+            return value
+
+        sets = tuple(_override(k, v, f"{path}: set") for k, v in mapping(data.get("set"), "set").items())
+        variant_specs = tuple((name, tuple(_override(k, v, f"{path}: variants: {name}")
+                                           for k, v in mapping(overrides, f"variants: {name}").items()))
+                              for name, overrides in mapping(data.get("variants"), "variants").items())
+        variant_seeds = tuple((name, seed_list(own, f"variant_seeds: {name}"))
+                              for name, own in mapping(data.get("variant_seeds"), "variant_seeds").items())
+        jobs = data.get("jobs", 1)
+        if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+            raise fail("jobs", "an integer >= 1")
+        return cls(path, text("config"), sets, variant_specs, seed_list(data.get("seeds", [0, 1, 2]), "seeds"),
+                   variant_seeds, jobs, text("output_dir"))
+
+    def config_path(self, root: str | Path) -> Path:
+        """The base config: ``config`` as written when absolute, else under ``root`` (the project)."""
+        return Path(root) / self.config
+
+    def base(self, root: str | Path) -> EnergyConfig:
+        """The base config with the file's ``set`` applied (raises ``ValueError`` naming the file)."""
+        path = self.config_path(root)
+        if not path.is_file():
+            raise ValueError(f"{self.path}: config: no file {path}")
+        try:
+            return EnergyConfig.from_yaml(path).with_overrides(list(self.sets))
+        except ValueError as err:
+            raise ValueError(f"{self.path}: set: {err}") from None
+
+    def variants(self, base: EnergyConfig) -> list[Variant]:
+        """The variants, each config built (see :func:`build_variants`; errors name the file)."""
+        names = [name for name, _ in self.variant_specs] or ["full"]
+        for name, _ in self.variant_seeds:
+            if name not in names:
+                raise ValueError(f"{self.path}: variant_seeds: no variant named {name!r} (variants: {names})")
+        try:
+            return _variants(base, [(n, list(o)) for n, o in self.variant_specs], self.seeds,
+                             {n: list(s) for n, s in self.variant_seeds}, _FILE_KEYS)
+        except ValueError as err:
+            raise ValueError(f"{self.path}: {err}") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (a second variant of the
+    same name would silently replace the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        twice = sorted({str(k) for k in keys if keys.count(k) > 1})
+        if twice:
+            raise yaml.constructor.ConstructorError(None, None, f"key(s) {twice} given twice", node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _override(key: str, value: Any, where: str) -> str:
+    """A study file's ``key: value`` as the ``key=value`` override ``--set`` would pass (the value
+    read back by :meth:`EnergyConfig.with_overrides` is ``value``)."""
+    if isinstance(value, (dict, list)):
+        raise ValueError(f"{where}: {key}: expected a single value, got {value!r}")
+    if isinstance(value, str):
+        try:
+            if yaml.safe_load(value) == value and "\n" not in value:
+                return f"{key}={value}"
+        except yaml.YAMLError:
+            pass
+    return f"{key}={json.dumps(value)}"  # JSON is YAML: "" stays "", true stays true
 
 
 def variant_config(base: EnergyConfig, variant: Variant, seed: int) -> EnergyConfig:

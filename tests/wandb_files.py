@@ -4,8 +4,8 @@ The file is a LevelDB-style log: a 7-byte header (``:W&B``, magic, version), the
 of records, each ``crc32c (4) | length (2, little endian) | type (1) | payload``, where a payload
 split across blocks is marked FIRST / MIDDLE / LAST. Each reassembled payload is a
 ``wandb_internal_pb2.Record``. We read it ourselves because the SDK no longer ships a Python
-reader (its internals moved to the Go ``wandb-core``), and tests and users want to check what a
-run recorded without uploading it.
+reader (its internals moved to the Go ``wandb-core``), and the tests check what a
+run recorded without uploading it. Only the tests use it, so it lives beside them, not in the package.
 """
 
 from __future__ import annotations

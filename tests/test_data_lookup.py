@@ -117,3 +117,20 @@ def test_vector_encoding_refuses_chains_longer_than_its_slots():
     rotation = torch.eye(8 + MAX_VECTOR_CHAIN * 10)
     with pytest.raises(ValueError, match="chain length: the vector encoding has 10 chain slots"):
         encode_vector(torch.zeros(1, dtype=torch.long), torch.zeros(1, 11, dtype=torch.long), 8, 9, rotation)
+
+
+def test_the_benchmark_as_a_pair_file_keeps_its_split_column_and_sequences(tmp_path):
+    from efgraph.data import load_embedding_pairs, lookup_pairs, save_embedding_pairs
+    from efgraph.data.split import split_pairs
+
+    bench = lookup_benchmark(seed=0, d=17, max_train_length=3, test_lengths=(6, 10), test_chains=2)
+    loaded = load_embedding_pairs(save_embedding_pairs(lookup_pairs(bench), tmp_path / "lookup.pt"))
+    split = split_pairs(loaded)
+    assert [len(part) for part in (split.train, split.validation, split.test)] == [
+        len(bench.train), len(bench.validation), len(bench.test)]
+    test = loaded.subset(split.test)
+    assert test.src_seq.shape == (len(bench.test), 11, 17)
+    torch.testing.assert_close(test.src_seq, bench.test.seq)
+    torch.testing.assert_close(test.tgt, bench.test.tgt)
+    train = loaded.subset(split.train)
+    assert torch.equal(train.src_mask[:, :4], bench.train.mask) and not bool(train.src_mask[:, 4:].any())

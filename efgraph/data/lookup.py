@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from efgraph.data.pairs import EmbeddingPairs
 from efgraph.data.synthetic import _salted
 
 #: Chain slots of the fixed-width vector encoding; a longer chain has no vector encoding.
@@ -305,3 +306,20 @@ def lookup_oracle(bench: LookupBenchmark, seq: Tensor, mask: Tensor) -> Tensor:
     the exact targets ``[N, V]`` (answer accuracy 1, cosine 1)."""
     start, chains, _ = decode_tokens(seq, mask, bench.tokens, bench.values)
     return bench.answers[run_lookups(start, chains, bench.tables)]
+
+
+def lookup_pairs(bench: LookupBenchmark) -> EmbeddingPairs:
+    """The whole benchmark as one pair set for ``dataset: pairs`` (save it with
+    :func:`~efgraph.data.files.save_embedding_pairs`): rows train, then validation, then test, with
+    their per-row ``split`` column, the token sequence as the sequence source (``src_seq [N, 11, d]``
+    padded to the longest chain of all splits, ``src_mask``) and ``src`` its flattening, as a loaded
+    sequence file has (the fixed-width vector encoding is not carried); ``tgt [N, V]``; keys
+    ``"lookup-<split>-<i>"``; groups the chain length (``"L7"``)."""
+    parts = list(bench.splits().values())
+    width = max(p.seq.shape[1] for p in parts)
+    seq = torch.cat([F.pad(p.seq, (0, 0, 0, width - p.seq.shape[1])) for p in parts])
+    mask = torch.cat([F.pad(p.mask, (0, width - p.mask.shape[1])) for p in parts])
+    return EmbeddingPairs(src=seq.flatten(1), tgt=torch.cat([p.tgt for p in parts]),
+                          keys=[f"lookup-{p.name}-{i}" for p in parts for i in range(len(p))],
+                          groups=[f"L{n}" for p in parts for n in p.lengths.tolist()],
+                          split=[label for p in parts for label in p.split], src_seq=seq, src_mask=mask)

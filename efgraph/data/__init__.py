@@ -11,6 +11,9 @@
 * :func:`make_routing_pairs` - a seeded task that needs routing, with a known ceiling (``routing``).
 * :func:`make_composition_pairs` - a seeded task that needs several sequential lookups (chains of
   permutation tables), with held-out chains and a known ceiling (``composition``).
+* :func:`lookup_benchmark` - the Neural Data Router's compositional table lookup: train on chains
+  of 1-5 lookups, test on 6-10, as token sequences (with a mask) and fixed-width vectors (``lookup``);
+  :func:`lookup_pairs` gives it as one pair set with a per-row split column.
 * :func:`make_split` / :func:`split_pairs` / :class:`Split` - deterministic, group-aware
   train/validation/test splits (``split``).
 """
@@ -30,6 +33,7 @@ from efgraph.data.pairs import EmbeddingPairs
 from efgraph.data.split import Split, make_split, split_pairs
 from efgraph.data.composition import (composition_answers, composition_dims, composition_oracle,
                                       make_composition_pairs)
+from efgraph.data.lookup import LookupBenchmark, lookup_benchmark, lookup_oracle, lookup_pairs
 from efgraph.data.routing import make_routing_pairs, routing_ceiling, routing_dims, routing_oracle
 from efgraph.data.synthetic import make_teacher_pairs
 from efgraph.data.text import TextPairs, load_text_pairs, read_text_pairs
@@ -53,6 +57,10 @@ __all__ = [
     "load_bible_pairs",
     "load_embedding_pairs",
     "load_text_pairs",
+    "LookupBenchmark",
+    "lookup_benchmark",
+    "lookup_oracle",
+    "lookup_pairs",
     "make_composition_pairs",
     "make_routing_pairs",
     "make_split",

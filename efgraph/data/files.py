@@ -19,6 +19,16 @@ Supported formats (chosen by the file extension):
     by swapping ``src``/``tgt`` in the name. (Stacking both into one ``[N, 2, D]`` array would
     force ``D_src == D_tgt``, which this project does not assume.)
 
+**Optional per-row split** (``split``, stored like ``keys``/``groups``): ``N`` labels from
+``train``, ``validation``, ``test``. With it a run uses the file's split instead of a random one
+(:func:`efgraph.data.split.split_from_labels`; the log says so).
+
+**Optional sequence source** (``.pt``, ``.npz``, ``.safetensors``): ``src`` may be ``[N, T, d]``
+(tokens) with a bool ``mask [N, T]`` (True = real token, at least one per row; alias
+``src_mask``). Padded positions are ignored (set to zero on load). The pairs then hold
+``src_seq``/``src_mask`` for a sequence model and ``src = src_seq.flatten(1)`` (``[N, T d]``) for
+every vector model; a ``[N, D]`` ``src`` (no mask) is read exactly as before.
+
 Every error is a :class:`ValueError` whose message starts with the file path.
 """
 
@@ -36,7 +46,7 @@ import torch
 from torch import Tensor
 
 from efgraph.data._atomic import atomic_write
-from efgraph.data.pairs import EmbeddingPairs
+from efgraph.data.pairs import EmbeddingPairs, check_sequence_source
 
 #: Extensions :func:`load_embedding_pairs` understands, in the order they are listed in errors.
 SUPPORTED_EXTENSIONS: tuple[str, ...] = (".pt", ".npz", ".safetensors", ".npy")
@@ -45,6 +55,9 @@ SUPPORTED_EXTENSIONS: tuple[str, ...] = (".pt", ".npz", ".safetensors", ".npy")
 # save_embedding_pairs.
 _SRC_NAMES = ("src", "source")
 _TGT_NAMES = ("tgt", "target")
+_MASK_NAMES = ("mask", "src_mask")
+# Optional per-row string columns.
+_LABEL_NAMES = ("keys", "groups", "split")
 
 
 def load_embedding_pairs(path: str | os.PathLike[str]) -> EmbeddingPairs:
@@ -54,7 +67,8 @@ def load_embedding_pairs(path: str | os.PathLike[str]) -> EmbeddingPairs:
         path: a ``.pt``, ``.npz``, ``.safetensors`` file, or one of a ``<stem>.src.npy`` /
             ``<stem>.tgt.npy`` pair (see the module docstring).
     Returns:
-        :class:`EmbeddingPairs` with ``src [N, D_src]`` and ``tgt [N, D_tgt]`` as float32.
+        :class:`EmbeddingPairs` with ``src [N, D_src]`` and ``tgt [N, D_tgt]`` as float32 (and,
+        for a sequence source, ``src_seq [N, T, d]``, ``src_mask [N, T]``, ``src [N, T d]``).
     Raises:
         FileNotFoundError: the file (or the sibling ``.npy`` file) does not exist.
         ValueError: unknown extension, a pickle-bearing ``.pt``, missing ``src``/``tgt``
@@ -93,33 +107,26 @@ def save_embedding_pairs(pairs: EmbeddingPairs, path: str | os.PathLike[str]) ->
     """
     path = Path(path)
     ext = _extension(path)
-    src = pairs.src.contiguous()
+    sequence = pairs.src_seq is not None
+    src = (pairs.src_seq if sequence else pairs.src).contiguous()  # a sequence source: its tokens
     tgt = pairs.tgt.contiguous()
+    tensors = {"src": src, "tgt": tgt, **({"mask": pairs.src_mask.contiguous()} if sequence else {})}
+    labels = {name: list(getattr(pairs, name)) for name in _LABEL_NAMES if getattr(pairs, name) is not None}
     if ext == ".pt":
-        obj: dict[str, Any] = {"src": src, "tgt": tgt}
-        if pairs.keys is not None:
-            obj["keys"] = list(pairs.keys)
-        if pairs.groups is not None:
-            obj["groups"] = list(pairs.groups)
+        obj: dict[str, Any] = {**tensors, **labels}
         return atomic_write(path, lambda tmp: torch.save(obj, tmp))
     if ext == ".npz":
-        arrays: dict[str, np.ndarray] = {"src": src.numpy(), "tgt": tgt.numpy()}
-        if pairs.keys is not None:
-            arrays["keys"] = np.asarray(pairs.keys, dtype=np.str_)
-        if pairs.groups is not None:
-            arrays["groups"] = np.asarray(pairs.groups, dtype=np.str_)
+        arrays: dict[str, np.ndarray] = {name: t.numpy() for name, t in tensors.items()}
+        arrays.update({name: np.asarray(values, dtype=np.str_) for name, values in labels.items()})
         return atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
     if ext == ".safetensors":
         from safetensors.torch import save_file
 
-        metadata = {}
-        if pairs.keys is not None:
-            metadata["keys"] = json.dumps(pairs.keys)
-        if pairs.groups is not None:
-            metadata["groups"] = json.dumps(pairs.groups)
-        return atomic_write(
-            path, lambda tmp: save_file({"src": src, "tgt": tgt}, str(tmp), metadata=metadata)
-        )
+        metadata = {name: json.dumps(values) for name, values in labels.items()}
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    if sequence:
+        raise ValueError(f"{path}: a .npy pair cannot hold a sequence source's mask; save it as .pt, .npz or "
+                         ".safetensors")
     src_path, tgt_path = npy_pair_paths(path)
     atomic_write(tgt_path, lambda tmp: np.save(tmp, tgt.numpy()))
     return atomic_write(src_path, lambda tmp: np.save(tmp, src.numpy()))
@@ -203,7 +210,7 @@ def _load_safetensors(path: Path) -> Mapping[str, Any]:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path}: not a readable safetensors file: {e}") from e
-    for name in ("keys", "groups"):
+    for name in _LABEL_NAMES:
         if name in metadata:
             try:
                 entries[name] = json.loads(metadata[name])
@@ -218,11 +225,23 @@ def _load_safetensors(path: Path) -> Mapping[str, Any]:
 def _entries_to_pairs(entries: Mapping[str, Any]) -> EmbeddingPairs:
     src = _as_tensor("src", _pick(entries, _SRC_NAMES))
     tgt = _as_tensor("tgt", _pick(entries, _TGT_NAMES))
+    has_mask = any(name in entries for name in _MASK_NAMES)
+    seq = mask = None
+    if src.dim() == 3 or has_mask:
+        if not has_mask:
+            raise ValueError(f"src: shape {tuple(src.shape)} is a sequence source [N, T, d], which needs a bool "
+                             "entry 'mask' [N, T] (True = real token)")
+        if src.dim() != 3:
+            raise ValueError(f"mask: given, but src has shape {tuple(src.shape)}; a mask goes with a sequence "
+                             "source src [N, T, d]")
+        seq, mask = check_sequence_source(src, _as_tensor("mask", _pick(entries, _MASK_NAMES)))
+        src = seq.flatten(1)  # what a vector model reads: every token, padding zero
     return EmbeddingPairs(
         src=src,
         tgt=tgt,
-        keys=_as_labels("keys", entries.get("keys")),
-        groups=_as_labels("groups", entries.get("groups")),
+        **{name: _as_labels(name, entries.get(name)) for name in _LABEL_NAMES},
+        src_seq=seq,
+        src_mask=mask,
     )
 
 

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+#: The labels of a per-row ``split`` column (:attr:`EmbeddingPairs.split`).
+SPLIT_LABELS: tuple[str, str, str] = ("train", "validation", "test")
+
 
 @dataclass
 class EmbeddingPairs:
@@ -28,6 +31,15 @@ class EmbeddingPairs:
         groups: optional ``N`` strings (e.g. the Bible book); :func:`efgraph.data.split.make_split`
             keeps every group inside one split so near-duplicate neighbours cannot leak from
             train into test.
+        split: optional ``N`` labels from :data:`SPLIT_LABELS` (``"train"``, ``"validation"``,
+            ``"test"``): the part of each row, given by the data (a pair file's ``split`` column);
+            a run then uses it instead of a random split (:func:`efgraph.data.split.split_from_labels`).
+        src_seq, src_mask: optional sequence source, given together: ``src_seq`` float
+            ``[N, T, d]`` and ``src_mask`` bool ``[N, T]`` (True = real token, at least one per
+            row). Padded positions are *ignored*: construction sets them to zero, whatever they
+            held. ``src`` stays the ``[N, D_src]`` vector every model reads (a pair file with a
+            sequence source gives ``src = src_seq.flatten(1)``); a sequence model reads
+            ``(src_seq, src_mask)``.
 
     Construction casts floating tensors to contiguous CPU float32 (what the models use) and raises
     :class:`ValueError` on any broken invariant, naming the offending tensor.
@@ -37,6 +49,9 @@ class EmbeddingPairs:
     tgt: Tensor
     keys: list[str] | None = None
     groups: list[str] | None = None
+    split: list[str] | None = None
+    src_seq: Tensor | None = None
+    src_mask: Tensor | None = None
 
     def __post_init__(self) -> None:
         # contiguous CPU float32, what the models use
@@ -49,6 +64,16 @@ class EmbeddingPairs:
             raise ValueError("empty pair set: src and tgt have 0 rows; need at least one pair")
         self.keys = _check_labels("keys", self.keys, n_src, unique=True)
         self.groups = _check_labels("groups", self.groups, n_src, unique=False)
+        self.split = _check_labels("split", self.split, n_src, unique=False)
+        if self.split is not None:
+            bad = next((i for i, label in enumerate(self.split) if label not in SPLIT_LABELS), None)
+            if bad is not None:
+                raise ValueError(f"split[{bad}]: {self.split[bad]!r} is not a split label; the split column allows "
+                                 f"{', '.join(SPLIT_LABELS)}")
+        if (self.src_seq is None) != (self.src_mask is None):
+            raise ValueError("src_seq, src_mask: a sequence source needs both (tokens [N, T, d] and mask [N, T])")
+        if self.src_seq is not None:
+            self.src_seq, self.src_mask = check_sequence_source(self.src_seq, self.src_mask, n_src)
 
     def __len__(self) -> int:
         return self.src.shape[0]
@@ -88,7 +113,38 @@ class EmbeddingPairs:
             tgt=self.tgt[idx],
             keys=None if self.keys is None else [self.keys[i] for i in rows],
             groups=None if self.groups is None else [self.groups[i] for i in rows],
+            split=None if self.split is None else [self.split[i] for i in rows],
+            src_seq=None if self.src_seq is None else self.src_seq[idx],
+            src_mask=None if self.src_mask is None else self.src_mask[idx],
         )
+
+
+def check_sequence_source(seq: object, mask: object, n: int | None = None) -> tuple[Tensor, Tensor]:
+    """Check a sequence source and return it as ``(float32 [N, T, d] with zeros at the padded
+    positions, bool [N, T])``: ``seq`` a finite float ``[N, T, d]`` (``T, d >= 1``), ``mask`` a
+    bool ``[N, T]`` with at least one True per row, ``N`` rows (when given). Raises ValueError
+    naming ``src_seq`` or ``src_mask``."""
+    if not isinstance(seq, Tensor) or seq.dim() != 3 or not seq.is_floating_point():
+        what = f"{seq.dtype} shape {tuple(seq.shape)}" if isinstance(seq, Tensor) else type(seq).__name__
+        raise ValueError(f"src_seq: a sequence source must be a float tensor [N, T, d], got {what}")
+    if 0 in seq.shape[1:]:
+        raise ValueError(f"src_seq: needs T >= 1 tokens of width d >= 1, got shape {tuple(seq.shape)}")
+    if n is not None and seq.shape[0] != n:
+        raise ValueError(f"src_seq: has {seq.shape[0]} rows but there are {n} pairs")
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(seq.shape[:2]):
+        what = f"{mask.dtype} shape {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"src_mask: must be a bool tensor [N, T] = {list(seq.shape[:2])} (True = real token), "
+                         f"got {what}")
+    empty = (~mask.any(dim=1)).nonzero()
+    if empty.numel():
+        raise ValueError(f"src_mask: row {int(empty[0, 0])} has no real token; every row needs at least one True")
+    seq = seq.detach().to(device="cpu", dtype=torch.float32)
+    mask = mask.detach().cpu()
+    seq = torch.where(mask.unsqueeze(-1), seq, 0.0).contiguous()  # padding ignored: zero, whatever it held (NaN too)
+    if not bool(torch.isfinite(seq).all()):
+        row = int((~torch.isfinite(seq)).flatten(1).any(dim=1).nonzero()[0, 0])
+        raise ValueError(f"src_seq: contains a non-finite value (NaN or inf) at a real token: first bad row {row}")
+    return seq, mask.contiguous()
 
 
 def check_embeddings(

@@ -152,6 +152,27 @@ def make_split(
     return Split(*parts)
 
 
+def split_from_labels(labels: Sequence[str]) -> Split:
+    """The split a data set gives row by row (a pair file's ``split`` column): row ``i`` goes to the
+    part ``labels[i]`` names (``"train"``, ``"validation"`` or ``"test"``).
+
+    Raises:
+        ValueError: naming the ``split`` column and its allowed values, for an unknown label or a
+            part that no row names (a run needs all three).
+    """
+    parts: dict[str, list[int]] = {name: [] for name in PART_NAMES}
+    for i, label in enumerate(labels):
+        if label not in parts:
+            raise ValueError(f"split[{i}]: {label!r} is not a split label; the split column allows "
+                             f"{', '.join(PART_NAMES)}")
+        parts[label].append(i)
+    empty = [name for name in PART_NAMES if not parts[name]]
+    if empty:
+        raise ValueError(f"split: no row is labelled {', '.join(repr(e) for e in empty)}; the split column must "
+                         f"give each of {', '.join(PART_NAMES)} at least one row")
+    return Split(*(parts[name] for name in PART_NAMES))
+
+
 def split_pairs(
     pairs: EmbeddingPairs,
     *,
@@ -159,7 +180,10 @@ def split_pairs(
     seed: int = 0,
     by_group: bool = True,
 ) -> Split:
-    """:func:`make_split` for a pair set, by ``pairs.groups`` when present and ``by_group``."""
+    """:func:`make_split` for a pair set, by ``pairs.groups`` when present and ``by_group``;
+    the pairs' own per-row ``split`` (:func:`split_from_labels`) when they carry one."""
+    if pairs.split is not None:
+        return split_from_labels(pairs.split)
     groups = pairs.groups if by_group else None
     return make_split(len(pairs), groups=groups, fractions=fractions, seed=seed)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -90,6 +91,17 @@ def _check_equal_widths(name: str, src: Tensor, tgt: Tensor) -> None:
                          f"{src.shape[1]} and target width {tgt.shape[1]}")
 
 
+def _rows(src: Tensor | tuple[Tensor, ...], idx: Tensor | slice) -> Tensor | tuple[Tensor, ...]:
+    """Rows ``idx`` of a source: a ``[N, D_in]`` tensor, or a tuple of row-aligned tensors (a
+    sequence source ``(x [N, T, d], mask [N, T])``, see :mod:`efgraph.training.sequence_peers`)."""
+    return tuple(s[idx] for s in src) if isinstance(src, tuple) else src[idx]
+
+
+def _call(model: nn.Module, src: Tensor | tuple[Tensor, ...]) -> Tensor:
+    """``model(src)``, or ``model(*src)`` for a tuple source."""
+    return model(*src) if isinstance(src, tuple) else model(src)
+
+
 @torch.no_grad()
 def _chunked_loss(predict: Callable[[Tensor], Tensor], src: Tensor, tgt: Tensor, mse_weight: float,
                   cosine_weight: float) -> float:
@@ -99,10 +111,10 @@ def _chunked_loss(predict: Callable[[Tensor], Tensor], src: Tensor, tgt: Tensor,
     average of per-block losses equals the loss of the whole split.
     """
     total = 0.0
-    n = src.shape[0]
+    n = tgt.shape[0]
     for start in range(0, n, _EVAL_CHUNK):
         stop = min(start + _EVAL_CHUNK, n)
-        loss = embedding_loss(predict(src[start:stop]), tgt[start:stop], mse_weight, cosine_weight)
+        loss = embedding_loss(predict(_rows(src, slice(start, stop))), tgt[start:stop], mse_weight, cosine_weight)
         total += loss.item() * (stop - start)
     return total / n
 
@@ -399,8 +411,8 @@ class LearnedBaseline:
     neither depends on nor disturbs the caller's RNG stream) and batches come from a private
     ``torch.Generator``; the same seed and data give the same weights on the same device.
 
-    After ``fit``: ``model``, ``best_step_``, ``best_val_loss_`` (``None`` without validation) and
-    ``history_`` (list of ``(step, val_loss)``).
+    After ``fit``: ``model``, ``best_step_``, ``best_val_loss_`` (``None`` without validation),
+    ``history_`` (list of ``(step, val_loss)``) and ``train_seconds_`` (the fit's wall time).
     """
 
     kind: ClassVar[str] = "learned"  # the name without the residual- prefix
@@ -430,6 +442,7 @@ class LearnedBaseline:
         self.best_step_: int | None = None
         self.best_val_loss_: float | None = None
         self.history_: list[tuple[int, float]] = []
+        self.train_seconds_: float | None = None
 
     def build(self, in_dim: int, out_dim: int) -> nn.Module:
         """The untrained network ``[N, in_dim] -> [N, out_dim]`` (with an ``in_features`` property)."""
@@ -439,6 +452,12 @@ class LearnedBaseline:
         """The sizes :meth:`build` chose (after ``fit``), for the run's records."""
         return {}
 
+    def _check_inputs(self, train_src: Any, train_tgt: Tensor, val_src: Any, val_tgt: Tensor | None) -> tuple[bool, int]:
+        """Check the fit's arguments; ``(whether a validation pair was given, the input width)``.
+        Here sources are ``[N, D_in]`` tensors (a sequence peer overrides this)."""
+        _check_split(train_src, train_tgt, "train")
+        return _check_val(val_src, val_tgt, train_src, train_tgt), train_src.shape[1]
+
     @property
     def num_parameters(self) -> int:
         if self.model is None:
@@ -447,11 +466,11 @@ class LearnedBaseline:
 
     def fit(self, train_src: Tensor, train_tgt: Tensor, val_src: Tensor | None = None,
             val_tgt: Tensor | None = None) -> "LearnedBaseline":
-        _check_split(train_src, train_tgt, "train")
-        has_val = _check_val(val_src, val_tgt, train_src, train_tgt)
-        in_dim, out_dim = train_src.shape[1], train_tgt.shape[1]
-        device, dtype = train_src.device, train_src.dtype
-        n = train_src.shape[0]
+        began = time.perf_counter()
+        has_val, in_dim = self._check_inputs(train_src, train_tgt, val_src, val_tgt)
+        out_dim = train_tgt.shape[1]
+        device, dtype = train_tgt.device, train_tgt.dtype
+        n = train_tgt.shape[0]
 
         if self.residual and in_dim != out_dim:
             raise ValueError(f"residual: needs equal widths, got {in_dim} and {out_dim}")
@@ -478,7 +497,8 @@ class LearnedBaseline:
                 cursor = 0
             idx = order[cursor : cursor + self.batch_size].to(device)
             cursor += self.batch_size
-            loss = embedding_loss(model(train_src[idx]), train_tgt[idx], self.mse_weight, self.cosine_weight)
+            loss = embedding_loss(_call(model, _rows(train_src, idx)), train_tgt[idx], self.mse_weight,
+                                  self.cosine_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.grad_clip is not None:
@@ -488,7 +508,8 @@ class LearnedBaseline:
 
             if has_val and (step % self.eval_every == 0 or step == self.steps):
                 model.eval()
-                current = _chunked_loss(model, val_src, val_tgt, self.mse_weight, self.cosine_weight)
+                current = _chunked_loss(lambda rows: _call(model, rows), val_src, val_tgt, self.mse_weight,
+                                        self.cosine_weight)
                 model.train()
                 self.history_.append((step, current))
                 if self.best_val_loss_ is None or current < self.best_val_loss_:
@@ -502,6 +523,7 @@ class LearnedBaseline:
         else:
             self.best_step_ = self.steps
         model.eval()
+        self.train_seconds_ = time.perf_counter() - began
         return self
 
     @torch.no_grad()

@@ -47,7 +47,7 @@ from efgraph.data import (EmbeddingPairs, Split, load_bible_pairs, load_embeddin
 from efgraph.data.composition import composition_answers, composition_oracle
 from efgraph.data.routing import routing_oracle
 from efgraph.data._atomic import atomic_write, atomic_write_text
-from efgraph.data.split import make_split
+from efgraph.data.split import make_split, split_from_labels
 from efgraph.data.text import TEXT_GROUP_FIELD, text_file_has_field
 from efgraph.model_io import export_model
 from efgraph.training.baselines import LearnedBaseline, fit_baselines, format_results_table, start_linear_skip_at_ridge
@@ -174,12 +174,16 @@ def score_predictions(config: EnergyConfig, pred: torch.Tensor, target: torch.Te
 
 
 def make_run_split(config: EnergyConfig, pairs: EmbeddingPairs) -> Split:
-    """Deterministic split; by group (e.g. Bible book, or the source text of a text pair file)
-    when the pairs carry groups (see :func:`describe_split`).
+    """Deterministic split; the data's own per-row ``split`` column when the pairs carry one (a
+    pair file's, :func:`~efgraph.data.split.split_from_labels`), else by group (e.g. Bible book, or
+    the source text of a text pair file) when the pairs carry groups (see :func:`describe_split`).
 
     Fixed by ``config.data_seed``, not ``config.seed``: runs that differ only in their model seed
     are scored on the same test pairs, so their spread is the model's and not the split's.
     """
+    if pairs.split is not None:  # the data's own split column wins over a random split
+        logger.info("split: from the data's split column (val_fraction, test_fraction and data_seed not used)")
+        return split_from_labels(pairs.split)
     fractions = (1.0 - config.val_fraction - config.test_fraction, config.val_fraction, config.test_fraction)
     return make_split(len(pairs), groups=pairs.groups, fractions=fractions, seed=config.data_seed)
 
@@ -195,7 +199,9 @@ def describe_split(config: EnergyConfig, pairs: EmbeddingPairs, split: Split) ->
                     "composition": f"held-out {config.composition_hold_out}"}.get(config.dataset)
     info: dict[str, Any] = {"data_seed": config.data_seed, "train": len(split.train),
                             "validation": len(split.validation), "test": len(split.test)}
-    if pairs.groups is None:
+    if pairs.split is not None:
+        info.update(by="the data's split column", groups=None)
+    elif pairs.groups is None:
         info.update(by="pair", groups=None)
     else:
         info.update(by=grouping or "group", groups=len(set(pairs.groups)))
@@ -502,7 +508,8 @@ def _run(config: EnergyConfig, run_dir: Path, dev: torch.device, ctx: Distribute
 
 
 def _say_split(info: dict[str, Any]) -> str:
-    how = "by pair" if info["by"] == "pair" else f"by {info['by']} ({info['groups']} groups)"
+    how = ("by pair" if info["by"] == "pair" else f"by {info['by']}" if info["groups"] is None
+           else f"by {info['by']} ({info['groups']} groups)")
     return f"{how}, data_seed {info['data_seed']}"
 
 

@@ -20,7 +20,7 @@ import yaml
 
 CARRIER_TYPES = ("gru", "lstm")
 AGGREGATIONS = ("mean", "sum")
-DATASETS = ("synthetic", "bible", "pairs", "text", "routing", "composition")
+DATASETS = ("synthetic", "bible", "pairs", "text", "routing", "composition", "lookup")
 # the learned baselines a run trains beside the model (identity and ridge are closed-form and always fitted)
 LEARNED_BASELINES = ("mlp", "transformer")
 LINEAR_SKIP_INITS = ("zero", "ridge")  # where the linear skip's W starts
@@ -113,6 +113,7 @@ FIELD_DEFAULTS_BEFORE: dict[str, Any] = {
     "linear_skip_init": "zero",  # added after c8fa4d4
     "input_sequence": False,  # added after 233cbbe: x was one vector
     "position_z_extent": 0,  # added after 233cbbe: z was normalised by the lattice's own depth
+    "test_depth": 0,  # added after 233cbbe: the test split was read at the training depth
 }
 
 # Fields that fix the shapes of the parameters or what the computation means: a checkpoint only
@@ -271,7 +272,10 @@ class EnergyConfig:
     seed: int = 0  # model initialisation and batch order
     data_seed: int = 0  # the train / validation / test split, kept apart so that seeds share one test set
     # --- data (used by scripts/train.py) -------------------------------------------------------
-    dataset: str = "synthetic"  # synthetic | bible | pairs (embedding file) | text (text-pair file)
+    # synthetic | bible | pairs (embedding file) | text (text-pair file) | routing | composition |
+    # lookup (the Neural Data Router's table lookup, efgraph.data.lookup: its own split, chains of
+    # 1-5 lookups in training and 6-10 in test, tokens of width input_dim; output_dim 8)
+    dataset: str = "synthetic"
     data_path: str = ""  # the file for dataset=pairs or dataset=text
     source_version: str = "KJV"  # bible: source translation
     target_version: str = "WEB"  # bible: target translation
@@ -299,6 +303,10 @@ class EnergyConfig:
     # composition: table 0 is the identity, so the data also holds single lookups and shorter
     # chains (the atoms a held-out chain is composed of); needs composition_tables >= 2
     composition_identity: bool = False
+    # the test split is read by the selected model at this lattice depth (FlowProcessor.at_depth:
+    # the same parameters, deeper); 0 = lattice_depth. For data whose test asks for more steps than
+    # training did (dataset: lookup's longer chains)
+    test_depth: int = 0
     wandb_project: str = "efgraph"
     # --- baselines (fitted on the run's split, scored on its test pairs) ------------------------
     # comma-separated learned baselines to train beside the model, from LEARNED_BASELINES ("" = none;
@@ -422,6 +430,9 @@ class EnergyConfig:
             raise ValueError(f"injection: must be one of {INJECTIONS}, got {self.injection!r}")
         if self.readout not in READOUTS:
             raise ValueError(f"readout: must be one of {READOUTS}, got {self.readout!r}")
+        if self.test_depth and self.test_depth < self.lattice_depth:
+            raise ValueError(f"test_depth: must be 0 (the lattice's own depth) or >= lattice_depth "
+                             f"({self.lattice_depth}), got {self.test_depth}")
         if self.position_z_extent < 0:
             raise ValueError(f"position_z_extent: must be >= 0 (0 = lattice_depth - 1), got {self.position_z_extent}")
         if self.input_sequence:

@@ -86,6 +86,8 @@ def test_padding_values_in_a_file_are_ignored_even_nan(tmp_path):
     (dict(src=torch.ones(3, 3, 2), mask=torch.ones(3, 3, dtype=torch.bool)), "tgt: has 2 rows but src has 3"),
     (dict(src=torch.ones(2, 3, 2, dtype=torch.long), mask=torch.ones(2, 3, dtype=torch.bool)),
      "src_seq: a sequence source must be a float tensor [N, T, d]"),
+    (dict(src=torch.ones(2, 3, 2).index_fill(1, torch.tensor([1]), 0.0), mask=torch.ones(2, 3, dtype=torch.bool)),
+     "src_seq: row 0 token 1 is a real token (src_mask True) of all zeros"),
 ])
 def test_a_bad_sequence_source_is_refused_naming_what_is_wrong(tmp_path, entries, message):
     torch.save({"tgt": torch.ones(2, 2), **entries}, tmp_path / "q.pt")

@@ -82,7 +82,8 @@ def test_every_config_file_loads_and_runs_a_forward(path):
     # shrink only the carrier and batch: the lattice and flow budgets stay as the file says
     small = config.replace(carrier_hidden_dim=16, carrier_num_layers=1)
     proc = build_processor(small)
-    x = torch.randn(2, small.input_dim)
+    tokens = (small.initial_flows_per_sample,) if small.input_sequence else ()  # a sequence: every token real
+    x = torch.randn(2, *tokens, small.input_dim)
     with torch.no_grad():
         y = proc(x)
     assert y.shape == (2, small.output_dim) and torch.isfinite(y).all()

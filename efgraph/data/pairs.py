@@ -122,7 +122,8 @@ class EmbeddingPairs:
 def check_sequence_source(seq: object, mask: object, n: int | None = None) -> tuple[Tensor, Tensor]:
     """Check a sequence source and return it as ``(float32 [N, T, d] with zeros at the padded
     positions, bool [N, T])``: ``seq`` a finite float ``[N, T, d]`` (``T, d >= 1``), ``mask`` a
-    bool ``[N, T]`` with at least one True per row, ``N`` rows (when given). Raises ValueError
+    bool ``[N, T]`` with at least one True per row and no real token of all zeros, ``N`` rows (when
+    given). Raises ValueError
     naming ``src_seq`` or ``src_mask``."""
     if not isinstance(seq, Tensor) or seq.dim() != 3 or not seq.is_floating_point():
         what = f"{seq.dtype} shape {tuple(seq.shape)}" if isinstance(seq, Tensor) else type(seq).__name__
@@ -144,6 +145,11 @@ def check_sequence_source(seq: object, mask: object, n: int | None = None) -> tu
     if not bool(torch.isfinite(seq).all()):
         row = int((~torch.isfinite(seq)).flatten(1).any(dim=1).nonzero()[0, 0])
         raise ValueError(f"src_seq: contains a non-finite value (NaN or inf) at a real token: first bad row {row}")
+    zero = mask & ~seq.ne(0).any(dim=-1)  # a trainer reads a batch's tokens off its zero padding
+    if bool(zero.any()):
+        row, token = (int(i) for i in zero.nonzero()[0])
+        raise ValueError(f"src_seq: row {row} token {token} is a real token (src_mask True) of all zeros; a token of "
+                         f"zeros reads as padding (efgraph.core.input_face.token_mask)")
     return seq, mask.contiguous()
 
 

@@ -26,6 +26,7 @@ resume never rewinds a run in place (a checkpoint older than the folder's ``last
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -41,10 +42,12 @@ import yaml
 
 from efgraph.config import RESUME_MUTABLE_KEYS, EnergyConfig
 from efgraph.core.flow_processor import FlowProcessor
+from efgraph.core.input_face import token_mask
 from efgraph.core.trace import FlowTrace
 from efgraph.data import (EmbeddingPairs, Split, load_bible_pairs, load_embedding_pairs, load_text_pairs,
                           make_composition_pairs, make_routing_pairs, make_teacher_pairs)
 from efgraph.data.composition import composition_answers, composition_oracle
+from efgraph.data.lookup import LookupBenchmark, lookup_benchmark, lookup_pairs
 from efgraph.data.routing import routing_oracle
 from efgraph.data._atomic import atomic_write, atomic_write_text
 from efgraph.data.split import make_split, split_from_labels
@@ -123,6 +126,8 @@ def load_pairs(config: EnergyConfig, progress: bool = True) -> EmbeddingPairs:
         pairs = make_composition_pairs(config.synthetic_pairs, config.composition_values, config.composition_tables,
                                        config.composition_chain, seed=config.data_seed,
                                        hold_out=config.composition_hold_out, identity=config.composition_identity)
+    elif config.dataset == "lookup":
+        pairs = lookup_pairs(lookup_data(config))
     elif config.dataset == "bible":
         pairs = load_bible_pairs(config.source_version, config.target_version, max_verses=limit, model=model,
                                  verses_per_book=config.verses_per_book or None, progress=progress)
@@ -136,11 +141,33 @@ def load_pairs(config: EnergyConfig, progress: bool = True) -> EmbeddingPairs:
                                 group_field=TEXT_GROUP_FIELD if has_group else None, group_by_source=not has_group)
     if limit is not None and len(pairs) > limit:
         pairs = pairs.subset(list(range(limit)))
-    for key, side, width in (("input_dim", "source", pairs.src_dim), ("output_dim", "target", pairs.tgt_dim)):
+    if config.input_sequence and pairs.src_seq is None:
+        raise ValueError(f"input_sequence: the model reads token sequences, but dataset {config.dataset!r} gives one "
+                         f"vector a pair; give a pairs file with a sequence source (src [N, T, d] and mask) or set "
+                         f"input_sequence: false")
+    source_width = pairs.src_seq.shape[-1] if config.input_sequence else pairs.src_dim
+    for key, side, width in (("input_dim", "source", source_width), ("output_dim", "target", pairs.tgt_dim)):
         if width != getattr(config, key):
             raise ValueError(f"{key}: config says {getattr(config, key)} but the {side} embeddings are "
                              f"{width} wide; set {key}: {width}")
     return pairs
+
+
+@functools.lru_cache(maxsize=4)
+def _lookup_data(seed: int, width: int) -> LookupBenchmark:
+    return lookup_benchmark(seed=seed, d=width)
+
+
+def lookup_data(config: EnergyConfig) -> LookupBenchmark:
+    """``dataset: lookup``'s benchmark: tables and tokens fixed by ``data_seed``, tokens ``input_dim``
+    wide (one per pair set and answer set of a run: made once)."""
+    return _lookup_data(config.data_seed, config.input_dim)
+
+
+def model_inputs(config: EnergyConfig, pairs: EmbeddingPairs) -> torch.Tensor:
+    """What the model reads of ``pairs``: the token sequences (zero-padded, ``[N, T, d]``) with
+    ``input_sequence``, else the source vectors ``[N, D_in]``."""
+    return pairs.src_seq if config.input_sequence else pairs.src
 
 
 def task_oracle(config: EnergyConfig, src: torch.Tensor) -> torch.Tensor | None:
@@ -160,16 +187,25 @@ def task_answers(config: EnergyConfig) -> torch.Tensor | None:
     if config.dataset == "composition":
         return composition_answers(config.composition_values, config.composition_tables, config.composition_chain,
                                    config.data_seed)
+    if config.dataset == "lookup":
+        return lookup_data(config).answers
     return None
 
 
-def score_predictions(config: EnergyConfig, pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+def score_predictions(config: EnergyConfig, pred: torch.Tensor, target: torch.Tensor,
+                      groups: list[str] | None = None) -> dict[str, float]:
     """:func:`evaluate_predictions` (cosine, MSE, R@1), plus ``answer_accuracy`` on tasks with
-    :func:`task_answers`: how every model of a run is scored on the test split."""
+    :func:`task_answers`: how every model of a run is scored on the test split. On
+    ``dataset: lookup`` with the rows' ``groups`` (their chain lengths, ``"L7"``) also
+    ``answer_accuracy_L<n>`` for each length."""
     metrics = {k: v for k, v in evaluate_predictions(pred, target).items() if k in TEST_METRICS}
     answers = task_answers(config)
     if answers is not None:
         metrics["answer_accuracy"] = answer_accuracy(pred, target, answers.to(pred.device))
+        if config.dataset == "lookup" and groups is not None:
+            for group in sorted(set(groups), key=lambda g: int(g[1:])):
+                rows = torch.tensor([g == group for g in groups], device=pred.device)
+                metrics[f"answer_accuracy_{group}"] = answer_accuracy(pred[rows], target[rows], answers.to(pred.device))
     return metrics
 
 
@@ -238,7 +274,7 @@ def score_baselines(config: EnergyConfig, train: EmbeddingPairs, val: EmbeddingP
     results, per_pair = {}, {}
     for baseline in baselines:
         pred = baseline.predict(test.src)
-        results[baseline.name] = score_predictions(config, pred, test.tgt)
+        results[baseline.name] = score_predictions(config, pred, test.tgt, test.groups)
         per_pair[baseline.name] = pair_scores(pred, test.tgt)
     return baselines, results, per_pair
 
@@ -434,7 +470,8 @@ def _run(config: EnergyConfig, run_dir: Path, dev: torch.device, ctx: Distribute
         trainer = EnergyTrainer(model, config, device=dev, run_dir=run_dir, run_logger=run_logger,
                                 progress=progress, distributed=ctx)
         start = time.perf_counter()
-        result = trainer.train(train.src, train.tgt, val_inputs=val.src, val_targets=val.tgt,
+        result = trainer.train(model_inputs(config, train), train.tgt, val_inputs=model_inputs(config, val),
+                               val_targets=val.tgt,
                                resume_from=plan.checkpoint if plan is not None else None,
                                max_steps=stop_at_step, total_steps=total)
         train_seconds = time.perf_counter() - start
@@ -445,8 +482,11 @@ def _run(config: EnergyConfig, run_dir: Path, dev: torch.device, ctx: Distribute
             raise RuntimeError(f"internal: best step {result.best_step} has no saved state; refusing to test "
                                "the last state under its name")
         # the test split is read once, by the selected state; nothing below chooses anything on it
-        test_metrics, test_pred = trainer.evaluate_with_predictions(test.src, test.tgt)
-        results: dict[str, dict[str, float]] = {"energy-flow": score_predictions(config, test_pred, test.tgt)}
+        # at test_depth: the same parameters at a deeper lattice (the test asks for more steps)
+        tested = trainer.processor.at_depth(config.test_depth) if config.test_depth else trainer.processor
+        test_metrics, test_pred = trainer.evaluate_with_predictions(model_inputs(config, test), test.tgt, model=tested)
+        results: dict[str, dict[str, float]] = {"energy-flow": score_predictions(config, test_pred, test.tgt,
+                                                                                 test.groups)}
         per_pair = {"energy-flow": pair_scores(test_pred, test.tgt)}
         fitted: dict[str, Any] = {}
         if with_baselines:
@@ -460,7 +500,7 @@ def _run(config: EnergyConfig, run_dir: Path, dev: torch.device, ctx: Distribute
             fitted = {baseline.name: baseline_record(baseline) for baseline in baselines}
         save_pair_scores(run_dir / "test_pairs.npz", per_pair)
         table = format_results_table(results)
-        channels = _figures(trainer, test, config, run_dir, run_logger, result.steps)
+        channels = _figures(tested, trainer.device, test, config, run_dir, run_logger, result.steps)
         run_logger.log_table("test/results", ["model", "cosine", "mse", "r_at_1"],
                              [[name, r["cosine"], r["mse"], r["r_at_1"]] for name, r in results.items()], result.steps)
         for name, record in fitted.items():
@@ -589,27 +629,29 @@ def _write_report(run_dir: Path, config: EnergyConfig, results: dict[str, dict[s
 
 
 def _traced(proc: FlowProcessor, x: torch.Tensor) -> FlowTrace:
-    """The trace, with every flow's path, of an evaluation forward of ``proc`` on ``x``."""
+    """The trace, with every flow's path, of an evaluation forward of ``proc`` on ``x`` (a zero-padded
+    token sequence with ``input_sequence``)."""
     proc.eval()
     proc.record_paths = True
     try:
         with torch.no_grad():
-            proc(x)
+            proc(x, token_mask(x)) if proc.config.input_sequence else proc(x)
         return proc.last_trace
     finally:
         proc.record_paths = False
 
 
-def _figures(trainer: EnergyTrainer, test: EmbeddingPairs, config: EnergyConfig, run_dir: Path,
+def _figures(model: FlowProcessor, device: torch.device, test: EmbeddingPairs, config: EnergyConfig, run_dir: Path,
              run_logger: RunLogger, step: int) -> dict[str, float]:
-    """The run's figures from one traced forward over (up to 64) test pairs (and, for the flow
-    paths, the same forward of the untrained model of ``config.seed``); returns the channel
-    metrics of the trained forward (:mod:`efgraph.training.channels`)."""
-    x = test.src[: min(len(test), 64)].to(trainer.device)
-    trace = _traced(trainer.processor, x)
+    """The run's figures from one traced forward of the tested ``model`` over (up to 64) test pairs
+    (and, for the flow paths, the same forward of the untrained model of ``config.seed``); returns
+    the channel metrics of the trained forward (:mod:`efgraph.training.channels`)."""
+    x = model_inputs(config, test)[: min(len(test), 64)].to(device)
+    trace = _traced(model, x)
+    config = model.config  # at test_depth: the figures draw the lattice that was tested
     with torch.random.fork_rng(devices=[]):  # the untrained model of this seed, beside the trained one
         torch.manual_seed(config.seed)
-        untrained = FlowProcessor.from_config(config.replace(compile=False)).to(trainer.device)
+        untrained = FlowProcessor.from_config(config.replace(compile=False)).to(device)
     rows = {f"untrained (seed {config.seed})": _traced(untrained, x), "trained (the selected state)": trace}
     paths = {
         "figures/flow_paths": flow_paths_figure(rows, config, run_dir / "flow_paths.png"),

@@ -627,11 +627,14 @@ class EnergyTrainer:
 
     @torch.no_grad()
     def evaluate_with_predictions(self, inputs: Tensor, targets: Tensor,
-                                  batch_size: int | None = None) -> tuple[dict[str, float], Tensor]:
+                                  batch_size: int | None = None,
+                                  model: FlowProcessor | None = None) -> tuple[dict[str, float], Tensor]:
         """Metrics on held-out pairs and the predictions they were computed from.
 
         Args:
             inputs: ``[N, input_dim]``; targets: ``[N, output_dim]``.
+            model: the model that reads them (default: the trained one; e.g. its
+                :meth:`~efgraph.core.flow_processor.FlowProcessor.at_depth`).
 
         Returns:
             ``(metrics, predictions [N, output_dim] on the CPU)``. ``metrics``: ``loss``,
@@ -643,14 +646,15 @@ class EnergyTrainer:
             ``neighbourhood_flows`` and ``energy_created_fraction`` when the engine's trace
             reports them.
         """
-        self.processor.eval()
+        model = model if model is not None else self.processor
+        model.eval()
         bs = batch_size or max(self.config.batch_size, 64)
         preds: list[Tensor] = []
         summaries: list[dict[str, float]] = []
         for i in range(0, inputs.size(0), bs):
             with self._autocast():
-                preds.append(self._forward(self.processor, self._to_device(inputs[i : i + bs])).float().cpu())
-            summaries.append(self.processor.last_trace.summary())
+                preds.append(self._forward(model, self._to_device(inputs[i : i + bs])).float().cpu())
+            summaries.append(model.last_trace.summary())
         pred = torch.cat(preds)
         metrics = evaluate_predictions(pred, targets)
         metrics["loss"] = float(embedding_loss(pred, targets, self.config.mse_weight, self.config.cosine_weight))

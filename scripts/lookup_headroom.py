@@ -10,6 +10,12 @@ the data are fixed by ``--data-seed``). The ceiling (the generator's function) s
 is ``1 / 8``. Validation holds training lengths only, so choosing on it (e.g. the position code)
 cannot see extrapolation.
 
+Measured (``--params 100000 --steps 2500 --seeds 0 1 2``, batch 128, lr 3e-3, one thread, mean test
+answer accuracy over lengths 6-8 / 9-10): ridge 0.122 / 0.137, MLP 0.125 / 0.133, Transformers
+(3 blocks, width 64) sinusoidal 0.139 / 0.131, rotary 0.150 / 0.133, no code + causal 0.148 /
+0.147 (validation 0.19-0.23: they do not learn even the training lengths at this budget), the
+looped rotary block (seed 0 only) 0.150 / 0.149, the GRU 1.000 / 1.000 (validation 1.000).
+
 Examples::
 
     OMP_NUM_THREADS=1 python scripts/lookup_headroom.py --params 100000 --steps 2500 --seeds 0 1 2 --json lookup.json

@@ -114,6 +114,7 @@ FIELD_DEFAULTS_BEFORE: dict[str, Any] = {
     "input_sequence": False,  # added after 233cbbe: x was one vector
     "position_z_extent": 0,  # added after 233cbbe: z was normalised by the lattice's own depth
     "test_depth": 0,  # added after 233cbbe: the test split was read at the training depth
+    "jump_init": 0.5,  # added after 233cbbe: the jump head's bias started at 0
 }
 
 # Fields that fix the shapes of the parameters or what the computation means: a checkpoint only
@@ -158,6 +159,11 @@ class EnergyConfig:
     energy_threshold: float = 0.1
     spawn_threshold: float = 0.8
     max_lateral_step: float = 2.0
+    # the fraction of the depth left that a flow jumps beyond its one cell a step at initialisation
+    # (the jump head's bias is its logit; training moves it): 0.5 reaches the output face in about
+    # log2(D) steps; near 0 a flow first takes every step, one cell at a time, and learns to jump
+    # ahead when it is done
+    jump_init: float = 0.5
     # a flow's neuron sees the flows of its own sample in the cells within this Chebyshev radius
     # (3-D, in cells); 0 = only the flows of its own cell
     interaction_radius: int = 1
@@ -412,6 +418,8 @@ class EnergyConfig:
         if not 0 <= self.micro_batch_size <= self.batch_size:
             raise ValueError(f"micro_batch_size: must be in [0, batch_size={self.batch_size}] (0 = automatic), "
                              f"got {self.micro_batch_size}")
+        if not 0.0 < self.jump_init < 1.0:
+            raise ValueError(f"jump_init: must be in (0, 1) (a fraction of the depth left), got {self.jump_init}")
         if self.max_lateral_step < 0:
             raise ValueError(f"max_lateral_step: must be >= 0, got {self.max_lateral_step}")
         for name in ["learning_rate", "grad_clip"]:

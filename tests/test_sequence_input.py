@@ -192,3 +192,21 @@ def test_a_mask_with_vector_input_and_sequence_only_conflicts_are_refused():
         _seq_config(injection="broadcast")
     with pytest.raises(ValueError, match="position_z_extent: must be >= 0"):
         tiny_config(position_z_extent=-1)
+
+
+def test_jump_init_sets_how_far_an_untrained_flow_jumps():
+    """Near 0 an untrained flow takes every step one cell at a time (D-1 steps); 0.5, the default,
+    reproduces the jump head's old start (bias 0) and reaches the output face in fewer steps."""
+    x, mask = _tokens()
+    steps = {}
+    for jump in (0.001, 0.5):
+        proc = build_processor(_seq_config(lattice_depth=8, jump_init=jump, energy_threshold=0.001,
+                                           max_spawn_per_step=0))
+        with torch.no_grad():
+            proc(x, mask)
+        steps[jump] = proc.last_trace.num_steps
+        assert float(proc.carrier.displacement_head.bias[2]) == pytest.approx(math.log(jump / (1 - jump)), abs=1e-6)
+    assert steps[0.001] == 7 and steps[0.5] < 7
+    for bad in (0.0, 1.0):
+        with pytest.raises(ValueError, match=r"jump_init: must be in \(0, 1\)"):
+            tiny_config(jump_init=bad)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -11,10 +12,9 @@ from efgraph.config import EnergyConfig, config_attribute
 
 # Initial biases, chosen so that an untrained model behaves sensibly (and tests are not flaky):
 # the carrier sets energies near sigmoid(2) = 0.88, above the preset spawn threshold (0.8), so an
-# untrained lattice lives, spawns and reaches the output face; a jump covers about half the
-# remaining depth, so a forward takes ~log2(D) steps rather than D-1.
+# untrained lattice lives, spawns and reaches the output face. How far a jump goes at the start is
+# the config's jump_init (0.5: about half the remaining depth, ~log2(D) steps rather than D-1).
 ENERGY_INIT_BIAS = 2.0
-DZ_INIT_BIAS = 0.0
 # a spawn score centred on 0: about half of the flows above the spawn threshold want to spawn,
 # whatever the random draw of the head's bias (a negative draw used to switch spawning off)
 SPAWN_INIT_BIAS = 0.0
@@ -84,7 +84,7 @@ class EnergyCarrier(nn.Module):
             module.reset_parameters()
         with torch.no_grad():
             self.energy_head.bias.fill_(ENERGY_INIT_BIAS)
-            self.displacement_head.bias[2] = DZ_INIT_BIAS
+            self.displacement_head.bias[2] = math.log(self.config.jump_init / (1.0 - self.config.jump_init))
             self.spawn_head.bias[0] = SPAWN_INIT_BIAS
 
     def step(self, inputs: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:

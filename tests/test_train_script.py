@@ -63,8 +63,10 @@ def test_train_script_writes_the_run_folder_and_offline_wandb_run(tmp_path):
     assert set(results["test"]) == {"energy-flow", "identity", "ridge", "mlp", "transformer"}
     assert results["baselines"]["transformer"]["width"] % results["baselines"]["transformer"]["heads"] == 0
     assert results["cpu_threads"] == 1
-    for metrics in results["test"].values():
-        assert set(metrics) == {"cosine", "mse", "r_at_1"}
+    for metrics in results["test"].values():  # every model's scores and its training time
+        assert set(metrics) == {"cosine", "mse", "r_at_1", "train_seconds"} and metrics["train_seconds"] >= 0
+    assert results["test"]["energy-flow"]["train_seconds"] == results["train_seconds"]
+    assert "| train s |" in (run_dir / "results.md").read_text()
     # the selected state's validation metrics, the last evaluation (96 pairs / 16 x 2 epochs), the test dynamics
     assert results["validation"]["step"] == results["best_step"]
     assert results["final_validation"]["step"] == 12

@@ -650,8 +650,10 @@ def fit_baselines(train: Split, val: Split | None, *, target_params: int, mse_we
             baselines.append(TransformerBaseline(
                 target_params=None if transformer_width else target_params, width=transformer_width or None,
                 tokens=transformer_tokens, layers=transformer_layers, heads=transformer_heads, **training))
-    for baseline in baselines:
+    for baseline in baselines:  # each fit timed alike (a learned one also times itself), for time to quality
+        began = time.perf_counter()
         baseline.fit(train_src, train_tgt, val_src, val_tgt)
+        baseline.train_seconds_ = time.perf_counter() - began
     return baselines
 
 
@@ -666,14 +668,16 @@ def run_baselines(train: Split, val: Split | None, test: Split, **options: Any) 
 
 def format_results_table(results: dict[str, dict[str, float]]) -> str:
     """Markdown table ``| model | cosine | MSE | R@1 |``, one row per entry of ``results`` in order,
-    with an ``answer acc.`` column when every entry has ``answer_accuracy`` (composition).
+    with an ``answer acc.`` column when every entry has ``answer_accuracy`` (composition, lookup)
+    and a ``train s`` column when every entry has ``train_seconds``.
 
     Extra metric keys are ignored; a missing ``cosine``, ``mse`` or ``r_at_1`` raises ``ValueError``
     naming the model, so a half-filled row never reads as a real number.
     """
     answers = bool(results) and all("answer_accuracy" in m for m in results.values())
-    lines = ["| model | cosine | MSE | R@1 |" + (" answer acc. |" if answers else ""),
-             "|---|---:|---:|---:|" + ("---:|" if answers else "")]
+    seconds = bool(results) and all("train_seconds" in m for m in results.values())
+    lines = ["| model | cosine | MSE | R@1 |" + (" answer acc. |" if answers else "") + (" train s |" if seconds else ""),
+             "|---|---:|---:|---:|" + ("---:|" if answers else "") + ("---:|" if seconds else "")]
     for model, metrics in results.items():
         missing = [k for k in ("cosine", "mse", "r_at_1") if k not in metrics]
         if missing:
@@ -681,5 +685,6 @@ def format_results_table(results: dict[str, dict[str, float]]) -> str:
         label = str(model).replace("|", "\\|")  # a '|' in a name would split the row
         # MSE of unit-scale embeddings is ~1e-3: significant digits, not fixed decimals.
         lines.append(f"| {label} | {metrics['cosine']:.4f} | {metrics['mse']:.4g} | {metrics['r_at_1']:.4f} |"
-                     + (f" {metrics['answer_accuracy']:.4f} |" if answers else ""))
+                     + (f" {metrics['answer_accuracy']:.4f} |" if answers else "")
+                     + (f" {metrics['train_seconds']:.0f} |" if seconds else ""))
     return "\n".join(lines) + "\n"

@@ -274,7 +274,8 @@ def score_baselines(config: EnergyConfig, train: EmbeddingPairs, val: EmbeddingP
     results, per_pair = {}, {}
     for baseline in baselines:
         pred = baseline.predict(test.src)
-        results[baseline.name] = score_predictions(config, pred, test.tgt, test.groups)
+        results[baseline.name] = {**score_predictions(config, pred, test.tgt, test.groups),
+                                  "train_seconds": baseline.train_seconds_}
         per_pair[baseline.name] = pair_scores(pred, test.tgt)
     return baselines, results, per_pair
 
@@ -485,8 +486,8 @@ def _run(config: EnergyConfig, run_dir: Path, dev: torch.device, ctx: Distribute
         # at test_depth: the same parameters at a deeper lattice (the test asks for more steps)
         tested = trainer.processor.at_depth(config.test_depth) if config.test_depth else trainer.processor
         test_metrics, test_pred = trainer.evaluate_with_predictions(model_inputs(config, test), test.tgt, model=tested)
-        results: dict[str, dict[str, float]] = {"energy-flow": score_predictions(config, test_pred, test.tgt,
-                                                                                 test.groups)}
+        results: dict[str, dict[str, float]] = {"energy-flow": {
+            **score_predictions(config, test_pred, test.tgt, test.groups), "train_seconds": train_seconds}}
         per_pair = {"energy-flow": pair_scores(test_pred, test.tgt)}
         fitted: dict[str, Any] = {}
         if with_baselines:

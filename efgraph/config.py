@@ -230,7 +230,7 @@ class EnergyConfig:
     # chosen on validation as the ridge baseline's, and starts W and the readout bias there, so
     # that with output_gate_init: 0 the model at initialisation *is* that ridge and training starts
     # from the best linear map instead of spending its steps finding it (measured on the Bible: it
-    # wins on the whole Bible's 778 steps and drifts below the ridge over the main job's 970)
+    # wins on the whole Bible's 778 steps and drifts below the ridge over bible.yaml's 970)
     linear_skip_init: str = "zero"
     # initial value of the learned scalar gate on the flows' contribution to the output
     # (y = [x +] gate * lattice(x) + bias). With residual: true, 0 scales the lattice in from zero,

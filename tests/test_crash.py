@@ -78,4 +78,6 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
     results_a = json.loads((tmp_path / "straight/results.json").read_text())
     results_b = json.loads((victim_dir / "results.json").read_text())
     assert results_a["best_step"] == results_b["best_step"] == best_a["step"]
-    assert results_a["test"] == results_b["test"]
+    # the same scores (each model's train_seconds is a wall time, no number to reproduce)
+    scores = lambda r: {m: {k: v for k, v in d.items() if k != "train_seconds"} for m, d in r["test"].items()}  # noqa: E731
+    assert scores(results_a) == scores(results_b)

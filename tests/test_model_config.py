@@ -318,8 +318,9 @@ def test_resuming_the_old_run_continues_it_as_that_version_did(tmp_path):
     results = json.loads((run / "results.json").read_text())
     assert results["best_step"] == old["best_step"]
     assert results["test"].keys() == old["test"].keys()  # the model's and the old version's baselines
-    for name, scores in old["test"].items():
-        assert results["test"][name] == pytest.approx(scores, rel=1e-5), name
+    for name, scores in old["test"].items():  # its scores (this version adds each model's train_seconds)
+        assert {k: results["test"][name][k] for k in scores} == pytest.approx(scores, rel=1e-5), name
+        assert results["test"][name]["train_seconds"] >= 0
     rewritten = EnergyConfig.from_yaml(run / "config.yaml")  # the folder now holds the whole config
     assert (rewritten.injection, rewritten.readout, rewritten.weight_decay_on) == ("broadcast", "shared", "all")
 

@@ -80,7 +80,7 @@ def test_offline_html_report_is_self_contained(tiny_run, study, tmp_path):
     rows = _Tables(page).rows
     for name, metrics in results["test"].items():
         assert [name, f"{metrics['cosine']:.4f}"] in [row[:2] for row in rows], name
-    assert ["model", "cosine", "MSE", "R@1"] in rows
+    assert ["model", "cosine", "MSE", "R@1", "train s"] in rows
     assert ["base", "0.5"] in rows  # the study table
     assert "Study study-x" in page and "ridge alpha" in page and "split by pair" in page
     images = re.findall(r"<img alt='([^']*)' src='data:image/png;base64,([A-Za-z0-9+/=]+)'>", page)

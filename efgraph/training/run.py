@@ -217,7 +217,8 @@ def make_run_split(config: EnergyConfig, pairs: EmbeddingPairs) -> Split:
     Fixed by ``config.data_seed``, not ``config.seed``: runs that differ only in their model seed
     are scored on the same test pairs, so their spread is the model's and not the split's.
     """
-    if pairs.split is not None:  # the data's own split column wins over a random split
+    # (any rows with len() and groups: scripts/check_near_duplicates.py splits the raw verses so)
+    if getattr(pairs, "split", None) is not None:  # the data's own split column wins over a random split
         logger.info("split: from the data's split column (val_fraction, test_fraction and data_seed not used)")
         return split_from_labels(pairs.split)
     fractions = (1.0 - config.val_fraction - config.test_fraction, config.val_fraction, config.test_fraction)

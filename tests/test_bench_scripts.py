@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -147,3 +148,21 @@ def test_bench_threads_runs_side_by_side_at_both_thread_counts(tmp_path, capsys)
     assert all(t > 0 for t in res["default_step_s"] + res["shared_step_s"])
     assert res["shared_threads"] == max(1, res["cores"] // 2)
     assert "| 0 (PyTorch's default) |" in capsys.readouterr().out
+
+
+def test_bench_step_times_the_lattice_and_its_peers_side_by_side_and_writes_json(tmp_path, capsys):
+    """scripts/bench_step.py on routing, one timed step: a row with every model's time, the ratio,
+    the lattice's matmul share, its kernels and one host sync per lattice step."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_step
+
+    assert bench_step.main(["--configs", "routing", "--steps", "1", "--warmup", "0", "--json",
+                            str(tmp_path / "step.json")]) == 0
+    (row,) = json.loads((tmp_path / "step.json").read_text())
+    assert row["config"] == "routing" and row["lattice_parameters"] == row["parameters"]
+    for peer in ("transformer", "mlp"):  # sized to the lattice as the run pipeline sizes its baselines
+        assert abs(row[f"{peer}_parameters"] - row["parameters"]) / row["parameters"] < 0.1
+    assert row["ratio_transformer"] == pytest.approx(row["lattice_ms"] / row["transformer_ms"])
+    assert 0 < row["lattice_matmul_share"] < 1 and row["lattice_kernels"] > 0
+    assert row["lattice_syncs_per_step"] == 1.0
+    assert "| routing |" in capsys.readouterr().out

@@ -221,7 +221,7 @@ class FlowProcessor(nn.Module):
             self._check_finished(state)
             trace.finish(landings.arrivals, self.config.lattice_depth)
             self.last_trace = trace
-            y = landings.read() + (self.linear_skip(x) if self.linear_skip is not None else 0.0)
+            y = landings.read() if self.linear_skip is None else landings.read() + self.linear_skip(x)
             self._finish_recording(landings)
         finally:
             self._recording = None

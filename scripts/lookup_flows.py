@@ -32,13 +32,13 @@ from efgraph.training.metrics import answer_accuracy  # noqa: E402
 from efgraph.training.run import lookup_data  # noqa: E402
 
 
-def _traced(model: FlowProcessor, seq: torch.Tensor, mask: torch.Tensor) -> FlowTrace:
+def _traced(model: FlowProcessor, seq: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, FlowTrace]:
+    """One evaluation forward with every flow's path recorded: ``(y, its trace)``."""
     model.eval()
     model.record_paths = True
     try:
         with torch.no_grad():
-            model(seq, mask)
-        return model.last_trace
+            return model(seq, mask), model.last_trace
     finally:
         model.record_paths = False
 
@@ -80,10 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         for split, reader in ((bench.validation, model), (bench.test, deep)):
             for length in sorted(set(split.lengths.tolist())):
                 part = split.rows((split.lengths == length).nonzero().squeeze(1))
-                trace = _traced(reader, part.seq, part.mask)
-                pred = reader(part.seq, part.mask)
+                pred, trace = _traced(reader, part.seq, part.mask)
                 stats = flow_statistics(trace)
-                stats["accuracy"] = answer_accuracy(pred.detach(), part.tgt, bench.answers)
+                stats["accuracy"] = answer_accuracy(pred, part.tgt, bench.answers)
                 rows[f"L{length}"] = stats
                 if length == 8:
                     flow_paths_figure({f"trained, a length-8 test chain at depth {deep.config.lattice_depth}": trace},

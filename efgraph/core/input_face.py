@@ -69,17 +69,15 @@ class InputFace(nn.Module):
         if config.input_sequence:  # one shared projection of each token: its amplitude and first state
             self.token_amplitude = nn.Linear(config.input_dim, 1)
             self.token_state = nn.Linear(config.input_dim, layers * hidden)
-        else:  # the amplitude field over the face
+        else:  # the amplitude field over the face, and what a flow starts from
             self.input_query = nn.Linear(config.input_dim, config.injection_rank)
             self.face_keys = nn.Parameter(torch.empty(config.face_cells, config.injection_rank))
-        if config.input_sequence:
-            pass  # a token's content is the token itself
-        elif config.injection == "face":  # each cell's part of x: content_keys[p] . mat(W_u x)
-            self.input_content = nn.Linear(config.input_dim, config.injection_rank * config.face_channels)
-            self.content_keys = nn.Parameter(torch.empty(config.face_cells, config.injection_rank))
-            self.init_from_cell = nn.Linear(config.face_channels, layers * hidden)
-        else:
-            self.init_from_input = nn.Linear(config.input_dim, layers * hidden)
+            if config.injection == "face":  # each cell's part of x: content_keys[p] . mat(W_u x)
+                self.input_content = nn.Linear(config.input_dim, config.injection_rank * config.face_channels)
+                self.content_keys = nn.Parameter(torch.empty(config.face_cells, config.injection_rank))
+                self.init_from_cell = nn.Linear(config.face_channels, layers * hidden)
+            else:
+                self.init_from_input = nn.Linear(config.input_dim, layers * hidden)
         self.init_from_position = nn.Linear(config.position_encoding_dim, layers * hidden, bias=False)
         self.reset_parameters()
 

@@ -42,7 +42,7 @@ def spread_next_energies(proc: FlowProcessor, x: torch.Tensor) -> None:
     with torch.no_grad():
         proc.carrier.energy_head.weight.mul_(20.0)
         state = proc.inject(x)
-        logits = proc.flow_step.advance(proc.flow_step.cells(state).transformation, state.h, state.c,
+        logits = proc.flow_step.advance(proc.flow_step.cells(state, x.size(0)).transformation, state.h, state.c,
                               state.pos, state.energy)[4].energy_logit
         # the threshold midway between the two middle logits: no flow sits on it, where the
         # batched engine and the per-flow reference could round it to different sides

@@ -146,7 +146,7 @@ def test_the_checkpointed_backward_differentiates_the_flows_the_forward_kept(mon
     spread_next_energies(proc, x)
     with torch.no_grad():  # the first step's next energies; put the threshold 1e-6 under one of them
         state = proc.inject(x)
-        energy = proc.flow_step.advance(proc.flow_step.cells(state).transformation, state.h, state.c,
+        energy = proc.flow_step.advance(proc.flow_step.cells(state, x.size(0)).transformation, state.h, state.c,
                               state.pos, state.energy)[6]
     lowest_survivor = energy[energy > 0.5].min().item()
     forward_threshold, rerun_threshold = lowest_survivor - 1e-6, lowest_survivor + 1e-6

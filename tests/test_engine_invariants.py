@@ -190,7 +190,7 @@ def _preset_processor(**overrides):
         # untrained flows are alike, so their spawn scores share one sign; centre the first
         # step's scores on 0 so that about half of them want to spawn, whatever the seed
         state = proc.inject(_x(config, batch=4))
-        heads = proc.flow_step.advance(proc.flow_step.cells(state).transformation, state.h, state.c, state.pos,
+        heads = proc.flow_step.advance(proc.flow_step.cells(state, 4).transformation, state.h, state.c, state.pos,
                              state.energy)[4]
         proc.carrier.spawn_head.bias[0] -= heads.spawn_score.median()
     return config, proc

@@ -52,7 +52,16 @@ def _assert_step_equal(proc, state, batch_size, next_id):
 @pytest.mark.parametrize("aggregation", ["mean", "sum"])
 @pytest.mark.parametrize("spawning", [False, True])
 @pytest.mark.parametrize("radius", [0, 1])
-def test_every_step_of_a_forward_equals_the_reference(carrier_type, aggregation, spawning, radius):
+@pytest.mark.parametrize("layout", ["chosen", "edges", "grid"])
+def test_every_step_of_a_forward_equals_the_reference(carrier_type, aggregation, spawning, radius, layout,
+                                                      monkeypatch):
+    """Each message-passing layout (the one the step picks by cost, and each forced) equals the
+    per-flow reference; the tiny lattice picks the grid at radius 1."""
+    from efgraph.core import flow_step
+    if layout != "chosen":
+        if radius == 0 and layout == "grid":
+            pytest.skip("radius 0 always reads the edges (one per flow)")
+        monkeypatch.setattr(flow_step, "grid_is_cheaper", lambda *args: layout == "grid")
     overrides = dict(carrier_type=carrier_type, aggregation=aggregation, max_lateral_step=3.0,
                      interaction_radius=radius, lattice_width=2, lattice_height=3)  # small face: flows share cells
     if spawning:
@@ -109,8 +118,12 @@ def _random_arrivals(config, a=40, seed=3):
     return batch, xy, torch.rand(a, generator=g), torch.randn(a, config.face_channels, generator=g)
 
 
-@pytest.mark.parametrize("readout", ["face", "shared"])
-def test_output_face_equals_a_dense_face_read_cell_by_cell(readout):
+@pytest.mark.parametrize("readout,layout", [("face", "chosen"), ("face", "landings"), ("face", "grid"),
+                                            ("shared", "chosen")])
+def test_output_face_equals_a_dense_face_read_cell_by_cell(readout, layout, monkeypatch):
+    from efgraph.core import readout as readout_module
+    if layout != "chosen":
+        monkeypatch.setattr(readout_module, "face_grid_is_cheaper", lambda *args: layout == "grid")
     config = tiny_config(output_gate_init=0.7, readout=readout)
     proc = build_processor(config)
     with torch.no_grad():
@@ -222,3 +235,74 @@ def test_optimized_faces_parameter_counts():
     assert counts["face_keys"] == counts["content_keys"] == 100 * 100 * 16  # amplitude and content keys
     assert counts["input_content.weight"] + counts["input_content.bias"] == 768 * 16 * 64 + 16 * 64
     assert counts["input_query.weight"] + counts["input_query.bias"] == 768 * 16 + 16
+
+
+def test_box_sum_equals_the_sum_over_every_offset():
+    """The separable box sum = the explicit sum over the (2r+1)^3 offsets, zero past the faces."""
+    from efgraph.core.message_passing import box_sum, neighbourhood_offsets
+
+    grid = torch.randn(2, 3, 4, 5, 2, dtype=torch.float64)
+    for radius in (1, 2):
+        expected = torch.zeros_like(grid)
+        for dx, dy, dz in neighbourhood_offsets(radius).tolist():
+            for z in range(3):
+                for y in range(4):
+                    for x in range(5):
+                        if 0 <= z + dz < 3 and 0 <= y + dy < 4 and 0 <= x + dx < 5:
+                            expected[:, z, y, x] += grid[:, z + dz, y + dy, x + dx]
+        torch.testing.assert_close(box_sum(grid, radius), expected)
+
+
+def test_the_step_picks_the_layout_that_touches_fewer_rows():
+    from efgraph.core.message_passing import grid_is_cheaper
+
+    assert grid_is_cheaper(rows=1536, grid_cells=65 * 128, radius=1)  # routing: 8,320 cells < 41,472 edges
+    assert not grid_is_cheaper(rows=64, grid_cells=65 * 32 * 32 * 16, radius=1)  # a large sparse lattice
+    assert not grid_is_cheaper(rows=10_000, grid_cells=10, radius=0)  # radius 0: one edge per flow
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "sum"])
+def test_the_two_layouts_give_the_same_output_and_gradients(aggregation, monkeypatch):
+    """A whole forward and backward (several steps, spawns) is the same in either layout."""
+    from efgraph.core import flow_step
+
+    config = tiny_config(aggregation=aggregation, lattice_width=3, lattice_height=3, energy_threshold=0.001,
+                         spawn_threshold=0.002)
+    x = torch.randn(3, config.input_dim, generator=torch.Generator().manual_seed(0))
+    results = {}
+    for layout in ("edges", "grid"):
+        monkeypatch.setattr(flow_step, "grid_is_cheaper", lambda *args, grid=layout == "grid": grid)
+        proc = build_processor(config, seed=3)
+        force_spawning(proc)
+        y = proc(x)
+        y.square().sum().backward()
+        assert proc.last_trace.num_steps > 1 and sum(proc.last_trace.spawned) > 0
+        results[layout] = (y.detach(), {n: p.grad for n, p in proc.named_parameters() if p.grad is not None},
+                           proc.last_trace.summary()["neighbourhood_flows"])
+    (y_e, g_e, heard_e), (y_g, g_g, heard_g) = results["edges"], results["grid"]
+    torch.testing.assert_close(y_g, y_e, atol=1e-5, rtol=1e-4)
+    assert g_g.keys() == g_e.keys() and "flow_step.conv.lin.weight" in g_g
+    for name in g_e:
+        torch.testing.assert_close(g_g[name], g_e[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert heard_g == heard_e
+
+
+def test_the_two_face_layouts_give_the_same_gradients(monkeypatch):
+    """The collected face over the landing points and on the materialised face: the same gradient
+    to the landing points, energies, values and keys (padding rows of sample B included)."""
+    from efgraph.core import readout as readout_module
+
+    config = tiny_config(output_gate_init=0.7)
+    proc = build_processor(config)
+    batch, xy, energy, value = _random_arrivals(config)
+    batch[-5:] = 3  # rows that deposit nothing
+    grads = {}
+    for layout in ("landings", "grid"):
+        monkeypatch.setattr(readout_module, "face_grid_is_cheaper", lambda *args, grid=layout == "grid": grid)
+        inputs = [t.clone().requires_grad_() for t in (xy, energy, value)]
+        proc.zero_grad()
+        proc.output_face.collect(batch, *inputs, 3).sin().sum().backward()
+        grads[layout] = [t.grad for t in inputs] + [proc.output_face.readout_keys.grad.clone()]
+    for landing, grid in zip(grads["landings"], grads["grid"]):
+        torch.testing.assert_close(grid, landing, atol=1e-5, rtol=1e-4)
+    assert grads["grid"][2][-5:].abs().max() == 0  # the padding rows' values reach nothing

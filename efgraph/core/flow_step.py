@@ -2,10 +2,9 @@
 
 1. *Occupied cells*: cell id = (sample, cell) compacted by a sort at a static size
    (:func:`~efgraph.core.compaction.unique_padded`) -> C cells in F rows.
-2. *Message passing* flows -> occupied cells within ``interaction_radius`` of each flow's cell
-   (:class:`FlowToCellConv` over :func:`neighbourhood_edges`), the :class:`SimpleNeuron` on the
-   F rows (the C occupied cells, then padding nobody reads), each flow gathers its own cell's
-   transformation.
+2. *Message passing* flows -> the cells within ``interaction_radius`` of each flow's cell
+   (:class:`FlowToCellConv`, over edges or on a dense grid, whichever is cheaper), then the
+   :class:`SimpleNeuron` on each flow's cell's aggregate and position code (F rows).
 3. *Carrier*: one recurrent call over the F flows, then the heads.
 4. *Move*: lateral move reflected at the faces, ``dz >= 1`` and never past the output face.
 5. *Lifecycle*: the carrier *sets* each flow's energy (``sigmoid`` of its energy head, so it can
@@ -42,7 +41,8 @@ from efgraph.core.compaction import unique_padded
 from efgraph.core.energy_carrier import CarrierHeads, EnergyCarrier
 from efgraph.core.energy_lattice import EnergyLattice
 from efgraph.core.flow_state import FlowState
-from efgraph.core.message_passing import FlowToCellConv, neighbourhood_edges, neighbourhood_offsets
+from efgraph.core.message_passing import (FlowToCellConv, grid_is_cheaper, neighbourhood_edges,
+                                          neighbourhood_offsets)
 from efgraph.core.records import CellStep, Decision, EnergyBooks, StepCounts
 from efgraph.core.simple_neuron import SimpleNeuron
 
@@ -211,31 +211,37 @@ class FlowStep(nn.Module):
         if self.gates is not None and self.config.project_step_gates:
             self.gates.clamp_(0.0, 1.0)
 
-    def cells(self, state: FlowState, batch_size: int | None = None) -> CellStep:
-        """The neuron's transformation for every flow, computed per occupied cell.
+    def cells(self, state: FlowState, batch_size: int) -> CellStep:
+        """The neuron's transformation for every flow: its cell's, from the flows around that cell.
 
-        The cells sit in F rows (a size the host knows, so no sync): the C occupied cells, then
-        padding rows that no flow reads. Each occupied cell aggregates the messages of the flows of
-        its sample within ``interaction_radius`` cells, runs the neuron once, and every flow reads
-        its own cell's result (see :class:`CellStep`). Padding flows (sample ``batch_size``) sit in
-        cells of their own sample, after every real cell, and are not counted.
+        Each flow's cell aggregates the messages of the flows of its sample within
+        ``interaction_radius`` cells, in the layout that touches fewer rows (edges or grid, see
+        :mod:`efgraph.core.message_passing`; the same sums), and the neuron runs on that aggregate
+        and the cell's position code (see :class:`CellStep`). The rows are the F flows (a size the
+        host knows, so no sync): flows that share a cell get the same input and so the same
+        transformation. Padding flows (sample ``batch_size``) sit in cells of their own sample,
+        after every real cell, and are not counted.
         """
-        lattice = self.lattice
+        lattice, radius = self.lattice, self.config.interaction_radius
         num_flows = state.num_flows
         cell = lattice.cell_coordinates(state.pos)
         cell_id = lattice.cell_id(state.batch, cell)
-        # F rows, the first C the occupied cells; the padding id is past every real id
+        # the occupied cells, sorted (the step's record), the padding id past every real id
         occupied, cell_index, num_occupied = unique_padded(cell_id, fill=PADDING_CELL_ID)
-        # each occupied row's (x, y, z), written by its flows (all write the same cell; padding stays 0)
-        occupied_cell = torch.zeros_like(cell).index_copy_(0, cell_index, cell)
-        # row F collects the edges to empty cells and is dropped
-        edges = neighbourhood_edges(cell, state.batch, occupied, cell_index, self.neighbour_offsets,
-                                    lattice.cell_bounds, lattice.cell_id, miss_row=num_flows)
-        aggregated = self.conv(state.h[-1], state.energy, edges, num_flows + 1)[:num_flows]
-        cell_pe = lattice.position_encoding(occupied_cell.to(state.pos.dtype))
-        # the neuron runs on the F rows (a static size); padding rows are never read
-        transformation = self.neuron(torch.cat([aggregated, cell_pe], dim=1)).index_select(0, cell_index)
-        heard = degree(edges[1], num_flows + 1).index_select(0, cell_index)  # flows each cell heard
+        samples = batch_size + 1  # the padding rows' sample included
+        if grid_is_cheaper(num_flows, samples * lattice.num_cells, radius):
+            # a cell id is the row of a (samples, D, H, W) grid; a non-finite position's cell is
+            # out of it, and such a flow reads its clamped cell instead of an out-of-range row
+            grid_id = cell_id.clamp(0, samples * lattice.num_cells - 1)
+            aggregated, heard = self.conv.on_grid(state.h[-1], state.energy, grid_id,
+                                                  (samples, lattice.depth, lattice.height, lattice.width), radius)
+        else:
+            # row F collects the edges to empty cells and is dropped
+            edges = neighbourhood_edges(cell, state.batch, occupied, cell_index, self.neighbour_offsets,
+                                        lattice.cell_bounds, lattice.cell_id, miss_row=num_flows)
+            aggregated = self.conv(state.h[-1], state.energy, edges, num_flows + 1).index_select(0, cell_index)
+            heard = degree(edges[1], num_flows + 1).index_select(0, cell_index)
+        transformation = self.neuron(torch.cat([aggregated, lattice.position_encoding(cell.to(state.pos.dtype))], dim=1))
         if state.valid is not None:  # the padding flows' cells (their own sample) are not counted
             heard = heard * state.valid
             num_occupied = (occupied < batch_size * self.config.num_cells).sum()

@@ -11,7 +11,8 @@ readout ``R_q = \sum_k L_{qk} B_k`` (rank ``readout_rank``; ``L``: a learned key
 so the same deposit on another cell writes another part of y, and moving a flow moves y through
 the weights. Only the landing points cost compute: ``sum_q L_q f_q^T`` is a sum over arrivals of
 ``energy * L(xy) value^T``, with ``L(xy)`` the bilinear interpolation of the keys at the landing
-point; no face cell is materialised. With ``readout: shared`` (the earlier formulation, kept so
+point, so no face cell is materialised; where the landings outnumber the face's cells enough,
+the same sum is taken on the face itself (:func:`face_grid_is_cheaper`). With ``readout: shared`` (the earlier formulation, kept so
 that runs saved with it still load) one bias-free MLP runs on every hit cell and is summed per
 sample, position entering only as an additive code in each deposit: y is blind to where the
 flows land. ``g`` is a learned gate started at ``output_gate_init``.
@@ -67,6 +68,16 @@ class FaceDeposit:
     values: Tensor
     energy: Tensor
     num_cells: Tensor
+
+
+def face_grid_is_cheaper(rows: int, face_rows: int) -> bool:
+    """Whether :meth:`OutputFace.collect` sums the deposits on the materialised face
+    (``face_rows`` = samples x face cells, one small matrix product per cell) rather than over the
+    ``rows`` landing points (an ``[A, r, c]`` outer product each). A product row is an order of
+    magnitude cheaper than a broadcast one on a CPU (``scripts/bench_step.py``: routing's readout
+    2.8 -> 1.1 ms, the Bible's 2.8 -> 1.6 ms at 13 face rows a landing), hence the factor 16: a
+    large face that few flows reach keeps the landing points. Host integers: no sync."""
+    return face_rows <= 16 * rows
 
 
 class OutputFace(nn.Module):
@@ -166,9 +177,20 @@ class OutputFace(nn.Module):
             return scatter(per_cell, deposit.batch, dim=0, dim_size=batch_size + 1, reduce="sum")[:batch_size]
         cell, weight = self.lattice.landing_corners(xy)
         r, c = self.config.readout_rank, self.config.face_channels
-        keys = (weight.unsqueeze(-1) * self.readout_keys[cell]).sum(dim=1)  # [A, r]: L at the landing point
-        outer = keys.unsqueeze(2) * (energy.unsqueeze(1) * values).unsqueeze(1)  # [A, r, c]
-        # rows of sample B (the engine's rows that deposit nothing) go to row B, which is dropped
+        deposit = energy.unsqueeze(1) * values  # [A, c]
+        # rows of sample B (the engine's rows that deposit nothing) go to sample B, which is dropped
+        face_cells = self.lattice.width * self.lattice.height
+        if face_grid_is_cheaper(batch.numel(), (batch_size + 1) * face_cells):
+            # sum_q L_q f_q^T with the face materialised: each deposit's bilinear parts summed on
+            # its four cells [B + 1, W*H, c], then one product with the keys
+            cell_row = (batch.unsqueeze(1) * face_cells + cell).reshape(-1)
+            parts = (weight.unsqueeze(2) * deposit.unsqueeze(1)).reshape(-1, c)  # [4A, c]
+            face = deposit.new_zeros((batch_size + 1) * face_cells, c).index_add(0, cell_row, parts)
+            face = face.view(batch_size + 1, face_cells, c)[:batch_size]
+            return torch.einsum("qr,bqc->brc", self.readout_keys, face).reshape(batch_size, r * c)
+        # only the landing points: sum over arrivals of L(xy) f^T, L(xy) the keys interpolated there
+        keys = (weight.unsqueeze(-1) * self.readout_keys[cell]).sum(dim=1)  # [A, r]
+        outer = keys.unsqueeze(2) * deposit.unsqueeze(1)  # [A, r, c]
         return scatter(outer.reshape(-1, r * c), batch, dim=0, dim_size=batch_size + 1, reduce="sum")[:batch_size]
 
     def deposit_on_cells(

@@ -10,7 +10,7 @@ The model is three parts, each one module that owns one idea and knows nothing o
 
 This module runs them. A step is :meth:`FlowStep.decide`, the step's one host sync that reads
 how many flows each fate holds (:meth:`~efgraph.core.records.StepCounts.read`: it fixes the next
-step's shapes), then :meth:`FlowStep.compact` (skipped when every flow continues) and
+step's shapes), then :meth:`FlowStep.compact` (skipped when every flow continues or none does) and
 :meth:`OutputFace.deposit` (arrivals, and the dying flows' phantoms with ``survival_gradient``).
 How it is run wraps that from outside:
 
@@ -305,6 +305,8 @@ class FlowProcessor(nn.Module):
                           valid=state.valid, num_valid=state.num_valid)
         if n.alive == state.num_active and not n.spawns:  # fast path: every flow continues as it is
             next_state = moved
+        elif n.alive == 0 and not n.spawns:  # every flow ended (a one-step lattice, the last step)
+            next_state = moved.without_rows()
         else:
             n_next = n.alive + n.spawns
             next_id_t = torch.full((), next_id, dtype=torch.long, device=d.energy.device)

@@ -55,6 +55,11 @@ class FlowState:
         """Flows, padding excluded."""
         return self.num_flows if self.valid is None else self.num_valid
 
+    def without_rows(self) -> "FlowState":
+        """No flow: every tensor with 0 rows (what follows a step in which every flow ended)."""
+        return FlowState(h=self.h[:, :0], c=None if self.c is None else self.c[:, :0], pos=self.pos[:0],
+                         energy=self.energy[:0], batch=self.batch[:0], flow_id=self.flow_id[:0])
+
     def padded(self, rows: int, batch_size: int) -> "FlowState":
         """These flows followed by canonical padding rows up to ``rows`` (see the class docstring)."""
         assert self.valid is None and rows >= self.num_flows

@@ -32,7 +32,6 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.nn import MessagePassing
 
@@ -57,18 +56,16 @@ def box_sum(grid: Tensor, radius: int) -> Tensor:
     ``radius`` along every one of the three axes (Chebyshev distance), cells past a face counting
     as zero, so a neighbourhood never wraps around a face or reaches another sample.
 
-    Separable: three passes of ``2r`` shifted adds, each over the grid, instead of ``(2r+1)^3``."""
-    for dim in (1, 2, 3):
-        size = grid.size(dim)
-        if size == 1 or radius == 0:  # along a one-cell axis every neighbour is past a face
-            continue
-        # F.pad lists (left, right) from the last dim backwards; dim is 4 - dim from the last
-        padded = F.pad(grid, [0, 0] * (grid.dim() - 1 - dim) + [radius, radius])
-        total = padded.narrow(dim, 0, size)
-        for shift in range(1, 2 * radius + 1):
-            total = total + padded.narrow(dim, shift, size)
-        grid = total
-    return grid
+    Separable: along each axis of n cells one product with the ``[n, n]`` band matrix
+    ``|i - j| <= r`` (a batched matrix product, whose backward is another; shifted slices cost
+    more here, each slice's backward a zeroed copy of the grid)."""
+    n, d, h, w, c = grid.shape
+    for batch_shape, size in (((n,), d), ((n * d,), h), ((n * d * h,), w)):
+        if size > 1 and radius > 0:  # along a one-cell axis every neighbour is past a face
+            index = torch.arange(size, device=grid.device)
+            band = ((index.unsqueeze(0) - index.unsqueeze(1)).abs() <= radius).to(grid.dtype)
+            grid = torch.matmul(band, grid.reshape(*batch_shape, size, -1))
+    return grid.reshape(n, d, h, w, c)
 
 
 def neighbourhood_edges(

@@ -125,7 +125,7 @@ class InputFace(nn.Module):
             own = self.init_from_cell(self.face_content(x, cell).reshape(batch.numel(), -1))  # [F0, L*H]
         else:
             own = self.init_from_input(x).index_select(0, batch)  # computed once per sample
-        h, c = self.first_state(own + self.position_state(cell.reshape(-1)))
+        h, c = self.first_state(own + self.init_from_position(lattice.position_encoding(pos)))
         return FlowState(h=h, c=c, pos=pos, energy=energy, batch=batch,
                          flow_id=torch.arange(batch.numel(), device=x.device))
 
@@ -142,17 +142,9 @@ class InputFace(nn.Module):
             batch, cell, tokens = batch[keep], cell[keep], tokens[keep]
         pos = self.lattice.face_position(cell, 0.0)
         energy = torch.sigmoid(self.token_amplitude(tokens).squeeze(1).float() + self.energy_bias)
-        h, c = self.first_state(self.token_state(tokens) + self.position_state(cell))
+        h, c = self.first_state(self.token_state(tokens) + self.init_from_position(self.lattice.position_encoding(pos)))
         return FlowState(h=h, c=c, pos=pos, energy=energy, batch=batch,
                          flow_id=torch.arange(batch.numel(), device=x.device))
-
-    def position_state(self, cell: Tensor) -> Tensor:
-        """``[F0]`` input-face cells (``y * W + x``) -> ``[F0, L*H]``: the part of a flow's first
-        state that its start cell's position code gives, computed once per face cell (``W*H``
-        rows, fewer than the flows) and read by each flow."""
-        face = torch.arange(self.config.face_cells, device=cell.device)
-        per_cell = self.init_from_position(self.lattice.position_encoding(self.lattice.face_position(face, 0.0)))
-        return per_cell.index_select(0, cell)
 
     def first_state(self, pre_activation: Tensor) -> tuple[Tensor, Tensor | None]:
         """``[F0, L*H]`` -> the carrier's ``h [L, F0, H]`` (tanh), and ``c`` zeros for an LSTM.

@@ -15,7 +15,8 @@ Usage::
 from typing import Any
 
 from efgraph.config import EnergyConfig, create_debug_config, create_experiment_config, create_optimized_config
-from efgraph.core import EnergyCarrier, EnergyLattice, FlowProcessor, FlowState, FlowToCellConv, FlowTrace, SimpleNeuron
+from efgraph.core import (EnergyCarrier, EnergyLattice, FlowProcessor, FlowState, FlowToCellConv, FlowTrace, ModelConfig,
+                          SimpleNeuron)
 
 __version__ = "0.1.0"
 
@@ -34,5 +35,6 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "EnergyCarrier", "EnergyConfig", "EnergyLattice", "FlowProcessor", "FlowState", "FlowToCellConv", "FlowTrace",
+    "ModelConfig",
     "EnergyTrainer", "SimpleNeuron", "create_debug_config", "export_model", "load_model", "create_experiment_config", "create_optimized_config",
 ]

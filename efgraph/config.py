@@ -1,33 +1,30 @@
-"""`EnergyConfig`: every knob of an energy-flow model in one flat, validated dataclass.
+"""`EnergyConfig`: a run's every knob in one flat, validated dataclass: the model
+(:class:`~efgraph.core.model_config.ModelConfig`, whose fields it extends; ``config.model``), how it
+is trained and run, its data and its baselines.
 
 The config is flat on purpose (one YAML mapping, no nesting) so that a dotted override such as
 ``--set lattice_depth=20`` names exactly one field, and so that a YAML file with a typo fails loudly:
 :meth:`EnergyConfig.from_yaml` rejects unknown keys instead of ignoring them.
 
-Budgets are *per sample*: ``max_active_flows`` and ``max_spawn_per_step`` bound the flows of one
-input embedding, so a sample's output never depends on what else shares its batch.
+The model's fields and their checks are :class:`ModelConfig`'s; this module adds the rest, and the
+rules for configs saved by older versions (:data:`FIELD_DEFAULTS_BEFORE`, :data:`REMOVED_FIELDS`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-CARRIER_TYPES = ("gru", "lstm")
-AGGREGATIONS = ("mean", "sum")
+from efgraph.core.model_config import AGGREGATIONS, CARRIER_TYPES, INJECTIONS, READOUTS, ModelConfig  # noqa: F401
+
 DATASETS = ("synthetic", "bible", "pairs", "text", "routing", "composition", "lookup")
 # the learned baselines a run trains beside the model (identity and ridge are closed-form and always fitted)
 LEARNED_BASELINES = ("mlp", "transformer")
 LINEAR_SKIP_INITS = ("zero", "ridge")  # where the linear skip's W starts
 COMPOSITION_HOLD_OUTS = ("pairs", "inputs", "chains")  # what a composition split keeps out of training
-# how the input embedding enters the lattice / how the output embedding leaves it
-INJECTIONS = ("face", "broadcast")
-READOUTS = ("face", "shared")
 # which parameters AdamW's weight decay pulls toward 0 (efgraph.training.optim)
 WEIGHT_DECAY_ON = ("matrices", "all")
 # Fields a resumed run may change: they do not affect which batches it sees or what it computes.
@@ -49,11 +46,6 @@ REMOVED_FIELDS: dict[str, tuple[Any, str]] = {
                               "learning)"),
     "start_cell_noise_fraction": (None, "the span of start_cell_noise's annealing"),
 }
-
-# Fields a built model may change (FlowProcessor.reconfigure sets them on the processor, its lattice
-# and its carrier together): read on every forward, they change how a forward is computed, not what.
-# Every other field is fixed when the model is built (compile, for one, builds the graphs then).
-RUNTIME_MUTABLE_KEYS = ("activation_checkpointing",)
 
 
 @dataclass(frozen=True)
@@ -129,60 +121,17 @@ ARCHITECTURE_KEYS = (
 
 
 @dataclass(frozen=True)
-class EnergyConfig:
-    """Configuration of the lattice, the flows, the networks and training.
+class EnergyConfig(ModelConfig):
+    """A run's configuration: the model's fields (:class:`ModelConfig`, first), then how it is
+    trained and run, its data and its baselines. ``config.model`` is the model alone.
 
-    Lattice geometry: ``lattice_width`` x ``lattice_height`` x ``lattice_depth`` cells; z=0 is the
-    input face, z=depth-1 the output face.
-
-    Frozen: assigning a field raises ``dataclasses.FrozenInstanceError``, so the processor, its
-    lattice and its carrier, which share one config, can never disagree. A changed config is a new
-    one (:meth:`replace`); a built model changes only its runtime switches
-    (:meth:`efgraph.core.flow_processor.FlowProcessor.reconfigure`).
+    Frozen: assigning a field raises ``dataclasses.FrozenInstanceError``. A changed config is a new
+    one (:meth:`replace`); a built model's parts hold its :class:`ModelConfig`, and how the model is
+    run (``compile``, ``activation_checkpointing``) is the processor's, read from here when it is
+    built (:meth:`efgraph.core.flow_processor.FlowProcessor.from_config`).
     """
 
-    # --- lattice -------------------------------------------------------------------------------
-    lattice_width: int = 20
-    lattice_height: int = 20
-    lattice_depth: int = 10
-    # --- embeddings ----------------------------------------------------------------------------
-    input_dim: int = 768
-    output_dim: int = 768
-    # false: x is one embedding [B, input_dim], laid across the input face; true: x is a sequence
-    # [B, T, input_dim] of embeddings (tokens) with a mask [B, T], and each token starts its own flow
-    # on face cell t (raster order), T <= initial_flows_per_sample (efgraph.core.input_face)
-    input_sequence: bool = False
-    # --- flows (budgets are per sample) --------------------------------------------------------
-    initial_flows_per_sample: int = 8
-    max_active_flows: int = 100
-    max_spawn_per_step: int = 10
-    energy_threshold: float = 0.1
-    spawn_threshold: float = 0.8
-    max_lateral_step: float = 2.0
-    # the fraction of the depth left that a flow jumps beyond its one cell a step at initialisation
-    # (the jump head's bias is its logit; training moves it): 0.5 reaches the output face in about
-    # log2(D) steps; near 0 a flow first takes every step, one cell at a time, and learns to jump
-    # ahead when it is done
-    jump_init: float = 0.5
-    # a flow's neuron sees the flows of its own sample in the cells within this Chebyshev radius
-    # (3-D, in cells); 0 = only the flows of its own cell
-    interaction_radius: int = 1
-    # depth that starts as one step: the first lattice step is the one-step model's (full update,
-    # no spawning) and every later step t is a residual update of each flow gated by a learned
-    # scalar g_t in [0, 1] started at 0 (ReZero): state h += g_t (GRU(h) - h), lateral move and
-    # child offsets x g_t, energy += g_t (new - old), and a step spawns only while g_t > 0. With
-    # every gate at 0 a deep lattice computes the one-step lattice's output; training opens them
-    residual_steps: bool = False
-    # residual_steps: after every optimizer step the trainer puts each gate back into [0, 1]
-    # (projected gradient descent), so a closed gate sits at 0 and opens as soon as its gradient
-    # asks; false = the gates are free parameters read through a straight-through clamp, and a
-    # closed one sinks below 0 (measured: -1 to -3) where reopening takes hundreds of steps.
-    # Like residual_steps at depth 2, it does nothing where there are no gates, so a config that
-    # sets it can be run as a one-step lattice (--set lattice_depth=2 --set residual_steps=false)
-    project_step_gates: bool = False
-    # a dying flow sends a surrogate gradient ("had you lived, you would have deposited this"),
-    # so death is no gradient cliff; false = hard death with no gradient (an ablation)
-    survival_gradient: bool = True
+    # --- training ------------------------------------------------------------------------------
     # the per-sample cap on active flows that spawning respects. fixed: max_active_flows.
     # adaptive: the trainer moves it between training forwards (efgraph.training.flow_budget),
     # never above the largest budget whose worst case fits the device under the memory plan (and
@@ -191,40 +140,6 @@ class EnergyConfig:
     # adaptive: the flow-steps per sample per forward (sum over lattice steps of the sample's
     # active flows) the budget steers toward; 0 = no compute target, the budget is the plan's cap
     flow_budget_target: float = 0.0
-    # --- carrier (shared recurrent cell) -------------------------------------------------------
-    carrier_type: str = "gru"
-    carrier_hidden_dim: int = 1024
-    carrier_num_layers: int = 3
-    child_rank: int = 32
-    # --- neuron and messages -------------------------------------------------------------------
-    message_dim: int = 20
-    position_frequencies: int = 2
-    # the z that the position code's z axis spans: 0 = lattice_depth - 1 (z in [0, 1] of the
-    # lattice's own depth); N > 0 = z / N whatever the depth, so a model run deeper than it was
-    # trained (FlowProcessor.at_depth) reads the same code at the same z and continues it beyond
-    position_z_extent: int = 0
-    neuron_hidden_dim: int = 64
-    neuron_output_dim: int = 16
-    aggregation: str = "mean"
-    # --- injection and readout -----------------------------------------------------------------
-    # face: the embedding is laid across the input face (each cell holds its own face_channels-wide
-    # part, a rank-injection_rank field) and each flow carries its start cell's part;
-    # broadcast: every flow starts from the whole embedding plus its cell's position code
-    injection: str = "face"
-    # face: each output-face cell owns its readout weights (rank readout_rank), so where a flow
-    # lands decides which part of y it writes; shared: one per-cell MLP summed over the hit cells,
-    # blind to where the flows land (position enters only as an additive code)
-    readout: str = "face"
-    injection_rank: int = 16
-    face_channels: int = 64
-    readout_rank: int = 16  # readout: face
-    readout_hidden_dim: int = 256  # readout: shared
-    residual: bool = False  # y = x + f(x); needs input_dim == output_dim
-    # a learned linear path from x to y beside the lattice, y = [x +] W x + lattice(x), W started
-    # at 0 (so the model at initialisation is the model without it): the linear part of a map is
-    # then learned by one matrix instead of by where flows land, and the lattice is left what a
-    # linear map cannot do. Costs input_dim x output_dim parameters and one matmul per forward
-    linear_skip: bool = False
     # where the linear skip starts. zero: W = 0; ridge: the run pipeline (scripts/train.py, studies)
     # fits the ridge on the training pairs (on the residual y - x with residual: true), its penalty
     # chosen on validation as the ridge baseline's, and starts W and the readout bias there, so
@@ -232,14 +147,6 @@ class EnergyConfig:
     # from the best linear map instead of spending its steps finding it (measured on the Bible: it
     # wins on the whole Bible's 778 steps and drifts below the ridge over bible.yaml's 970)
     linear_skip_init: str = "zero"
-    # initial value of the learned scalar gate on the flows' contribution to the output
-    # (y = [x +] gate * lattice(x) + bias). With residual: true, 0 scales the lattice in from zero,
-    # so silencing an untrained lattice (y = x) is never the shortcut to a lower loss (the bible
-    # configs). Without a residual there is no such shortcut and 0 is a saddle: the lattice gets
-    # gradient only through the gate, whose sign wanders around 0 (measured on routing: val
-    # cosine 0.0004 after 250 steps from 0, 0.22 from 1), so the default starts it open.
-    output_gate_init: float = 1.0
-    # --- training ------------------------------------------------------------------------------
     batch_size: int = 8
     learning_rate: float = 1e-4
     weight_decay: float = 0.01
@@ -327,101 +234,34 @@ class EnergyConfig:
     transformer_heads: int = 4
     transformer_width: int = 0
 
-    def __post_init__(self) -> None:
-        self.validate()
-
-    # ------------------------------------------------------------------------------------------
     @property
-    def position_encoding_dim(self) -> int:
-        """Width of the sinusoidal encoding of (x, y, z): sin and cos per axis per frequency."""
-        return 6 * self.position_frequencies
-
-    @property
-    def neuron_input_dim(self) -> int:
-        """The neuron sees [aggregated message, cell position encoding] (32 by default)."""
-        return self.message_dim + self.position_encoding_dim
+    def model(self) -> ModelConfig:
+        """The model's part of this config (what the engine's parts read)."""
+        return ModelConfig.of(self)
 
     @property
     def learned_baselines(self) -> tuple[str, ...]:
         """``baseline_models`` as a tuple of names, in the order given."""
         return tuple(m.strip() for m in self.baseline_models.split(",") if m.strip())
 
-    @property
-    def num_cells(self) -> int:
-        return self.lattice_width * self.lattice_height * self.lattice_depth
-
-    @property
-    def face_cells(self) -> int:
-        return self.lattice_width * self.lattice_height
-
-    @property
-    def worst_case_flow_steps(self) -> int:
-        """The most flow-steps one sample can run in a forward: ``initial_flows_per_sample`` flows
-        that each spawn one child a step (at most ``max_spawn_per_step`` a sample), never past
-        ``max_active_flows``, over ``lattice_depth - 1`` steps (the sum of
-        :func:`efgraph.utils.memory.flows_per_step_bound`)."""
-        flows, total = self.initial_flows_per_sample, 0
-        for _ in range(self.lattice_depth - 1):
-            total += flows
-            flows = min(flows + min(flows, self.max_spawn_per_step), self.max_active_flows)
-        return total
-
     # ------------------------------------------------------------------------------------------
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first field that is out of its allowed range."""
-        for f in fields(self):
-            value = getattr(self, f.name)
-            expected = {"int": int, "float": float, "str": str, "bool": bool}[f.type]
-            # bool is an int subclass; a YAML `true` for a size is a mistake, not 1.
-            wrong_bool = isinstance(value, bool) and expected is not bool
-            if wrong_bool or not isinstance(value, (int, float) if expected is float else expected):
-                raise ValueError(f"{f.name}: expected {f.type}, got {value!r} ({type(value).__name__})")
-            if expected is float:
-                if not math.isfinite(value):
-                    raise ValueError(f"{f.name}: must be finite, got {value!r}")
-                object.__setattr__(self, f.name, float(value))  # frozen: 3 -> 3.0 once, while validating
-
-        positive = [
-            "lattice_width", "lattice_height", "input_dim", "output_dim", "initial_flows_per_sample",
-            "max_active_flows", "carrier_hidden_dim", "carrier_num_layers", "child_rank", "message_dim",
-            "position_frequencies", "neuron_hidden_dim", "neuron_output_dim", "injection_rank",
-            "face_channels", "readout_hidden_dim", "readout_rank", "batch_size", "epochs", "eval_every", "log_every",
-            "checkpoint_every", "synthetic_pairs", "routing_slots", "routing_token_dim",
-            "transformer_tokens", "transformer_layers", "transformer_heads",
-        ]
+        """Raise ``ValueError`` naming the first field that is out of its allowed range: the
+        model's fields (:meth:`ModelConfig.validate`), then the run's."""
+        super().validate()
+        positive = ["batch_size", "epochs", "eval_every", "log_every", "checkpoint_every", "synthetic_pairs",
+                    "routing_slots", "routing_token_dim", "transformer_tokens", "transformer_layers",
+                    "transformer_heads"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.lattice_depth < 2:
-            raise ValueError(f"lattice_depth: must be >= 2 (an input and an output face), got {self.lattice_depth}")
-        for name in ["max_spawn_per_step", "warmup_steps", "seed", "data_seed", "max_pairs", "verses_per_book",
-                     "interaction_radius", "num_threads", "transformer_width"]:
+        for name in ["warmup_steps", "seed", "data_seed", "max_pairs", "verses_per_book", "num_threads",
+                     "transformer_width"]:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        for name in ["energy_threshold", "spawn_threshold"]:
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name}: must be in [0, 1], got {getattr(self, name)}")
-        if self.spawn_threshold <= self.energy_threshold:
-            raise ValueError(
-                f"spawn_threshold: must be > energy_threshold ({self.energy_threshold}), got {self.spawn_threshold}"
-            )
-        if self.max_active_flows < self.initial_flows_per_sample:
-            raise ValueError(
-                f"max_active_flows: must be >= initial_flows_per_sample ({self.initial_flows_per_sample}), "
-                f"got {self.max_active_flows}"
-            )
-        if self.initial_flows_per_sample > self.face_cells:
-            raise ValueError(
-                f"initial_flows_per_sample: must be <= lattice_width * lattice_height ({self.face_cells}), "
-                f"got {self.initial_flows_per_sample}"
-            )
         if not 0 <= self.micro_batch_size <= self.batch_size:
             raise ValueError(f"micro_batch_size: must be in [0, batch_size={self.batch_size}] (0 = automatic), "
                              f"got {self.micro_batch_size}")
-        if not 0.0 < self.jump_init < 1.0:
-            raise ValueError(f"jump_init: must be in (0, 1) (a fraction of the depth left), got {self.jump_init}")
-        if self.max_lateral_step < 0:
-            raise ValueError(f"max_lateral_step: must be >= 0, got {self.max_lateral_step}")
         for name in ["learning_rate", "grad_clip"]:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
@@ -432,25 +272,9 @@ class EnergyConfig:
             raise ValueError(f"weight_decay_on: must be one of {WEIGHT_DECAY_ON}, got {self.weight_decay_on!r}")
         if self.mse_weight + self.cosine_weight <= 0:
             raise ValueError("mse_weight, cosine_weight: at least one loss weight must be > 0")
-        if self.carrier_type not in CARRIER_TYPES:
-            raise ValueError(f"carrier_type: must be one of {CARRIER_TYPES}, got {self.carrier_type!r}")
-        if self.injection not in INJECTIONS:
-            raise ValueError(f"injection: must be one of {INJECTIONS}, got {self.injection!r}")
-        if self.readout not in READOUTS:
-            raise ValueError(f"readout: must be one of {READOUTS}, got {self.readout!r}")
         if self.test_depth and self.test_depth < self.lattice_depth:
             raise ValueError(f"test_depth: must be 0 (the lattice's own depth) or >= lattice_depth "
                              f"({self.lattice_depth}), got {self.test_depth}")
-        if self.position_z_extent < 0:
-            raise ValueError(f"position_z_extent: must be >= 0 (0 = lattice_depth - 1), got {self.position_z_extent}")
-        if self.input_sequence:
-            for name in ("linear_skip", "residual"):
-                if getattr(self, name):
-                    raise ValueError(f"{name}: reads x as one vector [B, input_dim], but input_sequence is true "
-                                     f"(x is [B, T, input_dim]); set {name}: false")
-            if self.injection != "face":
-                raise ValueError(f"injection: {self.injection!r} lays one vector across the face, but input_sequence "
-                                 f"is true (each token starts its own flow); set injection: face")
         if self.routing_noise < 0:
             raise ValueError(f"routing_noise: must be >= 0, got {self.routing_noise}")
         for name, low in (("composition_values", 2), ("composition_tables", 1), ("composition_chain", 1)):
@@ -477,12 +301,6 @@ class EnergyConfig:
         if self.transformer_width % self.transformer_heads:
             raise ValueError(f"transformer_width: must be a multiple of transformer_heads ({self.transformer_heads}) "
                              f"or 0 (sized to the model), got {self.transformer_width}")
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation: must be one of {AGGREGATIONS}, got {self.aggregation!r}")
-        if self.residual and self.input_dim != self.output_dim:
-            raise ValueError(
-                f"residual: needs input_dim == output_dim, got {self.input_dim} and {self.output_dim}"
-            )
         if self.flow_budget not in FLOW_BUDGETS:
             raise ValueError(f"flow_budget: must be one of {FLOW_BUDGETS}, got {self.flow_budget!r}")
         if self.flow_budget_target < 0:
@@ -511,30 +329,12 @@ class EnergyConfig:
                 raise ValueError(f"{name}: must be in (0, 0.5), got {getattr(self, name)}")
 
     # ------------------------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EnergyConfig":
+        """:meth:`ModelConfig.from_dict`, after dropping the :data:`REMOVED_FIELDS` at their off value."""
         if not isinstance(data, dict):
             raise ValueError(f"config: expected a mapping of field names to values, got {type(data).__name__}")
-        known = {f.name: f.type for f in fields(cls)}
-        data = _without_removed_fields(data)
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ValueError(f"config: unknown keys {unknown}; allowed keys are {sorted(known)}")
-        for name, value in data.items():
-            # PyYAML reads `3e-4` (no dot) as a string; for a float field that is plainly a number.
-            if known[name] == "float" and isinstance(value, str):
-                try:
-                    data[name] = float(value)
-                except ValueError:
-                    pass  # validate() reports it with the field name
-        return cls(**data)
-
-    def replace(self, **changes: Any) -> "EnergyConfig":
-        """A validated copy with some fields changed (unknown names raise ``ValueError``)."""
-        return EnergyConfig.from_dict({**self.to_dict(), **changes})
+        return super().from_dict(_without_removed_fields(data))
 
     def with_overrides(self, overrides: list[str]) -> "EnergyConfig":
         """Apply ``key=value`` strings (values parsed as YAML scalars), as ``--set`` does."""
@@ -600,8 +400,17 @@ class EnergyConfig:
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
 
-    def to_yaml(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+    @classmethod
+    def model_from_saved(cls, data: dict[str, Any], where: str) -> ModelConfig:
+        """The model of a saved config: a run's (every field) or an exported model's (the model's
+        fields only), read as :meth:`from_saved` reads it; the run's fields it lacks take today's
+        defaults (the model does not read them)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: expected a saved config (a mapping of field names to values), "
+                             f"got {type(data).__name__}")
+        model_fields = {f.name for f in fields(ModelConfig)}
+        run_defaults = {f.name: f.default for f in fields(cls) if f.name not in model_fields and f.name not in data}
+        return cls.from_saved({**run_defaults, **data}, where).model
 
 
 def _without_removed_fields(data: dict[str, Any]) -> dict[str, Any]:
@@ -626,29 +435,6 @@ def _this_efgraph() -> str:
     from efgraph import __version__  # efgraph/__init__.py imports this module: read at call time
 
     return f"efgraph {__version__} (config fields up to {next(reversed(FIELD_DEFAULTS_BEFORE))!r})"
-
-
-def config_attribute() -> property:
-    """The ``config`` attribute of a model part (processor, lattice, carrier), kept as ``_config``.
-
-    Assigned once, in ``__init__``; assigning it again raises ``AttributeError``: a part given a new
-    config alone would disagree with the parts that keep the old one. A built model changes its
-    runtime switches with :meth:`efgraph.core.flow_processor.FlowProcessor.reconfigure`, which puts
-    one new config on every part.
-    """
-
-    def get(part: Any) -> EnergyConfig:
-        return part._config
-
-    def set_once(part: Any, config: EnergyConfig) -> None:
-        if "_config" in vars(part):
-            raise AttributeError(
-                f"{type(part).__name__}.config: set once, when the model is built; change a runtime switch "
-                f"({', '.join(RUNTIME_MUTABLE_KEYS)}) with FlowProcessor.reconfigure(...), or build a new model "
-                f"from config.replace(...)")
-        vars(part)["_config"] = config
-
-    return property(get, set_once, doc="The part's EnergyConfig: frozen, set once (efgraph.config.config_attribute).")
 
 
 def create_debug_config(**overrides: Any) -> EnergyConfig:

@@ -23,7 +23,8 @@ CONFIG_FILE = "config.yaml"
 
 
 def export_model(processor: FlowProcessor, folder: str | Path) -> Path:
-    """Write ``model.safetensors`` and ``config.yaml`` into ``folder``; returns the folder."""
+    """Write ``model.safetensors`` and ``config.yaml`` (the model's :class:`ModelConfig`) into
+    ``folder``; returns the folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in processor.state_dict().items()}
@@ -55,14 +56,14 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Fl
         if not config_path.exists():
             raise FileNotFoundError(f"{path}: expected its config at {config_path}")
         saved = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
-        config = EnergyConfig.from_saved(saved, str(config_path))
+        config = EnergyConfig.model_from_saved(saved, str(config_path))
         state = safetensors.torch.load_file(str(path), device=str(map_location))
         with safetensors.safe_open(str(path), framework="pt") as fh:
             budget = (fh.metadata() or {}).get("active_flow_budget")
     else:
         ckpt = load_checkpoint(path, map_location=map_location)
         saved = ckpt["config"]
-        config = EnergyConfig.from_saved(saved, str(path))
+        config = EnergyConfig.model_from_saved(saved, str(path))
         state = ckpt["model"]
         budget = (ckpt.get("extra") or {}).get("active_flow_budget")
     model = FlowProcessor.from_config(config)

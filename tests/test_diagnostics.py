@@ -410,7 +410,7 @@ def test_micro_batches_and_checkpointing_give_the_whole_batch_diagnostics(micro,
     _, whole = _trainer_step(config, batch)
     trainer, split = _trainer_step(config.replace(micro_batch_size=micro, activation_checkpointing=checkpointing),
                                    batch)
-    assert trainer.micro_batch_size == micro and trainer.processor.config.activation_checkpointing == checkpointing
+    assert trainer.micro_batch_size == micro and trainer.processor.activation_checkpointing == checkpointing
     keys = [k for k in whole if k.startswith("diag/")]
     assert len(keys) == 4 * (config.lattice_depth - 1) + 2  # no probe outside train(): no churn
     assert whole["diag/grad_carrier_in_step_2"] > 0 and whole["diag/output_share_step_3"] > 0

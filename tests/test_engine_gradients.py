@@ -158,7 +158,7 @@ def test_the_checkpointed_backward_differentiates_the_flows_the_forward_kept(mon
 
     def gradients(checkpointing: bool, rerun: float) -> list[torch.Tensor]:
         proc.zero_grad()
-        proc.reconfigure(activation_checkpointing=checkpointing)
+        proc.activation_checkpointing = checkpointing
         move_threshold(forward_threshold)
         y = proc(x)
         assert proc.last_trace.died[0] > 0 and proc.last_trace.num_steps >= 2

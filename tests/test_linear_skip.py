@@ -74,7 +74,7 @@ def test_started_at_the_ridge_the_model_is_the_ridge_until_its_gate_opens():
     gen = torch.Generator().manual_seed(0)
     src = torch.randn(200, 10, generator=gen)
     tgt = src + src @ torch.randn(10, 10, generator=gen) * 0.3 + 0.1 * torch.randn(200, 10, generator=gen)
-    ridge = start_linear_skip_at_ridge(proc, src[:150], tgt[:150], src[150:], tgt[150:])
+    ridge = start_linear_skip_at_ridge(proc, config, src[:150], tgt[:150], src[150:], tgt[150:])
     assert isinstance(ridge, ResidualRidgeBaseline)
     torch.testing.assert_close(proc(src[150:]), ridge.predict(src[150:]), rtol=1e-4, atol=1e-5)
     with torch.no_grad():
@@ -88,7 +88,7 @@ def test_a_ridge_start_is_refused_without_the_skip():
     with pytest.raises(ValueError, match="linear_skip_init: must be one of"):
         tiny_config(linear_skip=True, linear_skip_init="lstsq")
     with pytest.raises(ValueError, match="needs linear_skip: true"):
-        start_linear_skip_at_ridge(build_processor(tiny_config(), seed=0), torch.randn(8, 12), torch.randn(8, 10), torch.randn(4, 12), torch.randn(4, 10))
+        start_linear_skip_at_ridge(build_processor(tiny_config(), seed=0), tiny_config(), torch.randn(8, 12), torch.randn(8, 10), torch.randn(4, 12), torch.randn(4, 10))
 
 
 def test_a_run_with_a_ridge_start_begins_at_the_ridge_of_its_training_split(tmp_path):

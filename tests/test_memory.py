@@ -242,7 +242,7 @@ def test_trainer_uses_the_plan_that_fits_the_device(monkeypatch):
     trainer = EnergyTrainer(FlowProcessor.from_config(config), config, progress=False)
     assert trainer.memory_plan is not None
     assert (trainer.memory_plan.activation_checkpointing, trainer.memory_plan.micro_batch_size) == (True, 16)
-    assert trainer.micro_batch_size == 16 and trainer.processor.config.activation_checkpointing
+    assert trainer.micro_batch_size == 16 and trainer.processor.activation_checkpointing
     assert not config.activation_checkpointing  # the caller's config is left alone
     assert math.ceil(64 / trainer.micro_batch_size) == trainer.memory_plan.num_micro_batches
 

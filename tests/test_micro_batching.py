@@ -82,10 +82,10 @@ def _assert_same_step_as_the_whole_batch(run, whole):
 
 @pytest.mark.parametrize("micro, checkpointing", [(3, False), (1, False), (7, True), (2, True)])
 def test_micro_batches_and_checkpointing_give_the_whole_batch_gradient(batch, whole, micro, checkpointing):
-    assert whole[0].micro_batch_size == 7 and not whole[0].processor.config.activation_checkpointing
+    assert whole[0].micro_batch_size == 7 and not whole[0].processor.activation_checkpointing
     run = _step(_config(micro_batch_size=micro, activation_checkpointing=checkpointing), *batch)
     assert run[0].micro_batch_size == micro
-    assert run[0].processor.config.activation_checkpointing == checkpointing
+    assert run[0].processor.activation_checkpointing == checkpointing
     _assert_same_step_as_the_whole_batch(run, whole)
 
 

@@ -1,9 +1,10 @@
-"""One model config no part can contradict, and configs saved by older versions (issue 23).
+"""One model config no part can contradict, and configs saved by older versions (issues 23, 35).
 
-The processor, its lattice and its carrier share one frozen :class:`EnergyConfig`: parts built
-from configs that differ in any field are refused, naming the fields; a field cannot be assigned;
-the runtime switches change through :meth:`FlowProcessor.reconfigure`, on every part at once;
-``compile`` is read once, when the model is built.
+The processor and its parts share one frozen :class:`ModelConfig` (the model's fields of a run's
+:class:`EnergyConfig`, nothing of its training or data): a lattice built from a config that differs
+on what it reads is refused, naming the fields; a field cannot be assigned, nor a part's config
+swapped; how the model is run (``compile``, read once when it is built; ``activation_checkpointing``,
+read on every forward) is the processor's, not a config field.
 
 A config saved by an older efgraph is read with the values that reproduce what that version
 computed (``FIELD_DEFAULTS_BEFORE``), tested on a real run written at commit e5722ce
@@ -28,7 +29,7 @@ import torch
 import yaml
 
 from conftest import ROOT, build_processor, tiny_config
-from efgraph import EnergyConfig, EnergyLattice, FlowProcessor, SimpleNeuron, load_model
+from efgraph import EnergyConfig, EnergyLattice, FlowProcessor, ModelConfig, SimpleNeuron, load_model
 from efgraph.config import FIELD_DEFAULTS_BEFORE, SameAs, Unreproducible
 from efgraph.core.flow_state import FlowState
 from efgraph.training.checkpoint import load_checkpoint
@@ -86,9 +87,35 @@ def test_a_neuron_built_for_other_widths_is_refused_naming_the_width(field):
 def test_parts_from_equal_configs_share_one_object():
     config = tiny_config()
     proc = FlowProcessor(EnergyLattice(config.replace()), SimpleNeuron(config), config)  # an equal copy is fine
-    assert proc.config is config and proc.carrier.config is config
-    assert proc.input_face.config is config and proc.output_face.config is config and proc.flow_step.config is config
-    assert proc.lattice.config == config
+    assert type(proc.config) is ModelConfig and proc.config == config.model
+    assert proc.carrier.config is proc.config and proc.flow_step.config is proc.config
+    assert proc.input_face.config is proc.config and proc.output_face.config is proc.config
+    assert proc.lattice.config == proc.config
+
+
+def test_the_model_holds_none_of_the_training_or_data_knobs():
+    """A model built from a run's config keeps its model part only: two runs that differ in a
+    training or data knob build equal models, and the model has no such field to read."""
+    config = tiny_config()
+    other_run = config.replace(learning_rate=1e-2, batch_size=5, dataset="routing", seed=7, epochs=3)
+    assert build_processor(config).config == build_processor(other_run).config
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    run_fields = {f.name for f in dataclasses.fields(EnergyConfig)} - model_fields
+    assert {"learning_rate", "batch_size", "dataset", "seed", "compile", "activation_checkpointing"} <= run_fields
+    assert model_fields < {f.name for f in dataclasses.fields(EnergyConfig)}  # a run's config extends the model's
+    for name in ("learning_rate", "compile", "activation_checkpointing", "seed"):
+        assert not hasattr(build_processor(config).config, name)
+
+
+def test_a_model_config_alone_builds_and_runs_the_same_model():
+    config = tiny_config()
+    x = torch.randn(3, config.input_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(build_processor(config.model)(x), build_processor(config)(x))
+    with pytest.raises(ValueError, match="learning_rate"):  # not a model field
+        config.model.replace(learning_rate=1e-3)
+    with pytest.raises(ValueError, match="spawn_threshold: must be > energy_threshold"):  # the model's own checks
+        config.model.replace(spawn_threshold=0.05)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -100,8 +127,8 @@ def test_assigning_a_config_field_raises():
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.initial_flows_per_sample = 8
     with pytest.raises(dataclasses.FrozenInstanceError):
-        proc.config.activation_checkpointing = True
-    assert config.initial_flows_per_sample == 4 and not proc.config.activation_checkpointing
+        proc.config.energy_threshold = 0.3
+    assert config.initial_flows_per_sample == 4 and proc.config.energy_threshold == config.energy_threshold
 
 
 def test_validation_still_makes_an_int_given_for_a_float_field_a_float():
@@ -109,18 +136,19 @@ def test_validation_still_makes_an_int_given_for_a_float_field_a_float():
     assert type(config.energy_threshold) is float and type(config.spawn_threshold) is float
 
 
-@pytest.mark.parametrize("part", ["processor", "lattice", "carrier"])
+@pytest.mark.parametrize("part", ["processor", "lattice", "carrier", "flow_step"])
 def test_swapping_a_parts_config_is_refused(part):
     proc = build_processor(tiny_config())
-    target = {"processor": proc, "lattice": proc.lattice, "carrier": proc.carrier}[part]
+    target = {"processor": proc, "lattice": proc.lattice, "carrier": proc.carrier, "flow_step": proc.flow_step}[part]
     before = target.config
-    with pytest.raises(AttributeError, match=r"config: set once.*reconfigure"):
-        target.config = before.replace(activation_checkpointing=True)
+    with pytest.raises(AttributeError, match=r"config: set once, when the model is built"):
+        target.config = before.replace(energy_threshold=0.2)
     assert target.config is before
 
 
-def test_reconfigure_sets_the_field_on_every_part_and_the_forward_follows(monkeypatch):
+def test_checkpointing_is_the_processors_switch_and_the_forward_follows(monkeypatch):
     proc = build_processor(tiny_config())
+    assert not proc.activation_checkpointing
     x = torch.randn(3, proc.config.input_dim, generator=torch.Generator().manual_seed(0))
     calls = []
     real_checkpoint = torch.utils.checkpoint.checkpoint
@@ -128,40 +156,22 @@ def test_reconfigure_sets_the_field_on_every_part_and_the_forward_follows(monkey
                         lambda *args, **kwargs: calls.append(1) or real_checkpoint(*args, **kwargs))
     y_plain = proc(x)
     assert not calls
-    proc.reconfigure(activation_checkpointing=True)
-    assert proc.config.activation_checkpointing
-    assert proc.lattice.config is proc.config and proc.carrier.config is proc.config
+    proc.activation_checkpointing = True
     y_checkpointed = proc(x)
     assert len(calls) == proc.last_trace.num_steps  # every lattice step recomputed in backward
     torch.testing.assert_close(y_checkpointed, y_plain)
+    # a run's config carries its choice into the model it builds; a model config has none
+    assert FlowProcessor.from_config(tiny_config(activation_checkpointing=True)).activation_checkpointing
+    assert not FlowProcessor.from_config(tiny_config(activation_checkpointing=True).model).activation_checkpointing
 
 
-@pytest.mark.parametrize("change", [{"compile": True}, {"energy_threshold": 0.2}, {"lattice_width": 7},
-                                    {"activation_checkpointing": True, "initial_flows_per_sample": 2}])
-def test_reconfigure_refuses_every_field_but_the_runtime_switches_and_changes_nothing(change):
-    proc = build_processor(tiny_config())
-    before = proc.config
-    refused = sorted(k for k in change if k != "activation_checkpointing")
-    with pytest.raises(ValueError, match=rf"reconfigure: {', '.join(refused)} cannot change on a built model"):
-        proc.reconfigure(**change)
-    assert proc.config is before and proc.lattice.config is before and proc.carrier.config is before
-
-
-def test_reconfigure_refuses_a_bad_value_naming_the_field():
-    proc = build_processor(tiny_config())
-    with pytest.raises(ValueError, match="activation_checkpointing: expected bool"):
-        proc.reconfigure(activation_checkpointing="yes")
-
-
-def test_the_trainer_turns_checkpointing_on_for_every_part_and_leaves_the_callers_config_as_given():
+def test_the_trainer_turns_checkpointing_on_and_leaves_the_callers_config_as_given():
     config = tiny_config()
     proc = build_processor(config)
     # memory_check off: the trainer applies the flag it is given, through the processor
     trainer_config = config.replace(activation_checkpointing=True, memory_check=False)
     trainer = EnergyTrainer(proc, trainer_config, progress=False)
-    assert trainer.processor is proc
-    for part in (proc, proc.lattice, proc.carrier):
-        assert part.config.activation_checkpointing
+    assert trainer.processor is proc and proc.activation_checkpointing
     assert not config.activation_checkpointing
 
 
@@ -169,28 +179,23 @@ def test_the_trainer_turns_checkpointing_on_for_every_part_and_leaves_the_caller
 # compile: read once
 # ------------------------------------------------------------------------------------------------
 def test_compile_is_read_once_when_the_model_is_built(monkeypatch):
-    """A config saying ``compile: true`` put on an eager model behind the guard (what swapping
-    ``processor.config`` did) changes nothing: no graphs, no padding; the model was built eager."""
+    """``compile`` is fixed when the model is built: an eager model stays eager (no graphs, no
+    padding), and the model's config has no ``compile`` to change."""
     config = tiny_config()
     proc = build_processor(config)
+    assert not proc.compiled and FlowProcessor.from_config(config, compile=True).compiled
+    assert FlowProcessor.from_config(config.replace(compile=True)).compiled  # a run's config carries it
     x = torch.randn(3, config.input_dim, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        eager = proc(x)
-    swapped = config.replace(compile=True)
-    for part in (proc, proc.lattice, proc.carrier):
-        vars(part)["_config"] = swapped
     padded = []
     real_padded = FlowState.padded
     monkeypatch.setattr(FlowState, "padded", lambda self, *a, **k: padded.append(1) or real_padded(self, *a, **k))
     with torch.no_grad():
-        again = proc(x)
+        proc(x)
         state = proc.inject(x)
         result = proc.step(state, x.size(0))
-    assert not padded, "the forward padded the flows: it read compile from the config, not once at construction"
+    assert not padded, "an eager model padded the flows"
     assert result.next_state.valid is None  # compact made no padding rows either
-    # one row per continuing flow and child, none of padding
     assert result.next_state.num_flows == state.num_flows - result.num_died - result.num_arrived + result.num_spawned
-    torch.testing.assert_close(again, eager)
 
 
 # ------------------------------------------------------------------------------------------------

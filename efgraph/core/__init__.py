@@ -8,9 +8,10 @@ from efgraph.core.flow_state import FlowState
 from efgraph.core.flow_step import FlowStep
 from efgraph.core.input_face import InputFace
 from efgraph.core.message_passing import FlowToCellConv
+from efgraph.core.model_config import ModelConfig
 from efgraph.core.readout import OutputFace
 from efgraph.core.simple_neuron import SimpleNeuron
 from efgraph.core.trace import FlowTrace
 
 __all__ = ["EnergyCarrier", "EnergyLattice", "FlowProcessor", "FlowState", "FlowStep", "FlowToCellConv", "FlowTrace",
-           "InputFace", "OutputFace", "SimpleNeuron"]
+           "InputFace", "ModelConfig", "OutputFace", "SimpleNeuron"]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from efgraph.config import EnergyConfig, config_attribute
+from efgraph.core.model_config import ModelConfig, config_attribute
 
 # Initial biases, chosen so that an untrained model behaves sensibly (and tests are not flaky):
 # the carrier sets energies near sigmoid(2) = 0.88, above the preset spawn threshold (0.8), so an
@@ -62,7 +62,7 @@ class EnergyCarrier(nn.Module):
 
     config = config_attribute()  # the processor's one frozen config, set once
 
-    def __init__(self, config: EnergyConfig) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.hidden_dim = config.carrier_hidden_dim

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from efgraph.config import EnergyConfig, config_attribute
+from efgraph.core.model_config import ModelConfig, config_attribute
 
 
 class PositionEncoding(nn.Module):
@@ -31,7 +31,7 @@ class PositionEncoding(nn.Module):
 
     def __init__(self, width: int, height: int, depth: int, frequencies: int, z_extent: int = 0) -> None:
         super().__init__()
-        z = z_extent if z_extent > 0 else max(depth - 1, 1)  # see EnergyConfig.position_z_extent
+        z = z_extent if z_extent > 0 else max(depth - 1, 1)  # see ModelConfig.position_z_extent
         extent = torch.tensor([max(width - 1, 1), max(height - 1, 1), z], dtype=torch.float32)
         self.register_buffer("inv_extent", 1.0 / extent, persistent=False)
         self.register_buffer(
@@ -68,7 +68,7 @@ class EnergyLattice(nn.Module):
     # the config fields the geometry reads: a model refuses a lattice that differs in one of them
     READS = ("lattice_width", "lattice_height", "lattice_depth", "position_frequencies", "position_z_extent")
 
-    def __init__(self, config: EnergyConfig) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.width, self.height, self.depth = config.lattice_width, config.lattice_height, config.lattice_depth

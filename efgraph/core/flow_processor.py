@@ -37,7 +37,7 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from efgraph.config import RUNTIME_MUTABLE_KEYS, EnergyConfig, config_attribute
+from efgraph.core.model_config import ModelConfig, config_attribute
 from efgraph.core.compaction import bucket_rows
 from efgraph.core.diagnostics import ForwardDiagnostics
 from efgraph.core.energy_lattice import EnergyLattice
@@ -98,8 +98,14 @@ class FlowProcessor(nn.Module):
         lattice: the :class:`EnergyLattice` (geometry); it must be built from a config that agrees
             with ``config`` on the fields it reads (:attr:`EnergyLattice.READS`).
         neuron: the shared :class:`SimpleNeuron`, built to ``config``'s widths.
-        config: the :class:`EnergyConfig` of the model; the faces, the step and the carrier are
-            built from it and share this one frozen object (only :meth:`reconfigure` changes it).
+        config: the :class:`ModelConfig` of the model (or a run's
+            :class:`~efgraph.config.EnergyConfig`, whose model part is taken); the faces, the step and
+            the carrier are built from it and share this one frozen object.
+        compile: how the model is run, not what it is (so not a model field): each part of the step
+            one compiled graph with static shapes. Read once, here; ``None`` takes an
+            ``EnergyConfig``'s ``compile`` (``False`` for a ModelConfig).
+        activation_checkpointing: recompute each lattice step in backward (:attr:`activation_checkpointing`,
+            which may change between forwards); ``None`` as ``compile``.
 
     After each forward, :attr:`last_trace` holds the :class:`FlowTrace` of that forward. Set
     :attr:`record_paths` to also keep every flow's position at every step (for figures), and
@@ -110,8 +116,14 @@ class FlowProcessor(nn.Module):
 
     config = config_attribute()  # the one frozen config of every part, set once
 
-    def __init__(self, lattice: EnergyLattice, neuron: SimpleNeuron, config: EnergyConfig) -> None:
+    def __init__(self, lattice: EnergyLattice, neuron: SimpleNeuron, config: ModelConfig,
+                 compile: bool | None = None, activation_checkpointing: bool | None = None) -> None:
         super().__init__()
+        # how the model is run: a run's config (EnergyConfig) carries its choice, a ModelConfig none
+        compile = getattr(config, "compile", False) if compile is None else compile
+        if activation_checkpointing is None:
+            activation_checkpointing = getattr(config, "activation_checkpointing", False)
+        config = ModelConfig.of(config)
         differing = [k for k in EnergyLattice.READS if getattr(lattice.config, k) != getattr(config, k)]
         if differing:  # a 10x10 lattice under a 20x20 model would index the wrong cells
             raise ValueError("lattice: built from another config than the processor's; differing fields: "
@@ -144,9 +156,12 @@ class FlowProcessor(nn.Module):
         # unless a budget controller (efgraph.training.flow_budget) lowers it between forwards
         self.active_flow_budget: int = config.max_active_flows
         self._budget: tuple[int, Tensor] | None = None
+        # read on every forward: each lattice step recomputed in backward (the trainer turns it on
+        # when its memory plan needs it)
+        self.activation_checkpointing: bool = bool(activation_checkpointing)
         # compile is read here, once: the graphs and the padding (static shapes) follow this value;
         # fullgraph: no silent graph breaks
-        self._static_shapes = config.compile
+        self._static_shapes = bool(compile)
         self._compiled = (
             {name: torch.compile(fn, backend=COMPILE_BACKEND, dynamic=False, fullgraph=True)
              for name, fn in STEP_GRAPHS.items()} if self._static_shapes else None
@@ -163,30 +178,16 @@ class FlowProcessor(nn.Module):
         return self.flow_step.carrier
 
     @classmethod
-    def from_config(cls, config: EnergyConfig) -> "FlowProcessor":
-        """A fresh model built from ``config``."""
-        return cls(EnergyLattice(config), SimpleNeuron(config), config)
+    def from_config(cls, config: ModelConfig, compile: bool | None = None,
+                    activation_checkpointing: bool | None = None) -> "FlowProcessor":
+        """A fresh model built from ``config`` (a ModelConfig, or a run's EnergyConfig: its model,
+        and unless given, its ``compile`` and ``activation_checkpointing``)."""
+        return cls(EnergyLattice(config), SimpleNeuron(config), config, compile, activation_checkpointing)
 
-    def reconfigure(self, **changes: Any) -> None:
-        """Change runtime switches of the built model: one new config (``config.replace(**changes)``)
-        on every part together.
-
-        Only the fields of :data:`efgraph.config.RUNTIME_MUTABLE_KEYS` (``activation_checkpointing``),
-        read on every forward, may change; every other field fixes the parameters or was read when
-        the model was built (``compile``: the graphs and the padding), so it is refused.
-
-        Raises:
-            ValueError: naming the refused fields, or a value out of its range.
-        """
-        refused = sorted(set(changes) - set(RUNTIME_MUTABLE_KEYS))
-        if refused:
-            raise ValueError(f"reconfigure: {', '.join(refused)} cannot change on a built model (only "
-                             f"{', '.join(RUNTIME_MUTABLE_KEYS)} can); build a new one with "
-                             f"FlowProcessor.from_config(config.replace(...))")
-        config = self.config.replace(**changes)
-        for part in self.modules():
-            if "_config" in vars(part):
-                vars(part)["_config"] = config  # past config_attribute's set-once guard, on every part at once
+    @property
+    def compiled(self) -> bool:
+        """Whether the step's parts run as compiled graphs (fixed when the model is built)."""
+        return self._static_shapes
 
     @torch.no_grad()
     def project_parameters(self) -> None:
@@ -250,7 +251,8 @@ class FlowProcessor(nn.Module):
         if depth < cfg.lattice_depth:
             raise ValueError(f"depth: must be >= the model's lattice_depth ({cfg.lattice_depth}), got {depth}")
         extent = cfg.position_z_extent or cfg.lattice_depth - 1
-        deeper = FlowProcessor.from_config(cfg.replace(lattice_depth=depth, position_z_extent=extent))
+        deeper = FlowProcessor.from_config(cfg.replace(lattice_depth=depth, position_z_extent=extent), self.compiled,
+                                            self.activation_checkpointing)
         state = self.state_dict()
         if deeper.flow_step.gates is not None:  # one gate per step after the first: the last one goes on
             trained = state.pop("flow_step.gates", deeper.flow_step.gates.detach()[:0])
@@ -344,7 +346,7 @@ class FlowProcessor(nn.Module):
         each flow's fate, one byte per flow), so it differentiates exactly the flows the forward
         kept, even where a nondeterministic kernel (a GPU's atomic scatter-add) would put a flow
         on the other side of a threshold the second time, and it costs no second sync."""
-        if self.config.activation_checkpointing and torch.is_grad_enabled():
+        if self.activation_checkpointing and torch.is_grad_enabled():
             decisions = StepDecisions()
             return torch.utils.checkpoint.checkpoint(self.step, state, batch_size, next_id, also_read, decisions,
                                                      step_index, use_reentrant=False)

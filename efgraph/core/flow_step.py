@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch_geometric.utils import degree
 
-from efgraph.config import EnergyConfig, config_attribute
+from efgraph.core.model_config import ModelConfig, config_attribute
 from efgraph.core.budget import keep_top_per_group
 from efgraph.core.compaction import unique_padded
 from efgraph.core.energy_carrier import CarrierHeads, EnergyCarrier
@@ -66,7 +66,7 @@ class FlowStep(nn.Module):
 
     config = config_attribute()  # the processor's one frozen config, set once
 
-    def __init__(self, config: EnergyConfig, lattice: EnergyLattice, neuron: SimpleNeuron | None = None) -> None:
+    def __init__(self, config: ModelConfig, lattice: EnergyLattice, neuron: SimpleNeuron | None = None) -> None:
         super().__init__()
         self.config = config
         self.lattice = lattice

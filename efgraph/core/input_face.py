@@ -36,7 +36,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from efgraph.config import EnergyConfig, config_attribute
+from efgraph.core.model_config import ModelConfig, config_attribute
 from efgraph.core.energy_lattice import EnergyLattice
 from efgraph.core.flow_state import FlowState
 
@@ -60,7 +60,7 @@ class InputFace(nn.Module):
 
     config = config_attribute()  # the processor's one frozen config, set once
 
-    def __init__(self, config: EnergyConfig, lattice: EnergyLattice) -> None:
+    def __init__(self, config: ModelConfig, lattice: EnergyLattice) -> None:
         super().__init__()
         self.config = config
         self.lattice = lattice

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch_geometric.utils import scatter
 
-from efgraph.config import EnergyConfig, config_attribute
+from efgraph.core.model_config import ModelConfig, config_attribute
 from efgraph.core.compaction import unique_padded
 from efgraph.core.energy_lattice import EnergyLattice
 from efgraph.core.flow_state import FlowState
@@ -95,7 +95,7 @@ class OutputFace(nn.Module):
 
     config = config_attribute()  # the processor's one frozen config, set once
 
-    def __init__(self, config: EnergyConfig, lattice: EnergyLattice) -> None:
+    def __init__(self, config: ModelConfig, lattice: EnergyLattice) -> None:
         super().__init__()
         self.config = config
         self.lattice = lattice

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from efgraph.config import EnergyConfig
+from efgraph.core.model_config import ModelConfig
 
 
 class SimpleNeuron(nn.Module):
@@ -27,7 +27,7 @@ class SimpleNeuron(nn.Module):
         input: ``[C, neuron_input_dim]``; output: ``[C, neuron_output_dim]``.
     """
 
-    def __init__(self, config: EnergyConfig) -> None:
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.input_dim = config.neuron_input_dim
         self.fc1 = nn.Linear(config.neuron_input_dim, config.neuron_hidden_dim)

@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 from torch import Tensor, nn
 
-from efgraph.config import LEARNED_BASELINES
+from efgraph.config import LEARNED_BASELINES, EnergyConfig
 from efgraph.data.pairs import check_embedding_pair
 from efgraph.training.metrics import embedding_loss, evaluate_predictions
 from efgraph.training.optim import adamw
@@ -262,14 +262,13 @@ class ResidualRidgeBaseline(RidgeBaseline):
         return (src.double() + self._linear(src)).to(src.dtype)
 
 
-def start_linear_skip_at_ridge(model: FlowProcessor, train_src: Tensor, train_tgt: Tensor, val_src: Tensor,
-                               val_tgt: Tensor) -> RidgeBaseline:
+def start_linear_skip_at_ridge(model: FlowProcessor, config: EnergyConfig, train_src: Tensor, train_tgt: Tensor,
+                               val_src: Tensor, val_tgt: Tensor) -> RidgeBaseline:
     """``linear_skip_init: ridge``: set the model's linear skip ``W`` and its readout bias to the
     ridge fit of the training pairs (:class:`ResidualRidgeBaseline` with ``residual: true``, else
     :class:`RidgeBaseline`; the penalty chosen on validation with the model's loss weights), so
     that ``y = [x +] W x + b`` is that ridge's prediction and the lattice, behind its output gate,
-    adds to it. Returns the fitted ridge."""
-    config = model.config
+    adds to it (``config``: the run's, for the loss weights). Returns the fitted ridge."""
     if model.linear_skip is None:
         raise ValueError("linear_skip_init: 'ridge' needs linear_skip: true")
     kind = ResidualRidgeBaseline if config.residual else RidgeBaseline

@@ -445,7 +445,7 @@ def _run(config: EnergyConfig, run_dir: Path, dev: torch.device, ctx: Distribute
     seed_everything(config.seed)
     model = FlowProcessor.from_config(config)
     if config.linear_skip_init == "ridge" and plan is None:  # a resumed run loads its W instead
-        start_linear_skip_at_ridge(model, train.src, train.tgt, val.src, val.tgt)
+        start_linear_skip_at_ridge(model, config, train.src, train.tgt, val.src, val.tgt)
     n_params = sum(p.numel() for p in model.parameters())
     run_logger = RunLogger(None)
     mode = "disabled"
@@ -650,11 +650,11 @@ def _figures(model: FlowProcessor, device: torch.device, test: EmbeddingPairs, c
     the channel metrics of the trained forward (:mod:`efgraph.training.channels`)."""
     x = model_inputs(config, test)[: min(len(test), 64)].to(device)
     trace = _traced(model, x)
-    config = model.config  # at test_depth: the figures draw the lattice that was tested
+    seed, config = config.seed, model.config  # at test_depth: the figures draw the lattice that was tested
     with torch.random.fork_rng(devices=[]):  # the untrained model of this seed, beside the trained one
-        torch.manual_seed(config.seed)
-        untrained = FlowProcessor.from_config(config.replace(compile=False)).to(device)
-    rows = {f"untrained (seed {config.seed})": _traced(untrained, x), "trained (the selected state)": trace}
+        torch.manual_seed(seed)
+        untrained = FlowProcessor.from_config(config).to(device)
+    rows = {f"untrained (seed {seed})": _traced(untrained, x), "trained (the selected state)": trace}
     paths = {
         "figures/flow_paths": flow_paths_figure(rows, config, run_dir / "flow_paths.png"),
         "figures/landing": landing_figure(trace, config, run_dir / "landing.png"),

@@ -157,10 +157,9 @@ class EnergyTrainer:
         else:
             checkpointing, micro = config.activation_checkpointing, config.micro_batch_size or local_batch
         self.micro_batch_size = micro  # rows per forward + backward on this process
-        if processor.config.activation_checkpointing != checkpointing:
-            # on the processor, its lattice and its carrier at once; the caller's config is left as
-            # given (checkpoints keep the settings asked for, so a resume plans again for its device)
-            processor.reconfigure(activation_checkpointing=checkpointing)
+        # how the processor runs its steps; the caller's config is left as given (checkpoints keep
+        # the settings asked for, so a resume plans again for its device)
+        processor.activation_checkpointing = checkpointing
         self.processor = processor.to(self.device)
         self.flow_budget: AdaptiveFlowBudget | None = None
         if adaptive:

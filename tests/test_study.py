@@ -203,6 +203,13 @@ def test_study_script_trains_variants_x_seeds_on_one_split_and_resumes(tmp_path)
     assert study["bootstrap"]["against"] == max(study["summary"]["baselines"], key=lambda m: study["summary"][
         "baselines"][m]["val_cosine"]["mean"])
     assert table.count("/2 |") == 2  # dead runs k/n per variant
+    # every model's training time beside its scores: a run's and a baseline's fit, seconds over the seeds
+    assert "| train s |" in table
+    for name in ("full", "residual-mlp"):
+        stats = {**study["summary"]["variants"], **study["summary"]["baselines"]}[name]
+        assert stats["train_seconds"]["mean"] > 0
+        row = next(line for line in table.splitlines() if line.startswith(f"| {name}"))
+        assert f"| {stats['train_seconds']['mean']:.0f} ± " in row
 
     # a second invocation reads every finished run and trains nothing
     finished = {p: p.stat().st_mtime_ns for p in out.rglob("results.json")}

@@ -438,7 +438,8 @@ def summarize(runs: list[dict[str, Any]], baselines: list[dict[str, Any]]) -> di
 
     Returns:
         ``{"variants": {name: stats}, "baselines": {name: stats}}`` in first-seen order. Stats:
-        ``runs``, ``test_<metric>`` and ``val_cosine`` as :func:`mean_std`; variants also have
+        ``runs``, ``test_<metric>``, ``val_cosine`` and ``train_seconds`` (the training's wall
+        time; ``None`` when a record lacks it) as :func:`mean_std`; variants also have
         ``<dynamics key>`` (``None`` when the runs' engine did not report it) and ``dead_runs``.
     """
     def stats(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -448,6 +449,9 @@ def summarize(runs: list[dict[str, Any]], baselines: list[dict[str, Any]]) -> di
         if all(ANSWER_METRIC in r["test"] for r in records):
             out[f"test_{ANSWER_METRIC}"] = mean_std([r["test"][ANSWER_METRIC] for r in records])
         out["val_cosine"] = mean_std([r["validation"]["cosine"] for r in records])
+        # a run's wall time of training, a baseline's of its fit (None: a folder written before it was kept)
+        seconds = [r.get("train_seconds", r["test"].get("train_seconds")) for r in records]
+        out["train_seconds"] = mean_std(seconds) if all(s is not None for s in seconds) else None
         return out
 
     variants: dict[str, list[dict[str, Any]]] = {}
@@ -562,15 +566,16 @@ def format_study_table(study: dict[str, Any]) -> str:
     answers = all(f"test_{ANSWER_METRIC}" in stats for stats in everything)  # composition: the nearest value
     lines += [
         "| model | seeds | val cosine | test cosine | test MSE | test R@1 | " + ("test answer acc. | " if answers else "")
-        + " | ".join(header for _, header in DYNAMICS_COLUMNS) + " | dead runs |",
-        "|---|---|---:|---:|---:|---:|" + "---:|" * (len(DYNAMICS_COLUMNS) + answers) + "---:|",
+        + "train s | " + " | ".join(header for _, header in DYNAMICS_COLUMNS) + " | dead runs |",
+        "|---|---|---:|---:|---:|---:|" + "---:|" * (len(DYNAMICS_COLUMNS) + answers + 1) + "---:|",
     ]
     seeds = {v["name"]: v["seeds"] for v in study["variants"]}
 
     def row(label: str, stats: dict[str, Any], seed_list: Sequence[int], extra: list[str]) -> str:
         cells = [label, ",".join(map(str, seed_list)), _fmt(stats["val_cosine"], ".4f"),
                  _fmt(stats["test_cosine"], ".4f"), _fmt(stats["test_mse"], ".4g"), _fmt(stats["test_r_at_1"], ".4f"),
-                 *([_fmt(stats[f"test_{ANSWER_METRIC}"], ".4f")] if answers else []), *extra]
+                 *([_fmt(stats[f"test_{ANSWER_METRIC}"], ".4f")] if answers else []),
+                 _fmt(stats.get("train_seconds"), ".0f"), *extra]
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
     for name, stats in study["summary"]["variants"].items():

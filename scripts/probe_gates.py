@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from efgraph.config import EnergyConfig
 from efgraph.model_io import load_model
 from efgraph.training.metrics import embedding_loss, evaluate_predictions
 from efgraph.training.run import load_pairs
@@ -31,7 +32,7 @@ def probe(run_dir: Path) -> dict:
     proc = load_model(run_dir / "model").eval()
     if proc.flow_step.gates is None:
         raise SystemExit(f"{run_dir}: the model has no step gates (residual_steps: false)")
-    cfg = proc.config
+    cfg = EnergyConfig.from_saved_yaml(run_dir / "config.yaml")  # the run's: its data and loss weights
     pairs = load_pairs(cfg, progress=False)
     val = json.loads((run_dir / "split.json").read_text())["validation"]
     src, tgt = pairs.src[val], pairs.tgt[val]

@@ -56,11 +56,18 @@ def _same_trace(a, b):
     torch.testing.assert_close(torch.stack(b.neighbourhood_rows), torch.stack(a.neighbourhood_rows))
 
 
-@pytest.mark.parametrize("readout", ["face", "shared"])
+@pytest.mark.parametrize("readout,layout", [("face", "chosen"), ("shared", "chosen"), ("face", "grids")])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_compiled_step_equals_eager_outputs_gradients_and_traces(aot_eager, readout, checkpointing):
+def test_compiled_step_equals_eager_outputs_gradients_and_traces(aot_eager, readout, layout, checkpointing,
+                                                                   monkeypatch):
     """Flows spawn (budgets bind), die and arrive over several steps; the compiled model pads
-    them to buckets and must give the eager model's outputs, gradients and trace."""
+    them to buckets and must give the eager model's outputs, gradients and trace; also with the
+    message passing and the face readout on their grids (the padding rows' own sample included),
+    which the shipped configs take and this tiny lattice would not."""
+    if layout == "grids":
+        from efgraph.core import flow_step, readout as readout_module
+        monkeypatch.setattr(flow_step, "grid_is_cheaper", lambda *args: True)
+        monkeypatch.setattr(readout_module, "face_grid_is_cheaper", lambda *args: True)
     config = tiny_config(readout=readout, activation_checkpointing=checkpointing, energy_threshold=0.5,
                          max_active_flows=9, lattice_depth=5)
     eager, compiled = _pair(config, spawning=False)

@@ -355,3 +355,13 @@ def test_a_removed_field_reads_at_its_off_value_and_is_refused_at_any_other():
         EnergyConfig.from_dict({"start_cell_noise": 0.05})
     with pytest.raises(ValueError, match=r"run/config\.yaml: .*readout_key_blur: removed from efgraph"):
         EnergyConfig.from_saved({**saved, "readout_key_blur": 2.0}, "run/config.yaml")
+
+
+def test_the_fields_a_checkpoint_must_agree_on_are_model_fields():
+    """A checkpoint loads only into a model that agrees on ARCHITECTURE_KEYS: each is a field of the
+    model (a training or data knob may change on resume), and the model's config rejects the others."""
+    from efgraph.config import ARCHITECTURE_KEYS, RESUME_MUTABLE_KEYS
+
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    assert set(ARCHITECTURE_KEYS) <= model_fields
+    assert not set(RESUME_MUTABLE_KEYS) & model_fields  # what a resume may change is never the model

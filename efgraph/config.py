@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from efgraph.core.model_config import AGGREGATIONS, CARRIER_TYPES, INJECTIONS, READOUTS, ModelConfig  # noqa: F401
+from efgraph.core.model_config import ModelConfig
 
 DATASETS = ("synthetic", "bible", "pairs", "text", "routing", "composition", "lookup")
 # the learned baselines a run trains beside the model (identity and ridge are closed-form and always fitted)

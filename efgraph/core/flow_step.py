@@ -241,7 +241,8 @@ class FlowStep(nn.Module):
                                         lattice.cell_bounds, lattice.cell_id, miss_row=num_flows)
             aggregated = self.conv(state.h[-1], state.energy, edges, num_flows + 1).index_select(0, cell_index)
             heard = degree(edges[1], num_flows + 1).index_select(0, cell_index)
-        transformation = self.neuron(torch.cat([aggregated, lattice.position_encoding(cell.to(state.pos.dtype))], dim=1))
+        cell_code = lattice.position_encoding(cell.to(state.pos.dtype))
+        transformation = self.neuron(torch.cat([aggregated, cell_code], dim=1))
         if state.valid is not None:  # the padding flows' cells (their own sample) are not counted
             heard = heard * state.valid
             num_occupied = (occupied < batch_size * self.config.num_cells).sum()

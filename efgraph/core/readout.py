@@ -9,13 +9,13 @@ readout ``R_q = \sum_k L_{qk} B_k`` (rank ``readout_rank``; ``L``: a learned key
     y = g * sum_q R_q f_q + b = g * B vec(sum_q L_q f_q^T) + b
 
 so the same deposit on another cell writes another part of y, and moving a flow moves y through
-the weights. Only the landing points cost compute: ``sum_q L_q f_q^T`` is a sum over arrivals of
-``energy * L(xy) value^T``, with ``L(xy)`` the bilinear interpolation of the keys at the landing
-point, so no face cell is materialised; where the landings outnumber the face's cells enough,
-the same sum is taken on the face itself (:func:`face_grid_is_cheaper`). With ``readout: shared`` (the earlier formulation, kept so
-that runs saved with it still load) one bias-free MLP runs on every hit cell and is summed per
-sample, position entering only as an additive code in each deposit: y is blind to where the
-flows land. ``g`` is a learned gate started at ``output_gate_init``.
+the weights. ``sum_q L_q f_q^T`` is a sum over arrivals of ``energy * L(xy) value^T``, with
+``L(xy)`` the bilinear interpolation of the keys at the landing point: only the landing points
+cost compute, no face cell is materialised. Where the landings outnumber the face's cells enough,
+the same sum is cheaper on the face itself, ``L^T F`` with ``F`` the deposits summed on each cell
+(:func:`face_grid_is_cheaper`). With ``readout: shared`` (the earlier formulation, kept so that
+runs saved with it still load) one bias-free MLP runs on every hit cell and is summed per sample,
+position entering only as an additive code in each deposit: y is blind to where the flows land. ``g`` is a learned gate started at ``output_gate_init``.
 
 Which deposits a forward collects when is :class:`Landings`' part:
 
@@ -179,7 +179,7 @@ class OutputFace(nn.Module):
         r, c = self.config.readout_rank, self.config.face_channels
         deposit = energy.unsqueeze(1) * values  # [A, c]
         # rows of sample B (the engine's rows that deposit nothing) go to sample B, which is dropped
-        face_cells = self.lattice.width * self.lattice.height
+        face_cells = self.config.face_cells
         if face_grid_is_cheaper(batch.numel(), (batch_size + 1) * face_cells):
             # sum_q L_q f_q^T with the face materialised: each deposit's bilinear parts summed on
             # its four cells [B + 1, W*H, c], then one product with the keys

@@ -121,6 +121,49 @@ ARCHITECTURE_KEYS = (
 
 
 @dataclass(frozen=True)
+class TrainingConfig:
+    """What the training loop (:class:`efgraph.training.loop.Trainer`) reads: optimizer, schedule,
+    loss, batches, intervals. Every field is also an :class:`EnergyConfig` field of the same name
+    and default (``config.training``); a learned baseline builds its own from its arguments.
+
+    Frozen and validated when built: a field out of its range raises ``ValueError`` naming it.
+    """
+
+    batch_size: int = 8
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    weight_decay_on: str = "matrices"
+    warmup_steps: int = 100
+    epochs: int = 10
+    grad_clip: float = 1.0  # the gradient's largest norm (math.inf: no clipping)
+    mse_weight: float = 1.0
+    cosine_weight: float = 1.0
+    eval_every: int = 100
+    log_every: int = 10
+    checkpoint_every: int = 200
+    precision: str = "fp32"
+    skip_nonfinite_steps: bool = False
+    seed: int = 0  # batch order (and, for a learned baseline, initialisation)
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "epochs", "eval_every", "log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "seed", "weight_decay", "mse_weight", "cosine_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("learning_rate", "grad_clip"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if self.weight_decay_on not in WEIGHT_DECAY_ON:
+            raise ValueError(f"weight_decay_on: must be one of {WEIGHT_DECAY_ON}, got {self.weight_decay_on!r}")
+        if self.mse_weight + self.cosine_weight <= 0:
+            raise ValueError("mse_weight, cosine_weight: at least one loss weight must be > 0")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision: must be one of {PRECISIONS}, got {self.precision!r}")
+
+
+@dataclass(frozen=True)
 class EnergyConfig(ModelConfig):
     """A run's configuration: the model's fields (:class:`ModelConfig`, first), then how it is
     trained and run, its data and its baselines. ``config.model`` is the model alone.
@@ -240,6 +283,11 @@ class EnergyConfig(ModelConfig):
         return ModelConfig.of(self)
 
     @property
+    def training(self) -> TrainingConfig:
+        """What the training loop reads of this config (validated when built)."""
+        return TrainingConfig(**{f.name: getattr(self, f.name) for f in fields(TrainingConfig)})
+
+    @property
     def learned_baselines(self) -> tuple[str, ...]:
         """``baseline_models`` as a tuple of names, in the order given."""
         return tuple(m.strip() for m in self.baseline_models.split(",") if m.strip())
@@ -249,29 +297,17 @@ class EnergyConfig(ModelConfig):
         """Raise ``ValueError`` naming the first field that is out of its allowed range: the
         model's fields (:meth:`ModelConfig.validate`), then the run's."""
         super().validate()
-        positive = ["batch_size", "epochs", "eval_every", "log_every", "checkpoint_every", "synthetic_pairs",
-                    "routing_slots", "routing_token_dim", "transformer_tokens", "transformer_layers",
-                    "transformer_heads"]
-        for name in positive:
+        self.training  # noqa: B018 -- the training loop's fields, checked where they are defined
+        for name in ["synthetic_pairs", "routing_slots", "routing_token_dim", "transformer_tokens",
+                     "transformer_layers", "transformer_heads"]:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ["warmup_steps", "seed", "data_seed", "max_pairs", "verses_per_book", "num_threads",
-                     "transformer_width"]:
+        for name in ["data_seed", "max_pairs", "verses_per_book", "num_threads", "transformer_width"]:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.micro_batch_size <= self.batch_size:
             raise ValueError(f"micro_batch_size: must be in [0, batch_size={self.batch_size}] (0 = automatic), "
                              f"got {self.micro_batch_size}")
-        for name in ["learning_rate", "grad_clip"]:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
-        for name in ["weight_decay", "mse_weight", "cosine_weight"]:
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        if self.weight_decay_on not in WEIGHT_DECAY_ON:
-            raise ValueError(f"weight_decay_on: must be one of {WEIGHT_DECAY_ON}, got {self.weight_decay_on!r}")
-        if self.mse_weight + self.cosine_weight <= 0:
-            raise ValueError("mse_weight, cosine_weight: at least one loss weight must be > 0")
         if self.test_depth and self.test_depth < self.lattice_depth:
             raise ValueError(f"test_depth: must be 0 (the lattice's own depth) or >= lattice_depth "
                              f"({self.lattice_depth}), got {self.test_depth}")
@@ -313,8 +349,6 @@ class EnergyConfig(ModelConfig):
             raise ValueError(f"flow_budget_target: must be <= {self.worst_case_flow_steps}, the most flow-steps a "
                              f"sample can run in a forward (every flow spawning at every step up to "
                              f"max_active_flows), got {self.flow_budget_target}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision: must be one of {PRECISIONS}, got {self.precision!r}")
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset: must be one of {DATASETS}, got {self.dataset!r}")
         if self.dataset in ("pairs", "text") and not self.data_path:

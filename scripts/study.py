@@ -75,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, metavar="N",
                    help="train N runs side by side, each in its own process with cores / N CPU threads unless "
                         "the config sets num_threads (default: 1, one run at a time)")
+    p.add_argument("--baselines-only", action="store_true",
+                   help="fit the baselines of every seed and train no run (re-measures the baselines alone)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (the per-run lines stay)")
     p.add_argument("--log-level", default="INFO", help="INFO, DEBUG, ...")
     return p.parse_args(argv)
@@ -129,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"study {args.name or out.name}: {len(variants)} variant(s), {runs} run(s) -> {out}", flush=True)
     run_study(base, variants, out, name=args.name, config_path=config_path, wandb_mode=args.wandb_mode,
               device=args.device, progress=not args.no_progress, report=lambda line: print(line, flush=True),
-              jobs=jobs)
-    print("\n" + (out / "study.md").read_text(encoding="utf-8"))
+              jobs=jobs, baselines_only=args.baselines_only)
+    print("\n" + (out / ("baselines.md" if args.baselines_only else "study.md")).read_text(encoding="utf-8"))
     return 0
 
 

@@ -96,17 +96,17 @@ def test_a_wrong_micro_batch_weighting_in_the_trainer_fails_the_comparison(batch
 
     The trainer computes its weight inline (``rows * world / global_batch``, then
     ``embedding_loss(...) * weight``), so the bug is put in through the loss it looks up,
-    ``efgraph.training.trainer.embedding_loss``, which here cancels the row weight the trainer
+    ``efgraph.training.loop.embedding_loss``, which here cancels the row weight the trainer
     applies after it and puts the unweighted 1/3 in its place."""
-    from efgraph.training import trainer as trainer_module
+    from efgraph.training import loop as loop_module
 
     rows, chunks = 7, 3
-    real_loss = trainer_module.embedding_loss
+    real_loss = loop_module.embedding_loss
 
     def mean_of_micro_batch_means(pred, target, *weights):
         return real_loss(pred, target, *weights) * (rows / pred.size(0)) / chunks
 
-    monkeypatch.setattr(trainer_module, "embedding_loss", mean_of_micro_batch_means)
+    monkeypatch.setattr(loop_module, "embedding_loss", mean_of_micro_batch_means)
     run = _step(_config(micro_batch_size=3), *batch)
     assert run[0].micro_batch_size == 3 and batch[0].size(0) == rows
     with pytest.raises(AssertionError, match="gradient of"):

@@ -276,6 +276,21 @@ def test_each_run_is_its_own_wandb_run_grouped_by_study_and_variant(tmp_path, mo
                   wandb_mode="disabled", progress=False, report=lines.append)
 
 
+def test_baselines_only_fits_every_seeds_baselines_trains_no_run_and_keeps_the_studys_table(tmp_path):
+    base = _tiny_base().replace(baseline_models="mlp", residual=False)
+    variants = build_variants(base, ["full"], [0, 1])
+    out = tmp_path / "study"
+    (out).mkdir()
+    (out / "study.md").write_text("the study's own table\n")
+    study = run_study(base, variants, out, wandb_mode="disabled", progress=False, report=lambda line: None,
+                      bootstrap_resamples=20, baselines_only=True)
+    assert study["runs"] == [] and not (out / "full").exists()  # no run trained
+    assert {(r["model"], r["seed"]) for r in study["baselines"]} >= {("mlp", 0), ("mlp", 1), ("ridge", 0)}
+    assert study["summary"]["baselines"]["mlp"]["runs"] == 2
+    assert (out / "study.md").read_text() == "the study's own table\n"  # not overwritten
+    assert "mlp" in (out / "baselines.md").read_text() and (out / "baselines.json").exists()
+
+
 def test_study_script_help_documents_every_flag_and_refuses_a_bad_variant(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts/study.py"), "--help"], capture_output=True, text=True)
     assert proc.returncode == 0

@@ -11,8 +11,9 @@ same data:
   on the model's own loss (:func:`~efgraph.training.metrics.embedding_loss`);
 * :class:`TransformerBaseline` -- :class:`TokenTransformer`, a small pre-norm Transformer over
   tokens it learns to cut from the input vector, with (about) the model's parameter count: the
-  peer a user with routing-shaped data would pick instead. Both learned baselines share one
-  training loop (:class:`LearnedBaseline`): the model's optimizer, schedule, steps and loss.
+  peer a user with routing-shaped data would pick instead. The learned baselines train in the
+  model's own loop (:class:`~efgraph.training.loop.Trainer`, through :class:`LearnedBaseline`):
+  its optimizer, schedule, batches, steps, loss and best-state selection.
 
 All share one interface: ``fit(train_src, train_tgt, val_src=None, val_tgt=None)``,
 ``predict(src)``, ``name`` and ``num_parameters``. Shapes: sources ``[N, D_in]``, targets
@@ -21,7 +22,6 @@ All share one interface: ``fit(train_src, train_tgt, val_src=None, val_tgt=None)
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -29,14 +29,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
-from tqdm.auto import tqdm
 from torch import Tensor, nn
 
-from efgraph.config import LEARNED_BASELINES, EnergyConfig
+from efgraph.config import LEARNED_BASELINES, EnergyConfig, TrainingConfig
 from efgraph.data.pairs import check_embedding_pair
+from efgraph.training.loop import Trainer
 from efgraph.training.metrics import embedding_loss, evaluate_predictions
-from efgraph.training.optim import adamw
-from efgraph.training.schedule import warmup_cosine_scheduler
 
 if TYPE_CHECKING:
     from efgraph.core.flow_processor import FlowProcessor
@@ -91,17 +89,6 @@ def _check_equal_widths(name: str, src: Tensor, tgt: Tensor) -> None:
                          f"{src.shape[1]} and target width {tgt.shape[1]}")
 
 
-def _rows(src: Tensor | tuple[Tensor, ...], idx: Tensor | slice) -> Tensor | tuple[Tensor, ...]:
-    """Rows ``idx`` of a source: a ``[N, D_in]`` tensor, or a tuple of row-aligned tensors (a
-    sequence source ``(x [N, T, d], mask [N, T])``, see :mod:`efgraph.training.sequence_peers`)."""
-    return tuple(s[idx] for s in src) if isinstance(src, tuple) else src[idx]
-
-
-def _call(model: nn.Module, src: Tensor | tuple[Tensor, ...]) -> Tensor:
-    """``model(src)``, or ``model(*src)`` for a tuple source."""
-    return model(*src) if isinstance(src, tuple) else model(src)
-
-
 @torch.no_grad()
 def _chunked_loss(predict: Callable[[Tensor], Tensor], src: Tensor, tgt: Tensor, mse_weight: float,
                   cosine_weight: float) -> float:
@@ -114,7 +101,7 @@ def _chunked_loss(predict: Callable[[Tensor], Tensor], src: Tensor, tgt: Tensor,
     n = tgt.shape[0]
     for start in range(0, n, _EVAL_CHUNK):
         stop = min(start + _EVAL_CHUNK, n)
-        loss = embedding_loss(predict(_rows(src, slice(start, stop))), tgt[start:stop], mse_weight, cosine_weight)
+        loss = embedding_loss(predict(src[start:stop]), tgt[start:stop], mse_weight, cosine_weight)
         total += loss.item() * (stop - start)
     return total / n
 
@@ -395,16 +382,18 @@ class TokenTransformer(nn.Module):
 
 @dataclass(eq=False, kw_only=True)
 class LearnedBaseline:
-    """A baseline network trained with AdamW on :func:`embedding_loss`: the one training loop that
-    every learned baseline shares (subclasses only say which network, :meth:`build`).
+    """A baseline network trained by the model's own loop (:class:`~efgraph.training.loop.Trainer`:
+    AdamW, linear warm-up and cosine decay, clipping, :func:`embedding_loss`, the best validation
+    state); subclasses only say which network (:meth:`build`).
 
     With ``residual`` it predicts ``x + f(x)``, the baseline to compare a residual model with.
-    The learning rate follows the same linear warm-up and cosine decay as the model's trainer
-    (``warmup_steps``; ``steps`` in all) and gradients are clipped at ``grad_clip`` (if given).
-    The network has (about) ``target_params`` parameters, so a baseline gets the model's budget.
-    Training runs exactly ``steps`` optimizer steps on minibatches drawn as shuffled epochs. With a
-    validation set the loss on it is measured every ``eval_every`` steps and after the last step,
-    and the weights with the lowest validation loss are kept; without one, the final weights are.
+    Gradients are clipped at ``grad_clip`` (``None``: not clipped). The network has (about)
+    ``target_params`` parameters, so a baseline gets the model's budget. Training runs exactly
+    ``steps`` optimizer steps on the loop's batches (epochs of a permutation seeded by ``seed``,
+    as the model's). With a validation set the loss on it is measured every ``eval_every`` steps
+    and after the last step, and the weights with the lowest validation loss are kept; without
+    one, the final weights are. A non-finite loss or gradient stops the fit with
+    ``FloatingPointError`` naming the step.
 
     Determinism: initialization runs under a forked global RNG seeded with ``seed`` (so fitting
     neither depends on nor disturbs the caller's RNG stream) and batches come from a private
@@ -436,6 +425,12 @@ class LearnedBaseline:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
+        # the loop's settings (validated here, before any fit); a baseline logs at its evaluations
+        self.training = TrainingConfig(
+            batch_size=self.batch_size, learning_rate=self.lr, weight_decay=self.weight_decay,
+            weight_decay_on=self.weight_decay_on, warmup_steps=self.warmup_steps, epochs=1,
+            grad_clip=math.inf if self.grad_clip is None else self.grad_clip, mse_weight=self.mse_weight,
+            cosine_weight=self.cosine_weight, eval_every=self.eval_every, log_every=self.eval_every, seed=self.seed)
         self.name = f"residual-{self.kind}" if self.residual else self.kind
         self.model: nn.Module | None = None
         self.best_step_: int | None = None
@@ -468,59 +463,21 @@ class LearnedBaseline:
         began = time.perf_counter()
         has_val, in_dim = self._check_inputs(train_src, train_tgt, val_src, val_tgt)
         out_dim = train_tgt.shape[1]
-        device, dtype = train_tgt.device, train_tgt.dtype
-        n = train_tgt.shape[0]
-
         if self.residual and in_dim != out_dim:
             raise ValueError(f"residual: needs equal widths, got {in_dim} and {out_dim}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             model = self.build(in_dim, out_dim)
-        self.model = model = model.to(device=device, dtype=dtype)
-        optimizer = adamw(model, self.lr, self.weight_decay, self.weight_decay_on)  # the model's recipe
-        scheduler = warmup_cosine_scheduler(optimizer, self.warmup_steps, self.steps)
-        generator = torch.Generator().manual_seed(self.seed)  # CPU: indices are moved to `device`
-
-        self.history_ = []
-        self.best_step_, self.best_val_loss_ = None, None
-        best_state: dict[str, Tensor] | None = None
-        order = torch.randperm(n, generator=generator)
-        cursor = 0
-        model.train()
-        bar = tqdm(total=self.steps, disable=not self.progress, desc=f"baseline {self.name}", dynamic_ncols=True)
-        for step in range(1, self.steps + 1):
-            bar.update(1)
-            # Shuffled epochs: every row is seen once before any row repeats.
-            if cursor + self.batch_size > n and cursor > 0:
-                order = torch.randperm(n, generator=generator)
-                cursor = 0
-            idx = order[cursor : cursor + self.batch_size].to(device)
-            cursor += self.batch_size
-            loss = embedding_loss(_call(model, _rows(train_src, idx)), train_tgt[idx], self.mse_weight,
-                                  self.cosine_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
-            optimizer.step()
-            scheduler.step()
-
-            if has_val and (step % self.eval_every == 0 or step == self.steps):
-                model.eval()
-                current = _chunked_loss(lambda rows: _call(model, rows), val_src, val_tgt, self.mse_weight,
-                                        self.cosine_weight)
-                model.train()
-                self.history_.append((step, current))
-                if self.best_val_loss_ is None or current < self.best_val_loss_:
-                    self.best_step_, self.best_val_loss_ = step, current
-                    best_state = copy.deepcopy(model.state_dict())
-                bar.set_postfix(val_loss=f"{current:.4f}")
-        bar.close()
-
-        if best_state is not None:
-            model.load_state_dict(best_state)
+        self.model = model = model.to(dtype=train_tgt.dtype)
+        trainer = Trainer(model, self.training, device=train_tgt.device, progress=self.progress,
+                          eval_batch_size=_EVAL_CHUNK, name=f"baseline {self.name}")
+        result = trainer.train(train_src, train_tgt, total_steps=self.steps, val_inputs=val_src if has_val else None,
+                               val_targets=val_tgt if has_val else None)
+        self.history_ = [(int(e["step"]), float(e["loss"])) for e in result.evaluations]
+        if trainer.restore_best():
+            self.best_step_, self.best_val_loss_ = result.best_step, result.best_val_loss
         else:
-            self.best_step_ = self.steps
+            self.best_step_, self.best_val_loss_ = self.steps, None
         model.eval()
         self.train_seconds_ = time.perf_counter() - began
         return self

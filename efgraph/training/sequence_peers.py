@@ -2,7 +2,8 @@
 
 The peers of a model that takes a sequence (e.g. the compositional table lookup's token encoding,
 :mod:`efgraph.data.lookup`), each sized to a parameter count like the vector baselines and trained
-by the same loop (:class:`~efgraph.training.baselines.LearnedBaseline`: AdamW, warm-up + cosine,
+by the model's own loop (:class:`~efgraph.training.loop.Trainer`, through
+:class:`~efgraph.training.baselines.LearnedBaseline`: AdamW, warm-up + cosine,
 best validation state, :func:`~efgraph.training.metrics.embedding_loss`):
 
 * :class:`SequenceTransformerBaseline` -- :class:`SequenceTransformer`, a pre-norm Transformer

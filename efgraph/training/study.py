@@ -629,7 +629,7 @@ def format_study_table(study: dict[str, Any]) -> str:
 def run_study(base: EnergyConfig, variants: Sequence[Variant], output_dir: str | Path, *, name: str | None = None,
               config_path: str | None = None, wandb_mode: str = "auto", device: str | None = None,
               progress: bool = True, report: Callable[[str], None] = print, bootstrap_resamples: int = 1000,
-              bootstrap_seed: int = 0, jobs: int = 1) -> dict[str, Any]:
+              bootstrap_seed: int = 0, jobs: int = 1, baselines_only: bool = False) -> dict[str, Any]:
     """Train every (variant, seed) and the baselines of every seed, then write study.json / study.md.
 
     Args:
@@ -645,6 +645,9 @@ def run_study(base: EnergyConfig, variants: Sequence[Variant], output_dir: str |
             parallel runs never oversubscribe the cores (two routing runs at the default thread
             count on 2 cores took 2x as long per step: scripts/bench_threads.py); an explicit
             ``num_threads`` is kept.
+        baselines_only: fit the baselines of every seed and train no run; the table of the
+            baselines alone goes to baselines.md / baselines.json (a study's own table stays): a
+            change to the baselines' training re-measured without the runs.
 
     Returns:
         The ``study.json`` payload.
@@ -679,7 +682,7 @@ def run_study(base: EnergyConfig, variants: Sequence[Variant], output_dir: str |
     pending = [(v, s) for v in variants for s in v.seeds]
     # (variant, seed, run folder, label) of every run
     todo = [(v, s, out / v.name / f"seed{s}", f"run {i}/{len(pending)} {v.name} seed {s}")
-            for i, (v, s) in enumerate(pending, 1)]
+            for i, (v, s) in enumerate(pending, 1) if not baselines_only]
     # what is left to compute: the baselines of a seed, then the runs (each one task of its own)
     tasks: list[tuple[str, str, Callable[..., Any], tuple[Any, ...]]] = []
     for seed in seeds:
@@ -745,9 +748,11 @@ def run_study(base: EnergyConfig, variants: Sequence[Variant], output_dir: str |
                                                      resamples=bootstrap_resamples, seed=bootstrap_seed),
         "elapsed_seconds": time.perf_counter() - start,
     }
-    atomic_write_text(out / "study.json", json.dumps(study, indent=2) + "\n")
-    atomic_write_text(out / "study.md", format_study_table(study))
-    say(f"wrote {out / 'study.md'} and {out / 'study.json'}")
+    # the baselines alone go beside a study's own table, never over it
+    stem = "baselines" if baselines_only else "study"
+    atomic_write_text(out / f"{stem}.json", json.dumps(study, indent=2) + "\n")
+    atomic_write_text(out / f"{stem}.md", format_study_table(study))
+    say(f"wrote {out / f'{stem}.md'} and {out / f'{stem}.json'}")
     return study
 
 

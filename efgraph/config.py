@@ -1,13 +1,15 @@
 """`EnergyConfig`: a run's every knob in one flat, validated dataclass: the model
-(:class:`~efgraph.core.model_config.ModelConfig`, whose fields it extends; ``config.model``), how it
-is trained and run, its data and its baselines.
+(:class:`~efgraph.core.model_config.ModelConfig`, whose fields it extends; ``config.model``), the
+training loop (:class:`TrainingConfig`, likewise; ``config.training``), how the run goes beyond
+the loop, its data and its baselines.
 
 The config is flat on purpose (one YAML mapping, no nesting) so that a dotted override such as
 ``--set lattice_depth=20`` names exactly one field, and so that a YAML file with a typo fails loudly:
 :meth:`EnergyConfig.from_yaml` rejects unknown keys instead of ignoring them.
 
-The model's fields and their checks are :class:`ModelConfig`'s; this module adds the rest, and the
-rules for configs saved by older versions (:data:`FIELD_DEFAULTS_BEFORE`, :data:`REMOVED_FIELDS`).
+The model's fields and their checks are :class:`ModelConfig`'s, the loop's :class:`TrainingConfig`'s;
+this module adds the rest, and the rules for configs saved by older versions
+(:data:`FIELD_DEFAULTS_BEFORE`, :data:`REMOVED_FIELDS`).
 """
 
 from __future__ import annotations
@@ -123,8 +125,8 @@ ARCHITECTURE_KEYS = (
 @dataclass(frozen=True)
 class TrainingConfig:
     """What the training loop (:class:`efgraph.training.loop.Trainer`) reads: optimizer, schedule,
-    loss, batches, intervals. Every field is also an :class:`EnergyConfig` field of the same name
-    and default (``config.training``); a learned baseline builds its own from its arguments.
+    loss, batches, intervals. :class:`EnergyConfig` has these fields (``config.training`` is this
+    part alone); a learned baseline builds its own from its arguments.
 
     Frozen and validated when built: a field out of its range raises ``ValueError`` naming it.
     """
@@ -132,6 +134,8 @@ class TrainingConfig:
     batch_size: int = 8
     learning_rate: float = 1e-4
     weight_decay: float = 0.01
+    # which parameters the decay pulls toward 0: matrices (dim >= 2; biases, gates and scalars are
+    # not decayed, efgraph.training.optim) or all (what efgraph did before 2026-11-30, commit 4be4558)
     weight_decay_on: str = "matrices"
     warmup_steps: int = 100
     epochs: int = 10
@@ -141,11 +145,19 @@ class TrainingConfig:
     eval_every: int = 100
     log_every: int = 10
     checkpoint_every: int = 200
-    precision: str = "fp32"
-    skip_nonfinite_steps: bool = False
-    seed: int = 0  # batch order (and, for a learned baseline, initialisation)
+    precision: str = "fp32"  # fp32 | bf16 (autocast; the lattice's recurrent cell and positions stay fp32)
+    skip_nonfinite_steps: bool = False  # skip (and count) a step with a NaN/inf loss or gradient instead of stopping
+    seed: int = 0  # batch order and model initialisation
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first field out of its allowed range (in a config that
+        extends this one, after the checks of the classes that follow it)."""
+        later = getattr(super(), "validate", None)
+        if later is not None:  # EnergyConfig: the model's fields (types first) come before these
+            later()
         for name in ("batch_size", "epochs", "eval_every", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -164,9 +176,10 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
-class EnergyConfig(ModelConfig):
-    """A run's configuration: the model's fields (:class:`ModelConfig`, first), then how it is
-    trained and run, its data and its baselines. ``config.model`` is the model alone.
+class EnergyConfig(TrainingConfig, ModelConfig):
+    """A run's configuration: the model's fields (:class:`ModelConfig`, first), the training
+    loop's (:class:`TrainingConfig`), then how the model is trained and run beyond the loop, its
+    data and its baselines. ``config.model`` is the model alone, ``config.training`` the loop's part.
 
     Frozen: assigning a field raises ``dataclasses.FrozenInstanceError``. A changed config is a new
     one (:meth:`replace`); a built model's parts hold its :class:`ModelConfig`, and how the model is
@@ -174,7 +187,7 @@ class EnergyConfig(ModelConfig):
     built (:meth:`efgraph.core.flow_processor.FlowProcessor.from_config`).
     """
 
-    # --- training ------------------------------------------------------------------------------
+    # --- training, beyond the loop's fields ----------------------------------------------------
     # the per-sample cap on active flows that spawning respects. fixed: max_active_flows.
     # adaptive: the trainer moves it between training forwards (efgraph.training.flow_budget),
     # never above the largest budget whose worst case fits the device under the memory plan (and
@@ -190,24 +203,9 @@ class EnergyConfig(ModelConfig):
     # from the best linear map instead of spending its steps finding it (measured on the Bible: it
     # wins on the whole Bible's 778 steps and drifts below the ridge over bible.yaml's 970)
     linear_skip_init: str = "zero"
-    batch_size: int = 8
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.01
-    # which parameters the decay pulls toward 0: matrices (dim >= 2; biases, gates and scalars are
-    # not decayed, efgraph.training.optim) or all (what efgraph did before 2026-11-30, commit 4be4558)
-    weight_decay_on: str = "matrices"
-    warmup_steps: int = 100
-    epochs: int = 10
-    grad_clip: float = 1.0
-    mse_weight: float = 1.0
-    cosine_weight: float = 1.0
-    eval_every: int = 100
-    log_every: int = 10
     # per-lattice-step gradients, output shares, landings and start-cell churn (diag/... keys) on
     # the logged training steps only (efgraph.core.diagnostics); the other steps pay nothing
     learning_diagnostics: bool = True
-    checkpoint_every: int = 200
-    precision: str = "fp32"  # fp32 | bf16 (autocast; the recurrent cell and positions stay fp32)
     # torch.compile the whole step: decide, compact and deposit, each one graph with static shapes
     # (flows padded to bucket sizes); Inductor compiles each bucket once, minutes on a CPU
     compile: bool = False
@@ -219,13 +217,11 @@ class EnergyConfig(ModelConfig):
     # (same update as the whole batch). 0 = the whole batch, or what the memory plan needs to fit
     micro_batch_size: int = 0
     memory_check: bool = True  # refuse a config whose worst-case training step cannot fit the device
-    skip_nonfinite_steps: bool = False  # skip (and count) a step with a NaN/inf loss or gradient instead of stopping
     # CPU threads of this process (torch.set_num_threads), applied by the trainer; 0 = PyTorch's
     # default (every core). Give each of several runs sharing a machine cores / runs: two routing
     # runs at the default thread count on 2 cores took 2x as long per step as at one thread each
     # (scripts/bench_threads.py)
     num_threads: int = 0
-    seed: int = 0  # model initialisation and batch order
     data_seed: int = 0  # the train / validation / test split, kept apart so that seeds share one test set
     # --- data (used by scripts/train.py) -------------------------------------------------------
     # synthetic | bible | pairs (embedding file) | text (text-pair file) | routing | composition |
@@ -295,9 +291,9 @@ class EnergyConfig(ModelConfig):
     # ------------------------------------------------------------------------------------------
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field that is out of its allowed range: the
-        model's fields (:meth:`ModelConfig.validate`), then the run's."""
+        model's fields (:meth:`ModelConfig.validate`), the loop's (:meth:`TrainingConfig.validate`),
+        then the run's."""
         super().validate()
-        self.training  # noqa: B018 -- the training loop's fields, checked where they are defined
         for name in ["synthetic_pairs", "routing_slots", "routing_token_dim", "transformer_tokens",
                      "transformer_layers", "transformer_heads"]:
             if getattr(self, name) < 1:

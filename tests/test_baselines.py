@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from efgraph.training.baselines import (
     IdentityBaseline,
@@ -212,6 +212,40 @@ def test_mlp_without_validation_keeps_final_weights() -> None:
     train, _, _ = _teacher_splits()
     mlp = MLPBaseline(hidden_dim=8, steps=5, batch_size=600, lr=1e-2).fit(*train)  # batch > N is fine
     assert mlp.best_step_ == 5 and mlp.best_val_loss_ is None and mlp.history_ == []
+
+
+def test_a_learned_baseline_trains_in_the_models_loop_batches_and_all() -> None:
+    """The baseline's fit is the lattice's loop: the same batches (the loop's epoch permutations
+    of its seed, the last batch short) and the same updates as a Trainer run on the same network."""
+    from efgraph.training.loop import Trainer
+
+    train, val, _ = _teacher_splits()
+    mlp = MLPBaseline(hidden_dim=8, steps=7, batch_size=100, lr=1e-2, eval_every=3, grad_clip=0.5, seed=3)
+    mlp.fit(train[0], train[1], *val)
+    torch.manual_seed(3)
+    net = mlp.build(8, 8)
+    seen: list[Tensor] = []
+    forward = net.forward
+    net.forward = lambda x: (seen.append(x) if net.training else None, forward(x))[1]
+    trainer = Trainer(net, mlp.training, device="cpu", progress=False)
+    trainer.train(train[0], train[1], total_steps=7, val_inputs=val[0], val_targets=val[1])
+    trainer.restore_best()
+    sizes = [x.size(0) for x in seen]  # the training forwards
+    assert sizes == [100] * 5 + [12, 100]  # 512 rows: an epoch of 6 batches, the last of 12, then the next epoch
+    assert torch.equal(net(val[0]), mlp.model(val[0]))
+
+
+def test_a_non_finite_loss_stops_a_learned_baseline_naming_the_step() -> None:
+    train, val, _ = _teacher_splits()
+    class BrokenMLP(MLPBaseline):  # a network whose output is NaN from the start
+        def build(self, in_dim: int, out_dim: int) -> nn.Module:
+            net = super().build(in_dim, out_dim)
+            with torch.no_grad():
+                net.net[2].bias.fill_(float("nan"))
+            return net
+
+    with pytest.raises(FloatingPointError, match=r"step 1: loss is nan \(first non-finite: parameter net.2.bias\)"):
+        BrokenMLP(hidden_dim=8, steps=5, batch_size=64, lr=1e-2).fit(*train, *val)
 
 
 def test_baselines_reject_half_given_validation() -> None:

@@ -100,3 +100,20 @@ def test_exponent_without_dot_is_a_float(tmp_path):
 def test_int_is_accepted_for_float_fields():
     c = create_debug_config(spawn_threshold=1)
     assert c.spawn_threshold == 1.0 and isinstance(c.spawn_threshold, float)
+
+
+def test_the_training_loops_fields_are_the_run_configs_with_its_defaults_and_checks():
+    from dataclasses import fields
+
+    from efgraph.config import TrainingConfig
+
+    run = {f.name: f.default for f in fields(EnergyConfig)}
+    assert issubclass(EnergyConfig, TrainingConfig)
+    assert {f.name: f.default for f in fields(TrainingConfig)}.items() <= run.items()
+    config = EnergyConfig(batch_size=5, learning_rate=3e-3, seed=4)
+    assert config.training == TrainingConfig(batch_size=5, learning_rate=3e-3, seed=4)
+    for field_name, bad in (("batch_size", 0), ("grad_clip", 0.0), ("weight_decay_on", "some"), ("precision", "fp8")):
+        with pytest.raises(ValueError, match=field_name):
+            TrainingConfig(**{field_name: bad})
+        with pytest.raises(ValueError, match=field_name):
+            EnergyConfig(**{field_name: bad})

@@ -288,7 +288,9 @@ def test_baselines_only_fits_every_seeds_baselines_trains_no_run_and_keeps_the_s
     assert {(r["model"], r["seed"]) for r in study["baselines"]} >= {("mlp", 0), ("mlp", 1), ("ridge", 0)}
     assert study["summary"]["baselines"]["mlp"]["runs"] == 2
     assert (out / "study.md").read_text() == "the study's own table\n"  # not overwritten
-    assert "mlp" in (out / "baselines.md").read_text() and (out / "baselines.json").exists()
+    table = (out / "baselines.md").read_text()
+    assert "| mlp (baseline) | 0,1 |" in table and "Difference to the best baseline" not in table
+    assert (out / "baselines.json").exists()
 
 
 def test_study_script_help_documents_every_flag_and_refuses_a_bad_variant(tmp_path):

@@ -233,7 +233,7 @@ class Trainer:
         """The config a checkpoint keeps."""
         return {f: getattr(self.training, f) for f in self.training.__dataclass_fields__}
 
-    def _checkpoint_state(self, ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
+    def _optimizer_state_of(self, ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
         """A checkpoint's optimizer state, after checking it belongs to this run."""
         return ckpt["optimizer"]
 
@@ -613,7 +613,7 @@ class Trainer:
     def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
         """Restore model, optimizer, scheduler, step, RNG and best-so-far from a checkpoint."""
         ckpt = load_checkpoint(path, map_location=self.device)
-        optimizer_state = self._checkpoint_state(ckpt, Path(path))
+        optimizer_state = self._optimizer_state_of(ckpt, Path(path))
         self.module.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(optimizer_state)
         if self.scheduler is not None and ckpt["scheduler"] is not None:

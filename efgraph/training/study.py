@@ -583,6 +583,8 @@ def format_study_table(study: dict[str, Any]) -> str:
         lines.append(row(name, stats, seeds[name], [*dynamics, f"{stats['dead_runs']}/{stats['runs']}"]))
     for name, stats in study["summary"]["baselines"].items():
         lines.append(row(f"{name} (baseline)", stats, study["baseline_seeds"], ["–"] * (len(DYNAMICS_COLUMNS) + 1)))
+    if not study["runs"]:  # the baselines alone (--baselines-only): no variant to compare
+        return "\n".join(lines) + "\n"
 
     boot = study["bootstrap"]
     level = f"{boot['level']:.0%}"

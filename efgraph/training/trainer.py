@@ -339,7 +339,7 @@ class EnergyTrainer(Trainer):
         state = {"flow_budget": self.flow_budget.state_dict() if self.flow_budget is not None else None}
         return super().save_checkpoint(path, {**state, **(extra or {})})
 
-    def _checkpoint_state(self, ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
+    def _optimizer_state_of(self, ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
         # a config saved by an older efgraph, read with the values that version computed with
         saved = EnergyConfig.from_saved(ckpt["config"], str(path))
         check_compatible(saved.to_dict(), self.config.to_dict(), ARCHITECTURE_KEYS)

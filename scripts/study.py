@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     runs = sum(len(v.seeds) for v in variants)
-    print(f"study {args.name or out.name}: {len(variants)} variant(s), {runs} run(s) -> {out}", flush=True)
+    what = "the baselines alone" if args.baselines_only else f"{len(variants)} variant(s), {runs} run(s)"
+    print(f"study {args.name or out.name}: {what} -> {out}", flush=True)
     run_study(base, variants, out, name=args.name, config_path=config_path, wandb_mode=args.wandb_mode,
               device=args.device, progress=not args.no_progress, report=lambda line: print(line, flush=True),
               jobs=jobs, baselines_only=args.baselines_only)

@@ -15,7 +15,8 @@ cost compute, no face cell is materialised. Where the landings outnumber the fac
 the same sum is cheaper on the face itself, ``L^T F`` with ``F`` the deposits summed on each cell
 (:func:`face_grid_is_cheaper`). With ``readout: shared`` (the earlier formulation, kept so that
 runs saved with it still load) one bias-free MLP runs on every hit cell and is summed per sample,
-position entering only as an additive code in each deposit: y is blind to where the flows land. ``g`` is a learned gate started at ``output_gate_init``.
+position entering only as an additive code in each deposit: y is blind to where the flows land.
+``g`` is a learned gate started at ``output_gate_init``.
 
 Which deposits a forward collects when is :class:`Landings`' part:
 

@@ -420,10 +420,9 @@ class LearnedBaseline:
     progress: bool = False  # a progress bar: a baseline trains as many steps as the model
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "eval_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
+        if self.steps < 1:
+            raise ValueError(f"steps: must be >= 1, got {self.steps}")
+        if not self.lr > 0:  # under its own name; batch_size, eval_every, ... are the loop's to check
             raise ValueError(f"lr: must be > 0, got {self.lr}")
         # the loop's settings (validated here, before any fit); a baseline logs at its evaluations
         self.training = TrainingConfig(

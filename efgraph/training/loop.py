@@ -42,11 +42,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,11 +88,11 @@ def num_rows(inputs: Inputs) -> int:
     return (inputs[0] if isinstance(inputs, tuple) else inputs).size(0)
 
 
-def _split(inputs: Inputs, size: int) -> list[Inputs]:
-    """``inputs`` in blocks of ``size`` rows."""
+def _cut(inputs: Inputs, cut: Callable[[Tensor], Sequence[Tensor]]) -> list[Inputs]:
+    """``inputs`` in row blocks, each tensor cut by ``cut`` (e.g. ``lambda t: t.split(size)``)."""
     if isinstance(inputs, tuple):
-        return list(zip(*(t.split(size) for t in inputs)))
-    return list(inputs.split(size))
+        return list(zip(*(cut(t) for t in inputs)))
+    return list(cut(inputs))
 
 
 @dataclass
@@ -191,13 +192,13 @@ class Trainer:
     def _end_forwards(self) -> None:
         """After the forwards of a training step, whatever happened in them."""
 
-    def _batch_counts(self, complete: bool) -> list[float]:
-        """Host numbers of this rank's batch to sum over the ranks (``complete``: every forward ran)."""
+    def _batch_counts(self) -> list[float]:
+        """Host numbers of this rank's batch to sum over the ranks."""
         return []
 
-    def _after_batch(self, counts: list[float], bad: str | None, global_batch: int) -> None:
+    def _after_batch(self, counts: list[float], bad: str | None, complete: bool, global_batch: int) -> None:
         """After the backward, before the update: ``counts`` summed over the ranks, ``bad`` what
-        went non-finite (``None``: nothing)."""
+        went non-finite (``None``: nothing), ``complete`` whether every forward of this rank ran."""
 
     def _after_update(self) -> None:
         """After the optimizer's step."""
@@ -231,7 +232,7 @@ class Trainer:
 
     def _config_dict(self) -> dict[str, Any]:
         """The config a checkpoint keeps."""
-        return {f: getattr(self.training, f) for f in self.training.__dataclass_fields__}
+        return dataclasses.asdict(self.training)
 
     def _optimizer_state_of(self, ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
         """A checkpoint's optimizer state, after checking it belongs to this run."""
@@ -360,10 +361,11 @@ class Trainer:
         global_batch = targets.size(0)
         world = self.dist.world_size
         if self.dist.enabled:  # this rank's slice; the loss is scaled so DDP's mean is the global mean
-            inputs = _split_among(inputs, world)[self.dist.rank]
+            inputs = _cut(inputs, lambda t: t.tensor_split(world))[self.dist.rank]
             targets = targets.tensor_split(world)[self.dist.rank]
         inputs, targets = self._to_device(inputs), self._to_device(targets)
-        chunks = list(zip(_split(inputs, self.micro_batch_size), targets.split(self.micro_batch_size)))
+        size = self.micro_batch_size
+        chunks = list(zip(_cut(inputs, lambda t: t.split(size)), targets.split(size)))
         bad: str | None = None
         preds: list[Tensor] = []  # detached, for naming a non-finite output
         loss_sum: Tensor | None = None  # sum of the weighted micro-batch losses (the batch's loss, x world)
@@ -393,7 +395,7 @@ class Trainer:
                                                   self.training.cosine_weight) * weight
                             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
                     if last:
-                        counts = self._batch_counts(complete=len(preds) == len(chunks))
+                        counts = self._batch_counts()
                         if self.dist.enabled:
                             bad, counts = self._agree_across_ranks(bad, loss_sum, counts)
                             if bad is None and not math.isfinite(self._loss_value):
@@ -408,7 +410,7 @@ class Trainer:
             loss_value = loss_sum.item() if loss_sum is not None else float("nan")
             if bad is None and not math.isfinite(loss_value):
                 bad = f"loss is {loss_value}"
-        self._after_batch(counts, bad, global_batch)
+        self._after_batch(counts, bad, len(preds) == len(chunks), global_batch)
         if bad is None:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.training.grad_clip))
             if not math.isfinite(grad_norm):
@@ -657,13 +659,6 @@ class Trainer:
             if found.resolve() != target.resolve():
                 atomic_write(target, lambda tmp: shutil.copyfile(found, tmp))
             self._best_file_step = self._last_ckpt_best_step = self.best_step
-
-
-def _split_among(inputs: Inputs, world: int) -> list[Inputs]:
-    """``inputs`` cut into ``world`` row blocks, as ``Tensor.tensor_split`` cuts them."""
-    if isinstance(inputs, tuple):
-        return list(zip(*(t.tensor_split(world) for t in inputs)))
-    return list(inputs.tensor_split(world))
 
 
 def _first_signal(counts: Sequence[float]) -> int | None:

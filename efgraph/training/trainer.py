@@ -181,16 +181,15 @@ class EnergyTrainer(Trainer):
     def _end_forwards(self) -> None:
         self._recording = False
 
-    def _batch_counts(self, complete: bool) -> list[float]:
+    def _batch_counts(self) -> list[float]:
         """This rank's flow-steps and arrivals, from the merged trace (host counts: no sync)."""
-        self._complete = complete
         self._trace = trace = FlowTrace.merge(self._traces) if self._traces else None
         return [float(sum(trace.active)), float(trace.total_arrived)] if trace is not None else [0.0, 0.0]
 
-    def _after_batch(self, counts: list[float], bad: str | None, global_batch: int) -> None:
+    def _after_batch(self, counts: list[float], bad: str | None, complete: bool, global_batch: int) -> None:
         flow_steps, arrivals = counts
         # arrivals: None (no evidence for the dead-run alarm) when a forward failed
-        failed = bad is not None if self.dist.enabled else not self._complete
+        failed = bad is not None if self.dist.enabled else not complete
         self._last_step_arrivals = None if failed else arrivals
         if self.flow_budget is not None and bad is None:  # flow_steps: the global batch's
             self.flow_budget.update(int(flow_steps), global_batch)
